@@ -1,0 +1,182 @@
+"""Endor files: safetensors files holding Endor tensors beside dense ones (docs/FORMAT.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file as _st_save_file
+
+from ..errors import FormatError
+from . import spec
+from .header import read_header
+from .tensor import EndorTensor
+from .validate import check_entry, check_tiles, expected_parts, parse_metadata
+
+
+def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None) -> None:
+    """Write dense tensors and EndorTensors to one safetensors file, atomically (temporary name,
+    then rename)."""
+    path = Path(path)
+    user_meta = dict(metadata or {})
+    if spec.METADATA_KEY in user_meta:
+        raise ValueError(f"metadata key {spec.METADATA_KEY!r} is reserved for the format")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in user_meta.items()):
+        raise ValueError("metadata must map str to str (as safetensors requires)")
+    flat: dict[str, torch.Tensor] = {}
+    entries = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+        if spec.is_part_name(name):
+            raise ValueError(f"tensor name {name!r} ends in a suffix the format reserves "
+                             f"({', '.join(spec.PART_SUFFIXES)}); rename it")
+        if isinstance(t, EndorTensor):
+            entries[name] = t.metadata()
+            for part_name, part in zip(spec.part_names(name), (t.bitmap, t.values, t.tiles)):
+                flat[part_name] = part.detach().cpu().contiguous()
+        elif isinstance(t, torch.Tensor):
+            flat[name] = t.detach().cpu().contiguous()
+        else:
+            raise TypeError(f"tensor {name!r} is a {type(t).__name__}, expected a torch.Tensor "
+                            "or an endor.EndorTensor")
+    if entries:
+        user_meta[spec.METADATA_KEY] = json.dumps(
+            {"format": spec.FORMAT_NAME, "version": spec.VERSION, "tensors": entries})
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        _st_save_file(flat, str(tmp), metadata=user_meta or None)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+class EndorFile:
+    """Lazy access to one file: open it, list names, read one tensor (dense or compressed) without
+    reading the others. Every rule of docs/FORMAT.md that needs no data is checked on open."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"no such Endor/safetensors file: {self.path}")
+        self.header = read_header(self.path)
+        try:
+            self._st = safe_open(str(self.path), framework="pt")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FormatError(f"not a valid safetensors file: {e}", path=self.path) from None
+        try:
+            self._entries = self._check_layout()
+        except FormatError as e:
+            raise e.at(path=self.path) from None
+        self.dense_names = [n for n in self.header.tensors if not spec.is_part_name(n)]
+
+    def _check_layout(self) -> dict:
+        entries = {}
+        stored = self.header.tensors
+        for name, raw in parse_metadata(self.header.metadata.get(spec.METADATA_KEY)).items():
+            if name in stored:
+                raise FormatError("is both a dense tensor and an Endor tensor", tensor=name)
+            shape, dtype, nnz, digest = check_entry(name, raw)
+            for suffix, (st_dtype, st_shape) in expected_parts(shape, dtype, nnz).items():
+                part = stored.get(name + suffix)
+                if part is None:
+                    raise FormatError(f"part {name + suffix!r} is missing", tensor=name)
+                if part.dtype != st_dtype or list(part.shape) != st_shape:
+                    raise FormatError(f"part {name + suffix!r} is {part.dtype}{list(part.shape)}, "
+                                      f"expected {st_dtype}{st_shape}", tensor=name)
+            entries[name] = (shape, dtype, nnz, digest)
+        for name in stored:
+            if spec.is_part_name(name) and name.rsplit(".endor.", 1)[0] not in entries:
+                raise FormatError("is a format part with no metadata entry", tensor=name)
+        return entries
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._st = None
+
+    def keys(self) -> list[str]:
+        return sorted([*self.dense_names, *self._entries])
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries or name in self.dense_names
+
+    def is_compressed(self, name: str) -> bool:
+        self._require(name)
+        return name in self._entries
+
+    def metadata(self) -> dict[str, str]:
+        """The user's metadata (the format's own entry removed)."""
+        return {k: v for k, v in self.header.metadata.items() if k != spec.METADATA_KEY}
+
+    def entry(self, name: str):
+        """(shape, dtype, nnz, checksum) of an Endor tensor, from the header alone."""
+        self._require(name)
+        return self._entries[name]
+
+    def byte_ranges(self, name: str) -> list[tuple[int, int]]:
+        """Absolute [start, end) file ranges holding `name` (its parts, for an Endor tensor)."""
+        self._require(name)
+        names = spec.part_names(name) if name in self._entries else (name,)
+        return [(self.header.tensors[n].start, self.header.tensors[n].end) for n in names]
+
+    def _require(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(f"{name!r} is not in {self.path}")
+
+    def _read(self, name: str) -> torch.Tensor:
+        try:
+            return self._st.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise FormatError(f"cannot read part: {e}", path=self.path, tensor=name) from None
+
+    def get_compressed(self, name: str, *, verify: bool = True) -> EndorTensor:
+        """One Endor tensor, compressed, on the CPU; checks rules 5 and 7 (unless verify=False,
+        for callers that already checked)."""
+        shape, dtype, nnz, digest = self.entry(name)
+        if name not in self._entries:
+            raise KeyError(f"{name!r} is a dense tensor in {self.path}; use get_tensor")
+        bitmap, values, tiles = (self._read(p) for p in spec.part_names(name))
+        et = EndorTensor(shape, dtype, bitmap, values, tiles, digest)
+        return check_compressed(et, name=name, path=self.path, verify=verify)
+
+    def get_tensor(self, name: str, device="cpu", backend: str = "auto") -> torch.Tensor:
+        """One tensor, dense (decompressed if stored compressed)."""
+        self._require(name)
+        if name in self._entries:
+            from ..kernels import decompress
+            try:
+                return decompress(self.get_compressed(name), device=device, backend=backend)
+            except FormatError as e:
+                raise e.at(path=self.path, tensor=name) from None
+        return self._read(name).to(device)
+
+
+def check_compressed(et: EndorTensor, *, name=None, path=None, verify=True) -> EndorTensor:
+    """Rules 5 and 7 on parts read from a file."""
+    try:
+        check_tiles(et.tiles, et.numel, et.nnz)
+        if verify and not et.verify_checksum():
+            raise FormatError("checksum mismatch: the data is corrupt")
+    except FormatError as e:
+        raise e.at(path=path, tensor=name) from None
+    return et
+
+
+def open_file(path) -> EndorFile:
+    return EndorFile(path)
+
+
+def load_file(path, device="cpu", backend: str = "auto") -> dict[str, torch.Tensor]:
+    """Every tensor of `path`, dense (Endor tensors decompressed) on `device`."""
+    with EndorFile(path) as f:
+        return {name: f.get_tensor(name, device=device, backend=backend) for name in f.keys()}

@@ -1,0 +1,27 @@
+"""The slow, obviously correct decoder every fast one is tested against. Plain torch, any device."""
+
+import torch
+
+from ..errors import FormatError
+from ..format import spec
+from ..format.encode import tile_offsets
+from ..format.tensor import EndorTensor
+
+
+def unpack_bits(bitmap: torch.Tensor, numel: int) -> torch.Tensor:
+    """uint8 [ceil(n/8)] -> bool [n] (LSB first); rejects set padding bits (rule 6)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmap.device)
+    bits = ((bitmap.unsqueeze(1) >> shifts) & 1).view(-1)
+    if bool(bits[numel:].any()):
+        raise FormatError("bitmap has bits set past the last element")
+    return bits[:numel].bool()
+
+
+def decode(et: EndorTensor, out: torch.Tensor) -> None:
+    """Fill `out` (flat, contiguous, et.dtype, on et.device) with the dense tensor."""
+    mask = unpack_bits(et.bitmap, et.numel)
+    if not torch.equal(tile_offsets(mask), et.tiles):
+        raise FormatError("bitmap popcounts disagree with the tile index (corrupt data)")
+    ints = out.view(spec.INT_VIEW[et.dtype])
+    ints.zero_()
+    ints[mask] = et.values.view(spec.INT_VIEW[et.dtype])
