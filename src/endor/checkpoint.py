@@ -1,0 +1,142 @@
+"""A converted checkpoint directory (docs/FORMAT.md section 2): shards written atomically one at a
+time (so an interrupted conversion resumes from the shards already on disk), then an HF index and
+the `endor.json` manifest. The writer and reader are the contract between conversion and runtime."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FormatError
+from .format import EndorFile, save_file
+from .format import spec
+
+MANIFEST = "endor.json"
+INDEX = "model.safetensors.index.json"
+CHECKPOINT_FORMAT = "endor-checkpoint"
+CHECKPOINT_VERSION = 1
+MAX_MANIFEST_BYTES = 64 * 2**20
+WEIGHT_KINDS = ("endor", "dense")
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"model-{index + 1:05d}-of-{total:05d}.safetensors"
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str
+    group: str  # "layers.<i>" for decoder layer i, "rest" for everything else
+
+
+class CheckpointWriter:
+    """Writes shard i (a group of tensors) at a time; `finish` writes the index and manifest."""
+
+    def __init__(self, out_dir, groups: list[str], *, weights: str = "endor"):
+        if weights not in WEIGHT_KINDS:
+            raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.weights = weights
+        self.shards = [Shard(shard_name(i, len(groups)), g) for i, g in enumerate(groups)]
+
+    def path(self, i: int) -> Path:
+        return self.out_dir / self.shards[i].file
+
+    def is_done(self, i: int) -> bool:
+        """A shard on disk under its final name is complete: it was renamed into place last."""
+        return self.path(i).is_file()
+
+    def write(self, i: int, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> Path:
+        meta = {"endor.group": self.shards[i].group, **(metadata or {})}
+        save_file(tensors, self.path(i), metadata=meta)
+        return self.path(i)
+
+    def finish(self, manifest: Mapping) -> Path:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(self.shards):
+            if not self.is_done(i):
+                raise RuntimeError(f"shard {shard.file} was never written")
+            with EndorFile(self.path(i)) as f:
+                for name in f.keys():
+                    weight_map[name] = shard.file
+            total += self.path(i).stat().st_size
+        _write_json_atomic(self.out_dir / INDEX,
+                           {"metadata": {"total_size": total}, "weight_map": weight_map})
+        body = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "weights": self.weights, **manifest,
+                "shards": [{"file": s.file, "group": s.group} for s in self.shards]}
+        _write_json_atomic(self.out_dir / MANIFEST, body)
+        return self.out_dir / MANIFEST
+
+
+class Checkpoint:
+    """A converted checkpoint, opened for reading: manifest checked, every shard header checked."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise FormatError(f"not an Endor checkpoint (no {MANIFEST}); create one with "
+                              "`endor convert SRC OUT`", path=self.path)
+        if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise FormatError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes",
+                              path=manifest_path)
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FormatError(f"{MANIFEST} is not valid JSON ({e})", path=manifest_path) from None
+        m = self.manifest
+        if not isinstance(m, dict) or m.get("format") != CHECKPOINT_FORMAT:
+            raise FormatError(f"{MANIFEST} is not an Endor checkpoint manifest",
+                              path=manifest_path)
+        if m.get("version") != CHECKPOINT_VERSION:
+            raise FormatError(f"checkpoint version {m.get('version')!r} is not supported (this "
+                              f"endor reads {CHECKPOINT_VERSION}); upgrade endor",
+                              path=manifest_path)
+        if m.get("weights") not in WEIGHT_KINDS:
+            raise FormatError(f"'weights' must be one of {WEIGHT_KINDS}", path=manifest_path)
+        shards = m.get("shards")
+        if not isinstance(shards, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("file"), str)
+                and isinstance(s.get("group"), str) and "/" not in s["file"]
+                and s["file"].endswith(".safetensors") for s in shards):
+            raise FormatError("'shards' must list {file, group} objects naming .safetensors files "
+                              "in the checkpoint directory", path=manifest_path)
+        self.weights: str = m["weights"]
+        self.shards = [Shard(s["file"], s["group"]) for s in shards]
+        self._files: dict[str, EndorFile] = {}
+        self.weight_map: dict[str, str] = {}
+        for shard in self.shards:
+            f = self.open(shard.file)
+            for name in f.keys():
+                if name in self.weight_map:
+                    raise FormatError(f"tensor appears in both {self.weight_map[name]} and "
+                                      f"{shard.file}", path=self.path, tensor=name)
+                self.weight_map[name] = shard.file
+
+    def open(self, file: str) -> EndorFile:
+        if file not in self._files:
+            p = self.path / file
+            if not p.is_file():
+                raise FormatError(f"shard {file} is missing; the checkpoint is incomplete "
+                                  "(rerun `endor convert`, which resumes)", path=self.path)
+            self._files[file] = EndorFile(p)
+        return self._files[file]
+
+    def file_of(self, name: str) -> EndorFile:
+        if name not in self.weight_map:
+            raise KeyError(f"{name!r} is not in checkpoint {self.path}")
+        return self.open(self.weight_map[name])
+
+    def group_shards(self) -> dict[str, Shard]:
+        return {s.group: s for s in self.shards}
