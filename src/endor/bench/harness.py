@@ -1,0 +1,125 @@
+"""The one benchmark harness: warm-up, medians with min/max and n, synchronised timers, machine
+info, cold-cache helpers, and the JSON envelope every benchmark writes (schema `endor-bench/1`)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+SCHEMA = "endor-bench/1"
+
+
+@dataclass(frozen=True)
+class Stats:
+    median_s: float
+    min_s: float
+    max_s: float
+    n: int
+
+    def gbps(self, nbytes: int) -> float:
+        """Bandwidth at the median time, in GB/s (1e9 bytes)."""
+        return nbytes / self.median_s / 1e9 if self.median_s > 0 else float("inf")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def synchronize(device=None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, device=None,
+            setup: Callable[[], object] | None = None) -> Stats:
+    """Time `fn` `repeat` times after `warmup` untimed calls. `setup` (e.g. evicting the page
+    cache) runs before every call, outside the timed region."""
+    for _ in range(warmup):
+        if setup is not None:
+            setup()
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeat):
+        if setup is not None:
+            setup()
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return Stats(statistics.median(times), min(times), max(times), len(times))
+
+
+def evict_page_cache(path) -> bool:
+    """Drop `path`'s pages from the OS page cache so the next read is cold. Returns False where the
+    OS offers no way (then reads may be warm: callers record it)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
+    finally:
+        os.close(fd)
+
+
+def machine_info() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import psutil
+        info["ram_gb"] = round(psutil.virtual_memory().total / 1e9, 1)
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["gpu"] = p.name
+        info["gpu_memory_gb"] = round(p.total_memory / 1e9, 1)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def envelope(benchmark: str, params: dict, results: list[dict], **extra) -> dict:
+    """The JSON document every benchmark writes."""
+    return {
+        "schema": SCHEMA,
+        "benchmark": benchmark,
+        "command": " ".join(["endor", *sys.argv[1:]]) if sys.argv[0].endswith("endor")
+        else " ".join(sys.argv),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "params": params,
+        "results": results,
+        **extra,
+    }
+
+
+def write_json(doc: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
