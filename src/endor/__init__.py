@@ -9,4 +9,12 @@ from .kernels import decompress
 __version__ = "0.1.0"
 
 __all__ = ["EndorFile", "EndorTensor", "FormatError", "compress", "decompress", "load_file",
-           "open_file", "save_file"]
+           "load_model", "open_file", "save_file"]
+
+
+def __getattr__(name):
+    # The runtime pulls in transformers: import it only when asked for.
+    if name == "load_model":
+        from .runtime import load_model
+        return load_model
+    raise AttributeError(f"module 'endor' has no attribute {name!r}")
