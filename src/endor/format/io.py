@@ -33,7 +33,7 @@ def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None)
         if not isinstance(name, str) or not name:
             raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
         if spec.is_part_name(name):
-            raise ValueError(f"tensor name {name!r} ends in a suffix the format reserves "
+            raise ValueError(f"tensor name {name!r} ends in a suffix reserved by the format "
                              f"({', '.join(spec.PART_SUFFIXES)}); rename it")
         if isinstance(t, EndorTensor):
             entries[name] = t.metadata()

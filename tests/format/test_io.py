@@ -1,0 +1,75 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import endor
+from tests.helpers import DTYPES, bit_equal, sparse_tensor
+
+
+def test_save_and_load_mixed_file(tmp_path):
+    dense = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    tensors = {f"w.{str(d)[6:]}": sparse_tensor((33, 17), d, 0.5) for d in DTYPES}
+    path = tmp_path / "m.safetensors"
+    endor.save_file({**{k: endor.compress(v) for k, v in tensors.items()}, "bias": dense,
+                     "empty": endor.compress(torch.zeros(0, 5))}, path, metadata={"who": "me"})
+    loaded = endor.load_file(path)
+    assert set(loaded) == {*tensors, "bias", "empty"}
+    for k, v in tensors.items():
+        assert bit_equal(loaded[k], v)
+    assert torch.equal(loaded["bias"], dense) and loaded["empty"].shape == (0, 5)
+    with endor.open_file(path) as f:
+        assert f.metadata() == {"who": "me"}
+        assert f.is_compressed("w.float16") and not f.is_compressed("bias")
+        et = f.get_compressed("w.bfloat16")
+        assert isinstance(et, endor.EndorTensor) and bit_equal(endor.decompress(et),
+                                                              tensors["w.bfloat16"])
+
+
+def test_any_safetensors_reader_opens_the_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    t = sparse_tensor((10, 10), torch.float16, 0.5)
+    endor.save_file({"w": endor.compress(t)}, path)
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == ["w.endor.bitmap", "w.endor.tiles", "w.endor.values"]
+        meta = json.loads(f.metadata()["endor"])
+        assert meta["version"] == 1 and meta["tensors"]["w"]["shape"] == [10, 10]
+
+
+def test_byte_ranges_point_at_the_stored_bytes(tmp_path):
+    path = tmp_path / "m.safetensors"
+    t = sparse_tensor((50, 50), torch.bfloat16, 0.5)
+    et = endor.compress(t)
+    endor.save_file({"w": et}, path)
+    data = path.read_bytes()
+    with endor.open_file(path) as f:
+        (b0, b1), (v0, v1), (t0, t1) = f.byte_ranges("w")
+    assert data[b0:b1] == et.bitmap.numpy().tobytes()
+    assert data[v0:v1] == et.values.view(torch.int16).numpy().tobytes()
+    assert data[t0:t1] == et.tiles.numpy().tobytes()
+
+
+def test_save_is_atomic_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "m.safetensors"
+    endor.save_file({"a": torch.ones(2)}, path)
+    with pytest.raises(TypeError):
+        endor.save_file({"a": [1, 2]}, path)
+    assert torch.equal(endor.load_file(path)["a"], torch.ones(2))  # the old file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_save_rejects_reserved_names_and_metadata(tmp_path):
+    with pytest.raises(ValueError, match="reserved"):
+        endor.save_file({"x.endor.values": torch.ones(1)}, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="reserved"):
+        endor.save_file({"x": torch.ones(1)}, tmp_path / "a.safetensors", metadata={"endor": "{}"})
+
+
+def test_missing_file_and_missing_tensor(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        endor.open_file(tmp_path / "nope.safetensors")
+    path = tmp_path / "m.safetensors"
+    endor.save_file({"a": torch.ones(2)}, path)
+    with endor.open_file(path) as f, pytest.raises(KeyError, match="'b'"):
+        f.get_tensor("b")
