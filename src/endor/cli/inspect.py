@@ -1,0 +1,30 @@
+"""`endor inspect PATH`: list the tensors of an Endor file or checkpoint and their compression."""
+
+
+def add_parser(sub):
+    p = sub.add_parser("inspect", help="list tensors, sparsity and sizes of a file or checkpoint")
+    p.add_argument("path", help="an Endor/safetensors file or a converted checkpoint directory")
+    p.add_argument("--verify", action="store_true",
+                   help="decode every tensor and check its checksum")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import json
+
+    from ..inspect import describe
+
+    rows = describe(args.path, verify=args.verify)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        sparsity = "" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
+        print(f"{r['name']:<60} {str(r['shape']):<16} {r['dtype']:<9} "
+              f"{'endor' if r['compressed'] else 'dense':<6} {sparsity:>6} {r['stored_bytes']:>12}")
+    stored = sum(r["stored_bytes"] for r in rows)
+    dense = sum(r["dense_bytes"] for r in rows)
+    print(f"{len(rows)} tensors, {stored / 1e6:.1f} MB stored, {dense / 1e6:.1f} MB dense "
+          f"({dense / max(stored, 1):.2f}x){', verified' if args.verify else ''}")
+    return 0

@@ -1,0 +1,26 @@
+import json
+
+import torch
+
+import endor
+from endor.cli import main
+from tests.helpers import sparse_tensor
+
+
+def test_inspect_file(tmp_path, capsys):
+    path = tmp_path / "m.safetensors"
+    endor.save_file({"w": endor.compress(sparse_tensor((64, 64), torch.bfloat16, 0.75)),
+                     "b": torch.ones(64)}, path)
+    assert main(["inspect", str(path), "--verify", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["w"]["compressed"] and abs(rows["w"]["sparsity"] - 0.75) < 0.05
+    assert rows["w"]["dense_bytes"] == 64 * 64 * 2 and rows["b"]["dense_bytes"] == 256
+    assert main(["inspect", str(path)]) == 0
+    assert "2 tensors" in capsys.readouterr().out
+
+
+def test_inspect_corrupt_file_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    assert main(["inspect", str(path)]) == 2
+    assert "endor: error" in capsys.readouterr().err
