@@ -1,0 +1,19 @@
+"""Magnitude pruning: zero the smallest |w| of every output row (or of every N:M group)."""
+
+from __future__ import annotations
+
+import torch
+
+from .masks import apply_prune_mask, lowest_per_group, lowest_per_row, pruned_count
+
+
+def score_prune_mask(scores: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
+    """The prune mask shared by the score-based methods: per row, or per N:M group."""
+    if nm is not None:
+        return lowest_per_group(scores, *nm)
+    return lowest_per_row(scores, pruned_count(sparsity, scores.shape[1]))
+
+
+def magnitude_prune(weight: torch.Tensor, *, sparsity: float, nm=None) -> torch.Tensor:
+    scores = weight.detach().abs().to(torch.float32)
+    return apply_prune_mask(weight.detach(), score_prune_mask(scores, sparsity, nm))
