@@ -123,3 +123,48 @@ def write_json(doc: dict, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
+
+
+def random_sparse(shape, dtype: torch.dtype, sparsity: float, *, seed: int = 0) -> torch.Tensor:
+    """A random-normal tensor with exactly round(sparsity * numel) elements set to +0.0 at random
+    positions and every other element non-zero, like a pruned weight. Exact counts make bits per
+    element comparable with the (1-s)*b+1 bound."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g).to(dtype).contiguous()
+    flat = t.view(-1)
+    # A normal sample can round to +-0.0 in a narrow dtype; it must stay a non-zero position.
+    flat[flat == 0] = 1.0
+    zeros = round(sparsity * flat.numel())
+    if zeros:
+        flat[torch.randperm(flat.numel(), generator=g)[:zeros]] = 0.0
+    return t
+
+
+def float_list(text: str) -> list[float]:
+    """'0.5,0.6, 0.7' -> [0.5, 0.6, 0.7] (an argparse `type`; its ValueError becomes a usage
+    error)."""
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def int_list(text: str) -> list[int]:
+    """'1,4,16' -> [1, 4, 16] (an argparse `type`)."""
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+DTYPE_ALIASES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+                 "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def dtype_list(text: str) -> list[torch.dtype]:
+    """'fp16,bf16' -> [torch.float16, torch.bfloat16] (an argparse `type`)."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in DTYPE_ALIASES]
+    if unknown:
+        raise ValueError(f"unknown dtype(s) {unknown}; use {sorted(DTYPE_ALIASES)}")
+    return [DTYPE_ALIASES[x] for x in names]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

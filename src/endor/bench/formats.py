@@ -1,0 +1,136 @@
+"""`endor bench formats`: bits per element and decode GB/s of Endor against the formats people use
+(CSR, COO, compressed-tensors sparse-bitmask, zstd, lz4), on random tensors pruned to exact
+sparsities, with the (1-s)*b+1 bound and a dense copy measured in the same run as the baseline.
+
+Decode GB/s is dense bytes produced per second (median after warm-up); every format's round trip
+is checked bit-exact before it is timed, otherwise the comparison would mean nothing."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from collections.abc import Callable
+
+import torch
+
+from . import harness, peers
+
+NAME = "formats"
+DEFAULT_SHAPE = [4096, 4096]
+QUICK_SHAPE = [256, 512]
+TABLE_COLUMNS = ["dtype", "sparsity", "format", "bits_per_element", "bits_bound",
+                 "compression_ratio", "decode_gbps", "decode_vs_copy", "n"]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--shape", type=harness.int_list, default=None,
+                        help=f"tensor shape, comma-separated (default {DEFAULT_SHAPE}, "
+                             f"--quick {QUICK_SHAPE})")
+    parser.add_argument("--dtypes", type=harness.dtype_list, default="fp32,fp16,bf16",
+                        help="comma-separated dtypes (default fp32,fp16,bf16)")
+    parser.add_argument("--sparsities", type=harness.float_list, default="0.5,0.6,0.7",
+                        help="comma-separated sparsities (default 0.5,0.6,0.7)")
+    parser.add_argument("--formats", default=None,
+                        help="comma-separated subset of: " + ", ".join(format_names()))
+    parser.add_argument("--seed", type=int, default=0)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """One row of the comparison: how a dense tensor is stored and rebuilt."""
+    name: str
+    description: str
+    encode: Callable[[torch.Tensor], object]
+    decode: Callable[[object], torch.Tensor]
+    nbytes: Callable[[object], int]
+
+
+def codecs() -> list[Codec]:
+    import endor
+    from ..kernels.registry import choose
+    auto = choose("auto", torch.device("cpu")).name
+    found = [
+        Codec("dense", "dense copy (torch clone): the memcpy baseline", lambda t: t,
+              lambda t: t.clone(), lambda t: t.numel() * t.element_size()),
+        Codec("endor", f"endor.decompress backend auto ({auto})", endor.compress,
+              endor.decompress, lambda et: et.nbytes),
+        Codec("endor-reference", "endor.decompress backend reference", endor.compress,
+              lambda et: endor.decompress(et, backend="reference"), lambda et: et.nbytes),
+    ]
+    for p in peers.available_peers().values():
+        found.append(Codec(p.name, p.description, p.encode, p.decode, p.nbytes))
+    return found
+
+
+def format_names() -> list[str]:
+    return ["dense", "endor", "endor-reference", *peers.PEERS]
+
+
+def bits_bound(dtype: torch.dtype, sparsity: float) -> float:
+    """(1-s)*b+1: values plus a one-bit bitmap, nothing else."""
+    return (1.0 - sparsity) * dtype.itemsize * 8 + 1.0
+
+
+def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    from ..format import spec
+    view = spec.INT_VIEW[a.dtype]
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().view(view), b.contiguous().view(view)))
+
+
+def measure_codec(codec: Codec, tensor: torch.Tensor, *, warmup: int, repeat: int) -> dict:
+    t0 = time.perf_counter()
+    encoded = codec.encode(tensor)
+    encode_s = time.perf_counter() - t0
+    if not _bit_equal(codec.decode(encoded), tensor):
+        raise RuntimeError(f"format {codec.name!r} did not round-trip bit-exactly; its numbers "
+                           "would be meaningless")
+    stats = harness.measure(lambda: codec.decode(encoded), warmup=warmup, repeat=repeat)
+    dense_bytes = tensor.numel() * tensor.element_size()
+    return {
+        "format": codec.name,
+        "bits_per_element": 8 * codec.nbytes(encoded) / tensor.numel(),
+        "stored_bytes": codec.nbytes(encoded),
+        "decode_gbps": stats.gbps(dense_bytes),
+        **stats.as_dict(),
+        "encode_s": encode_s,
+        "lossless": True,
+    }
+
+
+def run(args) -> dict:
+    shape = args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)
+    numel = math.prod(shape)
+    if numel == 0:
+        raise ValueError(f"--shape {shape} has no elements")
+    chosen = codecs()
+    if args.formats:
+        wanted = [x.strip() for x in args.formats.split(",") if x.strip()]
+        unknown = sorted(set(wanted) - set(format_names()))
+        if unknown:
+            raise ValueError(f"unknown format(s) {unknown}; choose from {format_names()}")
+        # The dense copy stays: every GB/s is reported against it.
+        chosen = [c for c in chosen if c.name in wanted or c.name == "dense"]
+    results = []
+    for dtype in args.dtypes:
+        for sparsity in args.sparsities:
+            tensor = harness.random_sparse(shape, dtype, sparsity, seed=args.seed)
+            rows = [measure_codec(c, tensor, warmup=args.warmup, repeat=args.repeat)
+                    for c in chosen]
+            copy_gbps = rows[0]["decode_gbps"]
+            bits = dtype.itemsize * 8
+            for row in rows:
+                row.update(dtype=harness.dtype_name(dtype), sparsity=sparsity, numel=numel,
+                           bits_bound=bits_bound(dtype, sparsity),
+                           compression_ratio=bits / row["bits_per_element"],
+                           decode_vs_copy=row["decode_gbps"] / copy_gbps)
+            results.extend(rows)
+            del tensor
+    params = {"shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
+              "sparsities": list(args.sparsities), "seed": args.seed, "quick": args.quick,
+              "warmup": args.warmup, "repeat": args.repeat,
+              "formats": {c.name: c.description for c in chosen}}
+    if "ct-bitmask" in params["formats"]:
+        params["ct_bitmask_code"] = peers.ct_origin()
+    return harness.envelope(NAME, params, results, table_columns=TABLE_COLUMNS)

@@ -1,0 +1,232 @@
+"""Pictures and tables of benchmark documents (harness.envelope). `draw(name, doc, path)` picks the
+benchmark's own plot, or a generic bar chart for a benchmark without one; `print_table(doc)`
+prints any document's results. matplotlib is imported here, lazily, and only through its Agg
+canvas: no pyplot state, no display needed."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _figure(ncols: int = 1, nrows: int = 1, *, width: float = 5.0, height: float = 3.6):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _title(fig, doc: dict, what: str) -> None:
+    machine = doc.get("machine", {})
+    where = machine.get("gpu") or machine.get("cpu", "")
+    fig.suptitle(f"endor bench {doc.get('benchmark', '?')}: {what}\n{where}", fontsize=10)
+
+
+def _series(rows: list[dict], key: Callable[[dict], str]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for row in rows:
+        out.setdefault(key(row), []).append(row)
+    return out
+
+
+# --- formats -------------------------------------------------------------------------------------
+
+def _draw_formats(doc: dict):
+    rows = doc["results"]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    names = list(dict.fromkeys(r["format"] for r in rows))
+    colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
+    fig, axes = _figure(len(dtypes), 2)
+    for col, dtype in enumerate(dtypes):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        bits_ax, speed_ax = axes[0][col], axes[1][col]
+        # Zoom on the interesting range: a format far above dense bits is named, not drawn.
+        top = 1.15 * max(r["bits_per_element"] for r in mine if r["format"] == "dense") \
+            if any(r["format"] == "dense" for r in mine) else None
+        off_chart = []
+        for name, series in _series(mine, lambda r: r["format"]).items():
+            xs = [r["sparsity"] for r in series]
+            bits = [r["bits_per_element"] for r in series]
+            style = dict(marker="o", color=colors[name], label=name,
+                         linewidth=2.5 if name == "endor" else 1.2)
+            speed_ax.plot(xs, [r["decode_gbps"] for r in series], **style)
+            if name == "endor-reference":  # same bytes as "endor"
+                continue
+            if top is not None and min(bits) > top:
+                off_chart.append(f"{name}: {min(bits):.3g}-{max(bits):.3g}")
+                continue
+            bits_ax.plot(xs, bits, **style)
+        bound = sorted({(r["sparsity"], r["bits_bound"]) for r in mine})
+        bits_ax.plot(*zip(*bound), "k--", linewidth=1, label="(1-s)b+1")
+        if top is not None:
+            bits_ax.set_ylim(0, top)
+        if off_chart:
+            bits_ax.text(0.02, 0.02, "off chart: " + "; ".join(off_chart),
+                         transform=bits_ax.transAxes, fontsize=7)
+        bits_ax.set(title=dtype, xlabel="sparsity", ylabel="bits / element")
+        speed_ax.set(title=dtype, xlabel="sparsity", ylabel="decode GB/s (dense bytes)",
+                     yscale="log")
+        for ax in (bits_ax, speed_ax):
+            ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0))
+    axes[1][-1].legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0))
+    _title(fig, doc, "size and decode speed per format")
+    return fig
+
+
+# --- decode --------------------------------------------------------------------------------------
+
+def _bars(ax, rows: list[dict], group: Callable[[dict], str], series: Callable[[dict], str],
+          value: str) -> None:
+    groups = list(dict.fromkeys(group(r) for r in rows))
+    by_series = _series(rows, series)
+    width = 0.8 / max(1, len(by_series))
+    for i, (name, srows) in enumerate(by_series.items()):
+        values = {group(r): r[value] for r in srows}
+        xs = [g + i * width for g in range(len(groups)) if groups[g] in values]
+        ax.bar(xs, [values[g] for g in groups if g in values], width, label=name)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+
+
+def _draw_decode(doc: dict):
+    rows = doc["results"]
+    devices = list(dict.fromkeys(r["device"] for r in rows))
+    fig, axes = _figure(len(devices), width=9.0)
+    for col, device in enumerate(devices):
+        ax = axes[0][col]
+        mine = [r for r in rows if r["device"] == device]
+        _bars(ax, mine, lambda r: f"{r['dtype']}\ns={r['sparsity']:g}",
+              lambda r: r["method"] + (" out=" if r["output"] == "out" else ""), "gbps")
+        ax.set(title=device, ylabel="GB/s (dense bytes produced)", yscale="log")
+        ax.legend(fontsize=7, ncols=2)
+    _title(fig, doc, "decode vs copy and numpy")
+    return fig
+
+
+# --- transfer ------------------------------------------------------------------------------------
+
+def _draw_transfer(doc: dict):
+    rows = doc["results"]
+    disk = [r for r in rows if r["link"] == "disk"]
+    h2d = [r for r in rows if r["link"] == "h2d"]
+    memcpy = [r for r in rows if r["link"] == "host_memcpy"]
+    fig, axes = _figure(2 if h2d else 1, width=6.0)
+    ax = axes[0][0]
+    if disk:
+        _bars(ax, disk, lambda r: f"{r['block_mib']} MiB blocks", lambda r: r["mode"], "gbps")
+    for r in memcpy:
+        ax.axhline(r["gbps"], linestyle="--", linewidth=1, color="gray")
+        ax.annotate(f"memcpy {r['threads']} thread(s) {r['gbps']:.1f} GB/s", (0, r["gbps"]),
+                    fontsize=7, va="bottom")
+    ax.set(title="disk reads vs host memcpy", ylabel="GB/s")
+    ax.legend(fontsize=7)
+    if h2d:
+        ax = axes[0][1]
+        for name, series in _series(h2d, lambda r: f"{r['direction']} {r['memory']}").items():
+            ax.plot([r["size_mib"] for r in series], [r["gbps"] for r in series], marker="o",
+                    label=name)
+        ax.set(title="host <-> device copies", xlabel="MiB", ylabel="GB/s", xscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _title(fig, doc, "link limits")
+    return fig
+
+
+# --- any other benchmark -------------------------------------------------------------------------
+
+def _scalar_columns(rows: list[dict]) -> list[str]:
+    cols: dict[str, None] = {}
+    for row in rows:
+        for k, v in row.items():
+            if v is None or isinstance(v, (str, int, float, bool)):
+                cols.setdefault(k)
+    return list(cols)
+
+
+def headline_metric(rows: list[dict]) -> str | None:
+    """The column a generic chart shows: a throughput if there is one, else the first number."""
+    numeric = [c for c in _scalar_columns(rows)
+               if any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
+                      for r in rows)]
+    for hint in ("gbps", "per_s", "tok"):
+        for c in numeric:
+            if hint in c:
+                return c
+    return numeric[0] if numeric else None
+
+
+# Numeric columns that name a case rather than measure it.
+_LABEL_NUMBERS = ("sparsity", "block_mib", "size_mib", "threads", "batch_size", "prompt_len")
+
+
+def _label(row: dict, metric: str) -> str:
+    parts = [v if isinstance(v, str) else f"{k}={v:g}" for k, v in row.items()
+             if k != metric and (isinstance(v, str)
+                                 or (k in _LABEL_NUMBERS and isinstance(v, (int, float))))]
+    return " ".join(parts) or "?"
+
+
+def _draw_generic(doc: dict):
+    rows = [r for r in doc.get("results", []) if isinstance(r, dict)]
+    metric = headline_metric(rows)
+    fig, axes = _figure(width=7.0, height=max(2.0, 0.3 * len(rows) + 1.0))
+    ax = axes[0][0]
+    if metric is None:
+        ax.text(0.5, 0.5, "no numeric results", ha="center", va="center")
+    else:
+        shown = [r for r in rows if isinstance(r.get(metric), (int, float))]
+        ax.barh(range(len(shown)), [r[metric] for r in shown])
+        ax.set_yticks(range(len(shown)), [_label(r, metric) for r in shown], fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xlabel=metric)
+        ax.grid(alpha=0.3, axis="x")
+    _title(fig, doc, metric or "results")
+    return fig
+
+
+DRAWERS: dict[str, Callable[[dict], object]] = {
+    "formats": _draw_formats, "decode": _draw_decode, "transfer": _draw_transfer,
+}
+
+
+def draw(name: str, doc: dict, path) -> Path:
+    """Write the PNG of benchmark `name`'s document to `path`."""
+    fig = DRAWERS.get(name, _draw_generic)(doc)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3) or math.isinf(value):
+            return f"{value:.3g}"
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def format_table(doc: dict) -> str:
+    """The results as an aligned text table: `doc["table_columns"]` if the benchmark chose its
+    columns, else every scalar column."""
+    rows = [r for r in doc.get("results", []) if isinstance(r, dict)]
+    if not rows:
+        return f"{doc.get('benchmark', '?')}: no results"
+    columns = doc.get("table_columns") or _scalar_columns(rows)
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def print_table(doc: dict, file=None) -> None:
+    print(format_table(doc), file=file or sys.stdout)

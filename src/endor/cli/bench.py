@@ -1,0 +1,80 @@
+"""`endor bench <name>`: run one benchmark (module endor.bench.<name>), write <out>/<name>.json
+and <out>/<name>.png, print a table."""
+
+import argparse
+import importlib
+import sys
+
+BENCHMARKS = ("formats", "decode", "transfer", "e2e", "convert")
+DEFAULT_OUT = "bench-results"
+
+
+def _module(name: str):
+    """The benchmark's module, or None while nobody has written it yet."""
+    try:
+        return importlib.import_module(f"endor.bench.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"endor.bench.{name}":
+            raise
+        return None
+
+
+def _count(minimum: int):
+    def count(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    count.__name__ = f"integer >= {minimum}"
+    return count
+
+
+def _add_common(parser) -> None:
+    common = parser.add_argument_group("common benchmark options")
+    common.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"directory for <name>.json and <name>.png (default {DEFAULT_OUT}/; "
+                             "committed results live in docs/benchmarks)")
+    common.add_argument("--quick", action="store_true",
+                        help="small sizes, for tests and CI (seconds, not minutes)")
+    common.add_argument("--repeat", type=_count(1), default=None,
+                        help="timed runs per case; the median is reported (default 5, "
+                             "--quick 2)")
+    common.add_argument("--warmup", type=_count(0), default=1,
+                        help="untimed runs before timing (default 1)")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark; writes JSON + PNG",
+                                   description=__doc__)
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="NAME")
+    for name in BENCHMARKS:
+        module = _module(name)
+        if module is None:
+            continue
+        doc = (module.__doc__ or "").strip()
+        sub = benchmarks.add_parser(name, help=doc.splitlines()[0] if doc else None,
+                                        description=doc or None)
+        _add_common(sub)
+        module.add_arguments(sub)
+        sub.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..bench import harness, plot
+
+    name = args.benchmark
+    if args.repeat is None:
+        args.repeat = 2 if args.quick else 5
+    try:
+        doc = _module(name).run(args)
+    except ValueError as e:  # a bad option value that argparse could not see alone
+        print(f"endor bench {name}: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    json_path = harness.write_json(doc, out / f"{name}.json")
+    png_path = plot.draw(name, doc, out / f"{name}.png")
+    plot.print_table(doc)
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
