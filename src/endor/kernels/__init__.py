@@ -5,5 +5,6 @@ from . import reference
 from .registry import Backend, backends, decompress, register
 
 register(Backend("reference", ("cpu", "cuda"), reference.decode, lambda: True))
+from . import cpu as _cpu  # noqa: E402,F401  registers "cpu"
 
 __all__ = ["Backend", "backends", "decompress", "register"]

@@ -1,0 +1,134 @@
+"""The fast CPU decoder (backend "cpu"): a plain C extension (decode.c) with scalar, AVX2 and
+AVX-512 paths chosen at run time, tiles split over threads with the GIL released.
+
+The instruction-set path is, in order: the `isa=` argument, the ENDOR_CPU_ISA environment
+variable (scalar | avx2 | avx512 | auto), the best one this CPU runs. Without the compiled
+extension `available()` is False and the registry falls back to the reference decoder."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ...errors import FormatError
+from ...format import spec
+from ...format.tensor import EndorTensor
+
+try:
+    from . import _decode
+except ImportError:  # built with optional=True: no compiler, no extension
+    _decode = None
+
+ISAS = ("scalar", "avx2", "avx512")  # index = the extension's ISA code
+ISA_ENV = "ENDOR_CPU_ISA"
+# Below this many elements per thread, starting a thread costs more than it saves.
+MIN_ELEMENTS_PER_THREAD = 1 << 20
+
+_ERR_TILE_INDEX, _ERR_POPCOUNT, _ERR_PADDING, _ERR_ARGUMENT = 1, 2, 3, 4
+
+
+def available() -> bool:
+    return _decode is not None
+
+
+def supported_isas() -> tuple[str, ...]:
+    """The paths this CPU runs, slowest first (empty without the extension)."""
+    if _decode is None:
+        return ()
+    mask = _decode.supported()
+    return tuple(name for code, name in enumerate(ISAS) if mask >> code & 1)
+
+
+def _choose_isa(isa: str | None) -> int:
+    source = "isa"
+    if isa is None:
+        isa, source = os.environ.get(ISA_ENV, "") or "auto", ISA_ENV
+    supported = supported_isas()
+    if isa == "auto":
+        return ISAS.index(supported[-1])
+    if isa not in ISAS:
+        raise ValueError(f"{source}={isa!r} is not a CPU decoder path; choose one of "
+                         f"{', '.join(('auto', *ISAS))}")
+    if isa not in supported:
+        raise ValueError(f"{source}={isa!r}: this CPU runs only {', '.join(supported)}")
+    return ISAS.index(isa)
+
+
+def _default_threads(numel: int) -> int:
+    return max(1, min(torch.get_num_threads(), numel // MIN_ELEMENTS_PER_THREAD))
+
+
+def _check_parts(et: EndorTensor, out: torch.Tensor) -> None:
+    """Sizes, dtypes and layout of every buffer: the C code trusts them."""
+    n = et.numel
+    expected = {
+        "bitmap": (et.bitmap, torch.uint8, spec.bitmap_bytes(n)),
+        "values": (et.values, et.dtype, et.values.numel()),
+        "tiles": (et.tiles, torch.int64, spec.num_tiles(n) + 1),
+    }
+    for name, (t, dtype, count) in expected.items():
+        if t.dtype != dtype or t.dim() != 1 or t.numel() != count:
+            raise FormatError(f"{name} is {t.dtype}{list(t.shape)}, expected {dtype}[{count}] "
+                              f"for a {et.dtype} tensor of shape {list(et.shape)}")
+        if t.device.type != "cpu":
+            raise ValueError(f"the cpu decoder needs {name} on the cpu, not {t.device}")
+    if et.nnz > n:
+        raise FormatError(f"values has {et.nnz} elements, more than the tensor's {n}")
+    if et.dtype not in spec.INT_VIEW:
+        raise FormatError(f"dtype {et.dtype} is not an Endor dtype ({', '.join(spec.DTYPES)})")
+    if out.dtype != et.dtype or out.numel() != n or out.device.type != "cpu":
+        raise ValueError(f"out is {out.dtype}[{out.numel()}] on {out.device}; expected "
+                         f"{et.dtype}[{n}] on cpu")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
+def _raise_for(code: int, tile: int, et: EndorTensor) -> None:
+    if code == _ERR_PADDING:
+        raise FormatError("bitmap has bits set past the last element")
+    if code in (_ERR_TILE_INDEX, _ERR_POPCOUNT):
+        where = (f"tiles[0] = {int(et.tiles[0])}, tiles[-1] = {int(et.tiles[-1])}, values "
+                 f"holds {et.nnz}")
+        if 0 <= tile < spec.num_tiles(et.numel):
+            start = tile * spec.TILE_SIZE
+            end = min(start + spec.TILE_SIZE, et.numel)
+            tile_bits = et.bitmap[start // 8: (end + 7) // 8].tolist()
+            ones = sum(int(b).bit_count() for b in tile_bits)
+            claimed = int(et.tiles[tile + 1]) - int(et.tiles[tile])
+            where = (f"tile {tile} has {ones} bits set, tiles[{tile + 1}] - tiles[{tile}] = "
+                     f"{claimed}; {where}")
+        raise FormatError(f"bitmap popcounts disagree with the tile index (corrupt data): {where}")
+    raise AssertionError(f"cpu decoder returned error code {code}")  # arguments were checked
+
+
+def decode(et: EndorTensor, out: torch.Tensor, *, isa: str | None = None,
+           threads: int | None = None, huge_pages: bool = True) -> None:
+    """Fill `out` (contiguous, et.dtype, et.numel elements, on the cpu) with the dense tensor,
+    bit-exact. `threads` defaults to one per 1M elements up to torch.get_num_threads().
+    `huge_pages` asks the kernel for transparent huge pages on the output (Linux), which makes
+    a freshly allocated output several times cheaper to fault in. On FormatError the contents
+    of `out` are unspecified."""
+    if _decode is None:
+        raise RuntimeError("the cpu decoder extension is not built; reinstall endor with a C "
+                           "compiler (pip install -e .) or use backend='reference'")
+    _check_parts(et, out)
+    code = _choose_isa(isa)
+    if threads is None:
+        threads = _default_threads(et.numel)
+    elif not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    bitmap, values, tiles = (t.contiguous() for t in (et.bitmap, et.values, et.tiles))
+    err, tile = _decode.decode(bitmap.data_ptr(), values.data_ptr(), values.numel(),
+                               tiles.data_ptr(), out.data_ptr(), et.numel, et.dtype.itemsize,
+                               code, threads, bool(huge_pages))
+    if err:
+        _raise_for(err, tile, et)
+
+
+def _register() -> None:
+    from ..registry import Backend, register
+    register(Backend("cpu", ("cpu",), decode, available))
+
+
+_register()
