@@ -101,7 +101,7 @@ def _draw_decode(doc: dict):
         _bars(ax, mine, lambda r: f"{r['dtype']}\ns={r['sparsity']:g}",
               lambda r: r["method"] + (" out=" if r["output"] == "out" else ""), "gbps")
         ax.set(title=device, ylabel="GB/s (dense bytes produced)", yscale="log")
-        ax.legend(fontsize=7, ncols=2)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _title(fig, doc, "decode vs copy and numpy")
     return fig
 
@@ -111,7 +111,7 @@ def _draw_decode(doc: dict):
 def _draw_transfer(doc: dict):
     rows = doc["results"]
     disk = [r for r in rows if r["link"] == "disk"]
-    h2d = [r for r in rows if r["link"] == "h2d"]
+    h2d = [r for r in rows if r["link"] == "host_device"]
     memcpy = [r for r in rows if r["link"] == "host_memcpy"]
     fig, axes = _figure(2 if h2d else 1, width=6.0)
     ax = axes[0][0]
