@@ -6,5 +6,6 @@ from .registry import Backend, backends, decompress, register
 
 register(Backend("reference", ("cpu", "cuda"), reference.decode, lambda: True))
 from . import cpu as _cpu  # noqa: E402,F401  registers "cpu"
+from . import triton_decode as _triton  # noqa: E402,F401  registers "triton"
 
 __all__ = ["Backend", "backends", "decompress", "register"]
