@@ -26,7 +26,8 @@
 #include <sys/mman.h>
 #endif
 
-#if defined(__x86_64__) || defined(__i386__)
+/* ENDOR_PORTABLE_ONLY builds what a non-x86 machine gets (the scalar path), to check it here. */
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(ENDOR_PORTABLE_ONLY)
 #define ENDOR_X86 1
 #include <immintrin.h>
 #else
@@ -286,7 +287,9 @@ static void *run_part(void *arg) {
 
 /* ---------------------------------------------------------------- entry points */
 
-static int supported_mask(void) {
+static int supported_isas; /* bit i set iff ISA i runs here; computed once at import */
+
+static int detect_isas(void) {
     int mask = 1 << ISA_SCALAR;
 #if ENDOR_X86
     __builtin_cpu_init();
@@ -378,7 +381,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
                           &elem_size, &isa, &threads, &huge_pages))
         return NULL;
     if ((elem_size != 2 && elem_size != 4) || isa < 0 || isa > ISA_AVX512 ||
-        !(supported_mask() & (1 << isa)) || numel < 0 || nnz < 0 || nnz > numel)
+        !(supported_isas & (1 << isa)) || numel < 0 || nnz < 0 || nnz > numel)
         return Py_BuildValue("iL", ERR_ARGUMENT, -1LL);
     job_t job = {
         .bitmap = (const uint8_t *)(uintptr_t)bitmap,
@@ -402,7 +405,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
 static PyObject *py_supported(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
-    return PyLong_FromLong(supported_mask());
+    return PyLong_FromLong(supported_isas);
 }
 
 static PyMethodDef methods[] = {
@@ -419,5 +422,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__decode(void) {
     build_tables();
+    supported_isas = detect_isas();
     return PyModule_Create(&module);
 }
