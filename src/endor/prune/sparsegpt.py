@@ -32,13 +32,16 @@ def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
 
 def inverse_hessian_factor(hessian: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
     """Upper Cholesky factor U of (H + damping * mean(diag H) * I)^-1, so that U^T U = H^-1.
-    Retries with 10x the dampening (and a warning) when a factorization fails."""
-    mean_diag = hessian.diagonal().mean()
+    Retries with 10x the dampening (and a warning) when a factorization fails. Dampens
+    `hessian` in place (it is prepare_hessian's private copy: no in^2 copy more)."""
+    diagonal = hessian.diagonal()
+    mean_diag = diagonal.mean()
+    added = 0.0
     for attempt in range(_DAMPING_RETRIES):
         fraction = damping * 10 ** attempt
-        damped = hessian.clone()
-        damped.diagonal().add_(fraction * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
+        diagonal.add_((fraction - added) * mean_diag)
+        added = fraction
+        lower, info = torch.linalg.cholesky_ex(hessian)
         if int(info) == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
@@ -46,7 +49,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damping: float = DAMPING) -> t
                     warnings.warn(f"SparseGPT: the calibration Hessian is not positive definite "
                                   f"with dampening {damping:g} of its mean diagonal; used "
                                   f"{fraction:g} instead (more calibration tokens help)",
-                                  RuntimeWarning, stacklevel=3)
+                                  RuntimeWarning, stacklevel=4)  # the caller of prune_weight
                 return upper
     raise ValueError(f"SparseGPT: the calibration Hessian is not positive definite even with "
                      f"dampening {fraction:g} of its mean diagonal; collect more calibration "
