@@ -18,7 +18,7 @@ from . import harness, peers
 
 NAME = "formats"
 DEFAULT_SHAPE = [4096, 4096]
-QUICK_SHAPE = [256, 512]
+QUICK_SHAPE = [128, 512]
 TABLE_COLUMNS = ["dtype", "sparsity", "format", "bits_per_element", "bits_bound",
                  "compression_ratio", "decode_gbps", "decode_vs_copy", "n"]
 
