@@ -97,7 +97,9 @@ def prune_weight(weight: torch.Tensor, *, method: str, sparsity: float,
     `weight` itself. Magnitude and Wanda prune exactly round(sparsity * in_features) weights of
     every row, chosen by rank (plus any weights already zero beyond that count); SparseGPT
     prunes that fraction of every block of 128 columns and updates the rest. `stats` is needed
-    by wanda and sparsegpt (see needs_calibration / needs_hessian) and ignored otherwise."""
+    by wanda and sparsegpt (see needs_calibration / needs_hessian) and ignored otherwise.
+    SparseGPT computes in float32; a kept weight that underflows to zero when cast back to the
+    weight's dtype becomes +0.0 too (the result may be marginally sparser than asked)."""
     _check_method(method)
     sparsity = _check_sparsity(sparsity)
     nm = None if nm is None else check_nm(nm)
