@@ -44,7 +44,9 @@ def decode(et, *, isa, threads=None, fill=0x5A):
     return out.view(et.shape)
 
 
-def reference_decode(et):
+@functools.lru_cache(maxsize=None)
+def reference_decode(shape, dtype, sparsity):
+    et = compressed(shape, dtype, sparsity)[1]
     out = torch.empty(et.numel, dtype=et.dtype)
     if et.numel:
         reference.decode(et, out)
@@ -67,7 +69,7 @@ def test_matches_dense_and_reference(isa, dtype, shape, sparsity):
     dense, et = compressed(shape, dtype, sparsity)
     out = decode(et, isa=isa)
     assert bit_equal(out, dense)
-    assert bit_equal(out, reference_decode(et))
+    assert bit_equal(out, reference_decode(shape, dtype, sparsity))
 
 
 def special_values(dtype):
@@ -182,7 +184,7 @@ def test_registered_and_chosen_by_auto():
 
 @pytest.mark.parametrize("huge_pages", [True, False])
 def test_huge_page_advice_keeps_results(huge_pages):
-    dense, et = compressed((5 * 2**20 + 7,), torch.float16, 0.5, seed=5)
+    dense, et = compressed((3 * 2**20 + 7,), torch.float16, 0.5, seed=5)
     out = torch.empty(et.numel, dtype=torch.float16)
     cpu.decode(et, out, huge_pages=huge_pages)
     assert bit_equal(out, dense)
