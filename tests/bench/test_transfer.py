@@ -76,7 +76,7 @@ def test_parallel_stream_reads_every_block_once(data_file):
     fd = _open(path)
     with ThreadPoolExecutor(depth) as pool:
         try:
-            assert transfer.stream_file_parallel(fd, buffer, block, pool) == len(data)
+            assert transfer.stream_file_parallel(fd, buffer, block, pool, depth) == len(data)
         finally:
             os.close(fd)
     # 4 blocks over 3 workers: worker 0 read blocks 0 and 3 (short), 1 read 1, 2 read 2.

@@ -88,10 +88,9 @@ def stream_file(fd: int, buffer, block_size: int) -> int:
             return total
 
 
-def stream_file_parallel(fd: int, buffer, block_size: int, pool) -> int:
-    """Like stream_file with `pool._max_workers` reads in flight (the queue depth an NVMe drive
-    needs to reach its bandwidth), each worker through its own slot of `buffer`."""
-    depth = pool._max_workers
+def stream_file_parallel(fd: int, buffer, block_size: int, pool, depth: int) -> int:
+    """Like stream_file with `depth` reads in flight on `pool` (the queue depth an NVMe drive
+    needs to reach its bandwidth), each through its own slot of `buffer` (depth blocks long)."""
     nblocks = max(1, -(-os.fstat(fd).st_size // block_size))
     slots = [memoryview(buffer)[i * block_size:(i + 1) * block_size] for i in range(depth)]
 
@@ -146,7 +145,7 @@ def _disk_rows(path: Path, size: int, blocks_mib: list[int], depth: int, *, warm
         def read(flags: int, parallel: bool = False) -> None:
             fd = os.open(path, os.O_RDONLY | flags)
             try:
-                got = (stream_file_parallel(fd, buffer, block, pool) if parallel
+                got = (stream_file_parallel(fd, buffer, block, pool, depth) if parallel
                        else stream_file(fd, buffer, block))
             finally:
                 os.close(fd)
