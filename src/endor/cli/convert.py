@@ -1,0 +1,94 @@
+"""`endor convert SRC OUT`: prune and compress a HuggingFace model into an Endor checkpoint."""
+
+import argparse
+
+METHODS = ("none", "magnitude", "wanda", "sparsegpt")
+
+
+def nm_argument(text: str):
+    """argparse type for --nm: '2:4' -> (2, 4); anything else is a usage error."""
+    from ..prune import parse_nm
+    try:
+        return parse_nm(text)
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def sparsity_argument(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"sparsity must be a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "convert", help="prune and compress a HuggingFace model into an Endor checkpoint",
+        description="Prune a HuggingFace model's decoder Linear weights and store them in the "
+                    "Endor format, one decoder layer at a time (bounded memory), verified, "
+                    "resumable: rerunning an interrupted command continues where it stopped.")
+    p.add_argument("src", help="a HuggingFace model directory, a .gguf file, or an alias "
+                               "(smollm2, gemma3-270m)")
+    p.add_argument("out", help="the checkpoint directory to write")
+    p.add_argument("--method", choices=METHODS, default="none",
+                   help="pruning method; 'none' keeps the weights (and their zeros) as they are "
+                        "(default: none)")
+    p.add_argument("--sparsity", type=sparsity_argument, default=0.5,
+                   help="fraction of each decoder Linear weight set to zero (default: 0.5)")
+    p.add_argument("--nm", type=nm_argument, metavar="N:M",
+                   help="N:M semi-structured sparsity, e.g. 2:4 (overrides --sparsity)")
+    p.add_argument("--calib", metavar="FILE",
+                   help="UTF-8 text file for calibration (wanda, sparsegpt); default: Python's "
+                        "pydoc topics")
+    p.add_argument("--calib-samples", type=positive_int, default=None, metavar="N",
+                   help="calibration segments (default: 64)")
+    p.add_argument("--calib-seqlen", type=positive_int, default=None, metavar="L",
+                   help="tokens per calibration segment (default: 256)")
+    p.add_argument("--format", choices=("endor", "dense"), default="endor", dest="weights",
+                   help="'dense' writes the pruned weights uncompressed, loadable by "
+                        "transformers' from_pretrained (default: endor)")
+    p.add_argument("--keep-dense", nargs="+", action="extend", default=[], metavar="PATTERN",
+                   help="leave decoder Linear weights whose name matches a glob pattern unpruned "
+                        "and uncompressed, e.g. '*.mlp.down_proj.weight'")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip reading every shard back after writing it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over instead of resuming into an existing OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import sys
+    from pathlib import Path
+
+    from ..convert import convert, format_summary
+
+    calib_text = None
+    if args.calib is not None:
+        calib_text = Path(args.calib).read_text(encoding="utf-8")
+    extra = {k: v for k, v in (("calib_samples", args.calib_samples),
+                                ("calib_seqlen", args.calib_seqlen)) if v is not None}
+    try:
+        summary = convert(args.src, args.out, method=args.method, sparsity=args.sparsity,
+                          nm=args.nm, calib_text=calib_text, weights=args.weights,
+                          dense_patterns=args.keep_dense, resume=not args.overwrite,
+                          verify=args.verify, progress=not args.quiet, **extra)
+    except ValueError as e:  # FormatError included: bad input, named in the message
+        print(f"endor: error: {e}", file=sys.stderr)
+        return 2
+    run_info = summary["run"]
+    print(format_summary(summary))
+    print(f"wrote {run_info['out']} in {run_info['seconds']:.1f} s "
+          f"({run_info['gbps']:.3f} GB/s of source; {run_info['shards_written']} shards written, "
+          f"{run_info['shards_skipped']} already complete)")
+    return 0

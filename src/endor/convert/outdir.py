@@ -1,0 +1,164 @@
+"""The output directory of a conversion: resuming into it safely, starting it over, copying the
+source's config and tokenizer files, and checking each shard right after it is written."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import INDEX, MANIFEST, CheckpointWriter
+from ..errors import FormatError
+from ..format import open_file, save_file
+from .summary import read_shard_metadata
+
+_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# Weights and our own outputs are never copied from the source; everything else (config,
+# generation config, tokenizer files, chat template, README) is.
+_NOT_COPIED = re.compile(r"(\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt|onnx|tmp|partial)$)|"
+                         r"(^(model\.safetensors\.index\.json|endor\.json)$)|(^\.)")
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class SettingsMismatch(ValueError):
+    """OUT holds (part of) a conversion made with other settings or from another model."""
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True)
+
+
+def _differences(theirs: dict, ours: dict) -> str:
+    keys = sorted(set(theirs) | set(ours))
+    diff = [f"{k}: {theirs.get(k)!r} in OUT, {ours.get(k)!r} now" for k in keys
+            if _canonical(theirs.get(k)) != _canonical(ours.get(k))]
+    return "; ".join(diff) or "different settings"
+
+
+def _mismatch(out: Path, what: str) -> SettingsMismatch:
+    return SettingsMismatch(f"{out} already holds a conversion with other settings ({what}); "
+                            "write to a new OUT, or pass --overwrite (resume=False) to replace it")
+
+
+def prepare(writer: CheckpointWriter, settings: dict, *, resume: bool) -> list[int]:
+    """Make OUT ready; returns the indices of the shards already complete (to be skipped).
+    Refuses to resume into an OUT written with different settings."""
+    out = writer.out_dir
+    planned = {s.file for s in writer.shards}
+    ours = [p for p in out.iterdir() if p.is_file() and (
+        _SHARD_RE.match(p.name) or p.name.endswith(".safetensors.tmp")
+        or p.name.endswith(".safetensors.partial")
+        or p.name in (INDEX, MANIFEST, MANIFEST + ".tmp", INDEX + ".tmp"))]
+    if not resume:
+        for p in ours:
+            p.unlink()
+        return []
+    for p in [*out.glob("*.safetensors.tmp"), *out.glob("*.safetensors.partial")]:
+        p.unlink()  # left by a killed run; rewritten from scratch
+    settings = json.loads(_canonical(settings))
+    manifest = out / MANIFEST
+    if manifest.is_file():
+        try:
+            previous = json.loads(manifest.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise _mismatch(out, f"{MANIFEST} is unreadable") from None
+        theirs = {k: previous.get(k) for k in settings}
+        if _canonical(theirs) != _canonical(settings):
+            raise _mismatch(out, _differences(theirs, settings))
+    strays = sorted(p.name for p in out.iterdir() if _SHARD_RE.match(p.name)
+                    and p.name not in planned)
+    if strays:
+        raise _mismatch(out, f"it has shards of a different layout: {', '.join(strays[:3])}")
+    done = []
+    for i, shard in enumerate(writer.shards):
+        if not writer.is_done(i):
+            continue
+        try:
+            with open_file(writer.path(i)) as f:
+                meta = read_shard_metadata(f)
+                group = f.metadata().get("endor.group")
+        except FormatError as e:
+            raise FormatError(f"{e.reason}; delete this shard (it is rewritten on resume) or "
+                              "pass --overwrite", path=writer.path(i)) from None
+        if meta is None or group != shard.group:
+            raise _mismatch(out, f"{shard.file} was not written by this conversion")
+        if _canonical(meta[0]) != _canonical(settings):
+            raise _mismatch(out, _differences(meta[0], settings))
+        done.append(i)
+    return done
+
+
+def copy_side_files(src: Path, out: Path) -> list[str]:
+    """Copy config, generation config and tokenizer files (atomically; unchanged ones kept)."""
+    copied = []
+    for p in sorted(src.iterdir()):
+        if not p.is_file() or _NOT_COPIED.search(p.name):
+            continue
+        dest = out / p.name
+        if not (dest.is_file() and filecmp.cmp(p, dest, shallow=False)):
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.copyfile(p, tmp)
+            os.replace(tmp, dest)
+        copied.append(p.name)
+    return copied
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its `__metadata__` keys sorted, in place (same length).
+    The safetensors library stores metadata in a Rust HashMap, whose order changes from one call
+    to the next: without this, two identical conversions would not be byte-identical."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        if "__metadata__" in header:
+            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        assert len(raw) <= n, "a permutation of the same JSON cannot grow"
+        f.seek(8)
+        f.write(raw.ljust(n, b" "))  # safetensors pads its header with spaces
+
+
+def write_shard(writer: CheckpointWriter, i: int, tensors: dict, metadata: dict) -> Path:
+    """Write shard i under a temporary name, make its header canonical, then rename it into
+    place: a shard under its final name is complete (resume relies on it) and reproducible."""
+    final = writer.path(i)
+    partial = final.with_name(final.name + ".partial")
+    save_file(tensors, partial, metadata={"endor.group": writer.shards[i].group, **metadata})
+    _sort_metadata(partial)
+    os.replace(partial, final)
+    return final
+
+
+def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (NaN payloads and -0.0 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.numel() == 0:
+        return True
+    view = _INT_OF_SIZE[a.element_size()]
+    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+
+
+def verify_shard(path: Path, expected: dict) -> None:
+    """Re-read a shard just written and compare every tensor bit for bit with what was meant.
+    A shard that fails is deleted (so a rerun writes it again) and the error raised."""
+    try:
+        with open_file(path) as f:
+            if set(f.keys()) != set(expected):
+                raise FormatError(f"verification failed: the shard holds {sorted(f.keys())}, "
+                                  f"expected {sorted(expected)}", path=path)
+            for name, want in expected.items():
+                got = f.get_tensor(name)
+                if not bit_equal(got, want):
+                    raise FormatError("verification failed: the tensor read back differs from "
+                                      "the one written (disk or encoder fault)", path=path,
+                                      tensor=name)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

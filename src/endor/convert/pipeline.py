@@ -1,0 +1,268 @@
+"""`convert()`: an HF checkpoint -> an Endor checkpoint directory (docs/FORMAT.md section 2), one
+decoder layer at a time in bounded memory, every shard verified after writing, resumable.
+
+    for each shard (the "rest" group first, then layer 0, 1, ...):
+        skip it if it is already complete in OUT (a rerun resumes)
+        read the layer's tensors from the source
+        [wanda/sparsegpt: run the layer on the calibration activations, collect input statistics]
+        prune its Linear weights, compress them, write the shard, read it back and compare
+        [wanda/sparsegpt: run the pruned layer to get the next layer's inputs]
+
+Memory holds one layer (plus the calibration activations): peak RSS does not grow with the model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointWriter
+from ..errors import FormatError
+from ..format import compress, load_file
+from ..format.spec import DTYPES
+from . import calibrate, outdir
+from .source import SourceCheckpoint
+from .structure import ModelLayout, build_layout, load_config
+from .summary import format_summary, shard_metadata, summarize
+
+REST = "rest"
+
+
+def resolve_source(src) -> Path:
+    """A local HF directory as is; anything else (a .gguf file, an alias such as "smollm2")
+    through endor.data.models.resolve_model."""
+    path = Path(src)
+    if path.is_dir():
+        return path
+    try:
+        from ..data.models import resolve_model
+    except ImportError:
+        raise FileNotFoundError(f"{src} is not a model directory (GGUF files and aliases need "
+                                "endor.data.models)") from None
+    return Path(resolve_model(str(src)))
+
+
+def _count_nonzero(t: torch.Tensor) -> int:
+    """Non-zero elements in the format's sense: any bit set (-0.0 counts)."""
+    return int(torch.count_nonzero(t.view(outdir._INT_OF_SIZE[t.element_size()])))
+
+
+def _set_params(model: nn.Module, tensors: dict) -> None:
+    """Point parameters at `tensors` (or at meta tensors, to free them), without copying."""
+    for name, t in tensors.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._parameters[attr] = nn.Parameter(t, requires_grad=False)
+
+
+class _Conversion:
+    def __init__(self, source: SourceCheckpoint, layout: ModelLayout, writer: CheckpointWriter,
+                 settings: dict, sparse: set, *, verify: bool, progress):
+        self.source, self.layout, self.writer = source, layout, writer
+        self.settings, self.sparse, self.verify, self.progress = settings, sparse, verify, progress
+        self.groups = {s.group: i for i, s in enumerate(writer.shards)}
+        self.names = {s.group: [] for s in writer.shards}
+        for name in source.names():
+            i = layout.layer_of(name)
+            self.names[REST if i is None else f"layers.{i}"].append(name)
+        self.bytes_done, self.t0 = 0, time.perf_counter()
+
+    # -- one shard -----------------------------------------------------------------------
+    def _finish_shard(self, group: str, final: dict) -> None:
+        """Compress the pruned Linear weights of `final` ({name: dense tensor}), write, verify."""
+        weights, stored, nnz = self.writer.weights, {}, {}
+        for name, t in final.items():
+            if name in self.layout.linear_weights:
+                nnz[name] = _count_nonzero(t)
+            stored[name] = compress(t) if name in self.sparse and weights == "endor" else t
+        i = self.groups[group]
+        path = outdir.write_shard(self.writer, i, stored, shard_metadata(self.settings, nnz))
+        del stored
+        if self.verify:
+            outdir.verify_shard(path, final)
+        self.bytes_done += sum(self.source.nbytes(n) for n in self.names[group])
+        seconds = time.perf_counter() - self.t0
+        self.progress.set_postfix_str(f"{self.bytes_done / seconds / 1e9:.2f} GB/s", refresh=False)
+        self.progress.update(1)
+
+    def _prune(self, name: str, weight: torch.Tensor, stats=None) -> torch.Tensor:
+        from ..prune import prune_weight
+        s = self.settings
+        try:
+            return prune_weight(weight, method=s["method"], sparsity=s["sparsity"] or 0.0,
+                                nm=None if s["nm"] is None else tuple(s["nm"]), stats=stats)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{name}: {e}") from None
+
+    def rest(self) -> None:
+        tensors = {name: self.source.read(name) for name in self.names[REST]}
+        for target, origin in self.layout.tied.items():
+            # transformers ties these on load (and only if equal): storing both would duplicate
+            if target in tensors and origin in tensors and \
+                    outdir.bit_equal(tensors[target], tensors[origin]):
+                del tensors[target]
+        self._finish_shard(REST, tensors)
+
+    def streamed_layer(self, i: int) -> None:
+        final = {}
+        for name in self.names[f"layers.{i}"]:
+            t = self.source.read(name)
+            final[name] = self._prune(name, t) if name in self.sparse else t
+        self._finish_shard(f"layers.{i}", final)
+
+    # -- calibrated methods --------------------------------------------------------------
+    def calibrated_layers(self, todo: list[int], tokens: torch.Tensor, hessian: bool) -> None:
+        layout, model = self.layout, self.layout.model
+        layers = model.get_submodule(layout.layers_prefix)
+        hidden, calls = self._layer_inputs(tokens, layers)
+        for i in range(max(todo) + 1):
+            group, layer = f"layers.{i}", layers[i]
+            params = {f"{layout.layers_prefix}.{i}.{n}": p for n, p in layer.named_parameters()}
+            if i in todo:
+                originals = {name: self.source.read(name) for name in self.names[group]}
+                missing = sorted(set(params) - set(originals))
+                if missing:
+                    raise FormatError(f"the source lacks {', '.join(missing)}, needed to run "
+                                      f"layer {i} on the calibration data", path=self.source.path)
+                _set_params(model, {n: originals[n].float() for n in params})
+                targets = {n: model.get_submodule(n.removesuffix(".weight"))
+                           for n in self.names[group] if n in self.sparse}
+                stats = calibrate.collect_stats(layer, calls[i], hidden, targets, hessian=hessian)
+                final = {n: self._prune(n, t, stats.get(n)) if n in targets else t
+                         for n, t in originals.items()}
+                del stats, originals
+                self._finish_shard(group, final)
+            else:
+                # Already in OUT: its pruned weights, read back, give the next layer's inputs.
+                final = load_file(self.writer.path(self.groups[group]))
+            if i < max(todo):
+                _set_params(model, {n: final[n].float() for n in params})
+                hidden = calibrate.propagate(layer, calls[i], hidden)
+            _set_params(model, {n: torch.empty_like(p, device="meta") for n, p in params.items()})
+            del final
+
+    def _layer_inputs(self, tokens: torch.Tensor, layers: nn.ModuleList):
+        """Load the parameters outside the decoder layers (embeddings...) and run them."""
+        model, source = self.layout.model, self.source
+        head = model.get_output_embeddings()
+        head_params = {id(p) for p in head.parameters()} if head is not None else set()
+        outside = {n: p for n, p in model.named_parameters()
+                   if self.layout.layer_of(n) is None and id(p) not in head_params}
+        loaded = {}
+        for name in outside:
+            origin = name if name in source else self.layout.tied.get(name)
+            if origin is None or origin not in source:
+                # a tied embedding stored under the head's name only
+                origin = next((t for t, o in self.layout.tied.items() if o == name), None)
+            if origin is None or origin not in source:
+                raise FormatError(f"the source lacks {name}, needed to compute calibration "
+                                  "activations", path=source.path)
+            loaded[name] = source.read(origin).float()
+        _set_params(model, loaded)
+        try:
+            return calibrate.capture_inputs(model, layers, tokens)
+        finally:
+            _set_params(model, {n: torch.empty_like(t, device="meta") for n, t in loaded.items()})
+
+
+def _settings(source, method, sparsity, nm, weights, patterns, calib_text, samples, seqlen):
+    from ..prune import needs_calibration
+    calibration = None
+    if needs_calibration(method):
+        calibration = {"text_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
+                       "samples": samples, "seqlen": seqlen, "dtype": "float32"}
+    return {"method": method, "sparsity": None if method == "none" else float(sparsity),
+            "nm": None if nm is None else list(nm), "weights": weights,
+            "dense_patterns": sorted(patterns), "calibration": calibration,
+            "source": source.fingerprint()}
+
+
+def _sparse_names(source, layout, patterns) -> set:
+    """Decoder Linear weights to prune and compress: all of them but those matching a pattern."""
+    linear = [n for n in source.names() if n in layout.linear_weights]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in linear):
+            example = linear[0] if linear else "(none)"
+            raise ValueError(f"--keep-dense pattern {pattern!r} matches no decoder Linear weight "
+                             f"(names look like {example!r})")
+    sparse = {n for n in linear if not any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    for name in sorted(sparse):
+        if source.dtype(name) not in DTYPES.values() or len(source.shape(name)) != 2:
+            raise FormatError(f"decoder Linear weight is {source.dtype(name)} "
+                              f"{list(source.shape(name))}: endor prunes and compresses 2-D "
+                              "float32/float16/bfloat16 weights (dequantize the model first, or "
+                              "keep this tensor with --keep-dense)", path=source.path, tensor=name)
+    return sparse
+
+
+def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
+            calib_text: str | None = None, weights: str = "endor", dense_patterns=None,
+            resume: bool = True, verify: bool = True, progress: bool = True,
+            calib_samples: int = calibrate.DEFAULT_SAMPLES,
+            calib_seqlen: int = calibrate.DEFAULT_SEQLEN) -> dict:
+    """Prune (method "none" keeps the weights as they are) and compress the HF model `src` into
+    the checkpoint directory `out`. Returns the summary (also stored in `out/endor.json`) plus a
+    "run" entry with this run's timing. See docs/FORMAT.md section 2 for the layout."""
+    from tqdm.auto import tqdm
+
+    from ..prune import METHODS, needs_calibration, needs_hessian
+    from ..prune.nm import check_nm
+
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if weights not in ("endor", "dense"):
+        raise ValueError(f"weights must be 'endor' or 'dense', got {weights!r}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
+            or not 0 <= sparsity < 1:
+        raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r}")
+    if nm is not None:
+        if method == "none":
+            raise ValueError("N:M sparsity needs a pruning method (magnitude, wanda, sparsegpt)")
+        nm = check_nm(nm)
+    if needs_calibration(method) and calib_text is None:
+        from ..data.text import calibration_text
+        calib_text = calibration_text()
+    patterns = list(dense_patterns or [])
+    src_dir = resolve_source(src)
+    out = Path(out)
+    if out.exists() and out.resolve() == src_dir.resolve():
+        raise ValueError("OUT must differ from SRC")
+    source = SourceCheckpoint(src_dir)
+    layout = build_layout(load_config(src_dir))
+    sparse = _sparse_names(source, layout, patterns)
+    settings = _settings(source, method, sparsity, nm, weights, patterns, calib_text or "",
+                         calib_samples, calib_seqlen)
+
+    groups = [f"layers.{i}" for i in range(layout.num_layers)] + [REST]
+    writer = CheckpointWriter(out, groups, weights=weights)
+    done = outdir.prepare(writer, settings, resume=resume)
+    outdir.copy_side_files(src_dir, out)
+    bar = tqdm(total=len(groups), initial=len(done), unit="shard", desc="endor convert",
+               disable=not progress)
+    job = _Conversion(source, layout, writer, settings, sparse, verify=verify, progress=bar)
+    todo = [i for i in range(layout.num_layers) if i not in done]
+    with bar:
+        if len(groups) - 1 not in done:
+            job.rest()
+        if todo and needs_calibration(method):
+            tokens = calibrate.segments(calibrate.tokenize(src_dir, calib_text),
+                                        calib_samples, calib_seqlen)
+            job.calibrated_layers(todo, tokens, needs_hessian(method))
+        else:
+            for i in todo:
+                job.streamed_layer(i)
+    summary = summarize(out, [s.file for s in writer.shards], layout.layer_type,
+                        layout.layer_of)
+    writer.finish({k: v for k, v in settings.items() if k != "weights"} | {"summary": summary})
+    seconds = time.perf_counter() - job.t0
+    return {**summary, "run": {
+        "out": str(out), "seconds": round(seconds, 3), "source_bytes": source.total_bytes,
+        "bytes_converted": job.bytes_done, "gbps": round(job.bytes_done / seconds / 1e9, 4),
+        "shards_written": len(groups) - len(done), "shards_skipped": len(done)}}
+
+
+__all__ = ["convert", "format_summary"]

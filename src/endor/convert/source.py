@@ -1,0 +1,178 @@
+"""A HuggingFace checkpoint directory read tensor by tensor, never whole.
+
+Tensors are read with explicit positioned reads (`os.preadv`) into a fresh buffer instead of
+through safetensors' mmap: pages of a mapped file count in the process's RSS for as long as the
+mapping lives, so mmap reading would make peak RSS grow with the model. Headers are parsed (and
+checked: a truncated shard is caught here) by `endor.format.header.read_header`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import FormatError
+from ..format.header import StoredTensor, read_header
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
+_FINGERPRINT_BYTES = 1 << 20
+_READ_CHUNK = 1 << 28  # Linux reads at most ~2 GiB per call; stay well below
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _shard_files(root: Path) -> tuple[list[str], dict[str, str] | None]:
+    """The weight files HF's from_pretrained would read, and the index's weight map if any."""
+    index = root / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise FormatError(f"{INDEX} is not a valid index (needs a 'weight_map' object): {e}",
+                              path=index) from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and "/" not in v
+                for k, v in weight_map.items()):
+            raise FormatError("'weight_map' must map tensor names to file names in the same "
+                              "directory", path=index)
+        files = sorted(set(weight_map.values()))
+        for file in files:
+            if not (root / file).is_file():
+                raise FormatError(f"shard {file!r} listed in {INDEX} is missing; download or "
+                                  "copy it again", path=root)
+        return files, weight_map
+    if (root / SINGLE).is_file():
+        return [SINGLE], None
+    shards = sorted(p.name for p in root.glob("model-*-of-*.safetensors") if _SHARD_RE.match(p.name))
+    if shards:
+        total = int(_SHARD_RE.match(shards[0]).group(2))
+        expected = [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+        missing = sorted(set(expected) - set(shards))
+        if missing or len(shards) != total:
+            raise FormatError(f"the checkpoint has no {INDEX} and its shards are incomplete "
+                              f"(missing: {', '.join(missing) or 'shards of another count'})",
+                              path=root)
+        return shards, None
+    others = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    hint = (f" (found {', '.join(others)}: pickled weights, which endor never loads; save the "
+            "model with safetensors first)" if others else "")
+    raise FormatError(f"no safetensors weights ({INDEX}, {SINGLE} or model-XXXXX-of-YYYYY."
+                      f"safetensors){hint}", path=root)
+
+
+class SourceCheckpoint:
+    """Names, dtypes and shapes of every tensor of an HF directory, and `read(name)`."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"source checkpoint directory not found: {self.path}")
+        if not (self.path / "config.json").is_file():
+            raise FormatError("no config.json: not a HuggingFace model directory", path=self.path)
+        if _endor_weights(self.path / "endor.json") == "endor":
+            raise FormatError("this is an Endor-compressed checkpoint; convert from the original "
+                              "model (or from one converted with --format dense)", path=self.path)
+        self.files, weight_map = _shard_files(self.path)
+        self._where: dict[str, tuple[Path, StoredTensor]] = {}
+        for file in self.files:
+            header = read_header(self.path / file)
+            for name, stored in header.tensors.items():
+                if name in self._where:
+                    raise FormatError(f"tensor is stored twice (in {self._where[name][0].name} "
+                                      f"and {file})", path=self.path, tensor=name)
+                if stored.dtype not in TORCH_DTYPES:
+                    raise FormatError(f"dtype {stored.dtype} is not supported",
+                                      path=self.path / file, tensor=name)
+                self._where[name] = (self.path / file, stored)
+        for name, file in (weight_map or {}).items():
+            if name not in self._where or self._where[name][0].name != file:
+                raise FormatError(f"{INDEX} maps the tensor to {file}, which does not hold it",
+                                  path=self.path, tensor=name)
+
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def __contains__(self, name) -> bool:
+        return name in self._where
+
+    def dtype(self, name: str) -> torch.dtype:
+        return TORCH_DTYPES[self._stored(name).dtype]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._stored(name).shape
+
+    def nbytes(self, name: str) -> int:
+        s = self._stored(name)
+        return s.end - s.start
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.end - s.start for _, s in self._where.values())
+
+    def _stored(self, name: str) -> StoredTensor:
+        if name not in self._where:
+            raise KeyError(f"{name!r} is not in the checkpoint {self.path}")
+        return self._where[name][1]
+
+    def read(self, name: str) -> torch.Tensor:
+        """A new CPU tensor holding `name`, read with positioned reads (no mmap)."""
+        stored = self._stored(name)
+        path = self._where[name][0]
+        out = torch.empty(stored.shape, dtype=TORCH_DTYPES[stored.dtype])
+        size = stored.end - stored.start
+        if size == 0:
+            return out
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+        assert len(buffer) == size
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < size:
+                n = os.preadv(fd, [buffer[done:done + _READ_CHUNK]], stored.start + done)
+                if n <= 0:
+                    raise FormatError(f"the file ended after {done} of {size} bytes of this "
+                                      "tensor (truncated?)", path=path, tensor=name)
+                done += n
+        except OSError as e:
+            raise FormatError(f"cannot read: {e.strerror or e}", path=path, tensor=name) from e
+        finally:
+            os.close(fd)
+        return out
+
+    def fingerprint(self) -> str:
+        """Identifies the source cheaply, so a resumed conversion can refuse an OUT made from
+        another model: config, every tensor's name/dtype/shape, and each weight file's size and
+        first and last MiB (other weights of the same architecture differ there)."""
+        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        for name in self.names():
+            s = self._stored(name)
+            h.update(f"\0{name}\0{s.dtype}\0{list(s.shape)}".encode())
+        for file in self.files:
+            with open(self.path / file, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                h.update(f"\0{file}\0{size}\0".encode())
+                h.update(f.read(_FINGERPRINT_BYTES))
+                f.seek(max(0, size - _FINGERPRINT_BYTES))
+                h.update(f.read(_FINGERPRINT_BYTES))
+        return "sha256:" + h.hexdigest()
+
+
+def _endor_weights(manifest: Path):
+    """The weights kind of an Endor checkpoint manifest, or None when there is none."""
+    if not manifest.is_file():
+        return None
+    try:
+        return json.loads(manifest.read_text()).get("weights")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
