@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import endor
-from endor.format import spec
 from endor.format.tensor import EndorTensor
 from endor.kernels import cpu, reference
 from endor.kernels.registry import backends, choose

@@ -3,7 +3,7 @@
  * One entry point, `decode`, takes raw addresses (tensor.data_ptr()) so that it needs neither
  * numpy nor torch headers. It splits the tiles into contiguous ranges, one per thread (pthreads,
  * GIL released), and each thread checks then decodes its tiles one by one:
- *   - tile index (rule 5): 0 <= tiles[k] <= tiles[k+1] <= nnz, tiles[k+1] - tiles[k] <= tile length;
+ *   - tile index (rule 5): 0 <= tiles[k] <= tiles[k+1] <= nnz, at most the tile length apart;
  *   - popcount of the tile's bitmap == tiles[k+1] - tiles[k] (rule 6),
  * so no tile ever reads values outside values[tiles[k] .. tiles[k+1]) plus a bounded over-read that
  * is proven to stay inside the buffer (or the tile is first copied into a padded scratch buffer).
