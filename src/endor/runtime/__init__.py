@@ -1,0 +1,8 @@
+"""Offloaded inference: decoder layers stream from an Endor checkpoint (disk or RAM) through a
+prefetch pipeline into a transformers model whose generate() works. Imports transformers, so
+`import endor` loads it lazily (endor.load_model)."""
+
+from .model import load_model, open_model
+from .plan import parse_size
+
+__all__ = ["load_model", "open_model", "parse_size"]

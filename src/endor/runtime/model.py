@@ -1,0 +1,192 @@
+"""load_model: a transformers model whose decoder layers stream from an Endor checkpoint.
+
+The model is built on the meta device (no dense copy of it ever exists in RAM); the non-layer
+weights (embeddings, final norm, LM head) and as many decoder layers as `max_memory` allows are
+loaded resident, dense; the other layers get a forward pre-hook that swaps in the dense views of
+their streamed weights and a post-hook that hands the slot back (stream.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint
+from ..errors import FormatError
+from .metrics import Metrics
+from .plan import parse_size, plan_layer, plan_memory
+from .reader import ShardReader
+from .stream import LayerStream
+from .weights import (check_streamed, find_layer_list, layer_files, load_resident_layer,
+                      load_rest, model_dtype, set_tensor)
+
+OFFLOAD = ("disk", "cpu")
+
+
+def _check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is available; use device='cpu'")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _empty_model(path, dtype: torch.dtype):
+    """The architecture of config.json with every parameter on the meta device; buffers (e.g.
+    the rotary inv_freq, which no checkpoint holds) are computed for real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise FormatError(f"cannot read config.json ({e})", path=path) from None
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with contextlib.suppress(OSError, ValueError):
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()
+
+
+def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, prefetch: int = 1,
+               backend: str = "auto"):
+    """Load a converted checkpoint (weights "endor" or "dense") for offloaded inference.
+
+    device: where it computes ("cpu", "cuda"). offload: where streamed layers live between
+    uses, "disk" (read with O_DIRECT for every forward) or "cpu" (their compressed bytes held in
+    host memory). max_memory: bytes for resident weights (int, "500MB", "2GiB", {"cuda": ...});
+    None keeps every layer resident, 0 streams every layer. Streaming buffers (prefetch+1 slots, each the largest
+    shard plus its largest dense layer) come on top and are reported by model.endor_stats().
+    prefetch: layers loading ahead of the one computing. backend: decoder (see endor.decompress).
+
+    Returns the model (generate() works) with endor_stats(), endor_reset_stats() and
+    endor_close() attached; or use `with endor.runtime.open_model(...) as model:`."""
+    device = _check_device(device)
+    if offload not in OFFLOAD:
+        raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+    budget = parse_size(max_memory, device=str(device))
+    from ..kernels.registry import choose
+    choose(backend, device)  # an unknown or unavailable backend fails now, not mid-generation
+
+    ckpt = Checkpoint(path)
+    files, rest_file = layer_files(ckpt)
+    model = _empty_model(ckpt.path, model_dtype([rest_file, *files[:1]]))
+    layer_path, layers = find_layer_list(model, files[0].keys() if files else [], len(files))
+    prefixes = [f"{layer_path}.{i}." for i in range(len(files))]
+    plans = []
+    for i, (layer, f) in enumerate(zip(layers, files)):
+        expected = {n: (t.shape, t.dtype) for n, t in layer.state_dict(keep_vars=True).items()}
+        plans.append(plan_layer(i, f, prefixes[i], expected))
+
+    rest_bytes = load_rest(model, rest_file, f"{layer_path}.", device=device, backend=backend)
+    memory = plan_memory(budget, rest_bytes, [p.weight_bytes for p in plans])
+    for i in memory.resident:
+        load_resident_layer(layers[i], files[i], plans[i], prefixes[i], device=device,
+                            backend=backend)
+
+    metrics = Metrics()
+    reader = ShardReader()
+    stream = None
+    if memory.streamed:
+        streamed = [plans[i] for i in memory.streamed]
+        digests, held = check_streamed(streamed, reader, hold=offload == "cpu",
+                                       pin=device.type == "cuda")
+        stream = LayerStream(streamed, device=device, prefetch=prefetch, backend=backend,
+                             reader=reader if offload == "disk" else None, digests=digests,
+                             held=held, metrics=metrics)
+        for i in memory.streamed:
+            _install_stream_hooks(layers[i], i, stream)
+    _install_metric_hooks(model, metrics)
+    _attach_api(model, stream, metrics, memory, plans, reader,
+                {"path": str(ckpt.path), "weights": ckpt.weights, "device": str(device),
+                 "offload": offload, "prefetch": prefetch, "backend": backend})
+    return model
+
+
+def _install_stream_hooks(layer: nn.Module, index: int, stream: LayerStream) -> None:
+    placeholders = dict(layer.state_dict(keep_vars=True))  # the meta tensors, put back after use
+
+    def swap_in(module, args):
+        for name, view in stream.acquire(index).items():
+            set_tensor(module, name, view)
+
+    def swap_out(module, args, output):
+        for name, meta in placeholders.items():
+            set_tensor(module, name, meta)
+        stream.release(index)
+
+    layer.register_forward_pre_hook(swap_in)
+    layer.register_forward_hook(swap_out, always_call=True)
+
+
+def _install_metric_hooks(model: nn.Module, metrics: Metrics) -> None:
+    def begin(module, args, kwargs):
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # renamed in transformers 5
+        past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        metrics.begin_forward("prefill" if past == 0 else "decode",
+                              int(x.shape[1]) if x is not None and x.dim() > 1 else 1)
+
+    def end(module, args, kwargs, output):
+        metrics.end_forward()
+
+    model.register_forward_pre_hook(begin, with_kwargs=True)
+    model.register_forward_hook(end, with_kwargs=True, always_call=True)
+
+
+def _attach_api(model, stream, metrics, memory, plans, reader, info) -> None:
+    def endor_stats() -> dict:
+        streamed = [plans[i] for i in memory.streamed]
+        return {
+            **info,
+            **metrics.summary(),
+            "layers": len(plans),
+            "resident_layers": list(memory.resident),
+            "streamed_layers": list(memory.streamed),
+            "budget_bytes": memory.budget,
+            "resident_bytes": memory.resident_bytes,
+            "streamed_shard_bytes": sum(p.file_size for p in streamed),
+            "streamed_dense_bytes": sum(p.weight_bytes for p in streamed),
+            "buffer_host_bytes": stream.host_buffer_bytes if stream else 0,
+            "buffer_device_bytes": stream.device_buffer_bytes if stream else 0,
+            "held_host_bytes": sum(t.numel() for t in stream.held.values())
+            if stream and stream.held else 0,
+            "slots": len(stream.slots) if stream else 0,
+            "direct_io": bool(stream and stream.reader and reader.direct),
+            "direct_io_fallback": reader.fallback_reason,
+        }
+
+    def endor_close() -> None:
+        if stream is not None:
+            stream.close()
+
+    model.endor_stats = endor_stats
+    model.endor_reset_stats = metrics.reset
+    model.endor_close = endor_close
+    model.endor_memory_plan = memory
+    if stream is not None:
+        weakref.finalize(model, stream.close)
+
+
+@contextlib.contextmanager
+def open_model(path, **kwargs):
+    """`with open_model(path, ...) as model:` closes the stream (threads joined, buffers freed)
+    on exit, including on Ctrl-C."""
+    model = load_model(path, **kwargs)
+    try:
+        yield model
+    finally:
+        model.endor_close()

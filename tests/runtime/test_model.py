@@ -1,0 +1,235 @@
+import json
+import shutil
+import threading
+
+import pytest
+import torch
+
+import endor
+from endor.checkpoint import Checkpoint
+from endor.runtime import load_model, open_model
+from tests.runtime.checkpoints import greedy
+from tests.runtime.conftest import NEW_TOKENS, PROMPT
+
+ARCHS = ["llama", "qwen2", "opt", "gemma3"]
+
+
+def endor_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("endor-")]
+
+
+def shard_paths(ckpt_dir):
+    ckpt = Checkpoint(ckpt_dir)
+    return {s.group: ckpt.path / s.file for s in ckpt.shards}
+
+
+def flip_byte(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+def values_offset(path):
+    """Absolute offset of the middle of the first Endor values part in a shard."""
+    with endor.open_file(path) as f:
+        name = next(n for n in f.keys() if f.is_compressed(n))
+        _, (start, end), _ = f.byte_ranges(name)
+    return (start + end) // 2
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("weights", ["endor", "dense"])
+@pytest.mark.parametrize("offload", ["disk", "cpu"])
+def test_every_layer_streamed_is_token_identical(tiny, arch, weights, offload):
+    path, reference, want = tiny(arch, weights)
+    with open_model(path, max_memory=0, offload=offload) as model:
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+        stats = model.endor_stats()
+    n = reference.config.num_hidden_layers
+    assert stats["streamed_layers"] == list(range(n)) and stats["resident_layers"] == []
+    assert stats["decode_tokens"] == NEW_TOKENS - 1
+    assert stats["prefill_tokens"] == PROMPT.shape[1]
+    shards = shard_paths(path)
+    streamed_bytes = sum(shards[f"layers.{i}"].stat().st_size for i in range(n))
+    assert stats["bytes_moved_per_token"] == streamed_bytes
+    assert stats["bytes_read_per_token"] == (streamed_bytes if offload == "disk" else 0)
+    assert stats["held_host_bytes"] >= (streamed_bytes if offload == "cpu" else 0)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_some_layers_resident_is_token_identical(tiny, arch, prefetch):
+    path, reference, want = tiny(arch, "endor")
+    with open_model(path, max_memory=0) as probe:
+        rest = probe.endor_stats()["resident_bytes"]
+        per_layer = probe.endor_stats()["streamed_dense_bytes"] // 4
+    with open_model(path, max_memory=rest + 2 * per_layer, prefetch=prefetch) as model:
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+        stats = model.endor_stats()
+    assert stats["resident_layers"] == [0, 1] and stats["streamed_layers"] == [2, 3]
+    assert stats["slots"] == min(prefetch + 1, 2)
+
+
+def test_no_budget_keeps_everything_resident(tiny):
+    path, _, want = tiny("qwen2", "endor")
+    model = load_model(path)
+    assert greedy(model, PROMPT, NEW_TOKENS) == want
+    stats = model.endor_stats()
+    assert stats["streamed_layers"] == [] and stats["bytes_read_per_token"] == 0
+    assert endor_threads() == []
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_reference_is_what_load_in_memory_gives(tiny, arch):
+    """The pruned model the fixtures compare against generates what endor.loading's in-memory
+    reference of the same checkpoint generates."""
+    from endor.loading import load_in_memory
+
+    path, _, want = tiny(arch, "endor")
+    reference, _ = load_in_memory(path)
+    assert greedy(reference, PROMPT, NEW_TOKENS) == want
+
+
+def test_repeated_generate_and_reset_stats(tiny):
+    path, _, want = tiny("llama", "endor")
+    with open_model(path, max_memory=0, prefetch=2) as model:
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+        model.endor_reset_stats()
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+        assert model.endor_stats()["decode_tokens"] == NEW_TOKENS - 1
+
+
+def test_budget_below_the_non_layer_weights_is_an_error(tiny):
+    path, _, _ = tiny("llama", "endor")
+    with pytest.raises(ValueError, match="smaller than the weights outside the decoder layers"):
+        load_model(path, max_memory="1KB")
+    assert endor_threads() == []
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"offload": "nvme"}, "offload must be one of"),
+    ({"prefetch": -1}, "prefetch must be"),
+    ({"device": "tpu"}, "device must be"),
+    ({"backend": "nope"}, "unknown backend"),
+    ({"max_memory": "lots"}, "cannot read size"),
+])
+def test_bad_arguments(tiny, kwargs, error):
+    path, _, _ = tiny("llama", "endor")
+    with pytest.raises(ValueError, match=error):
+        load_model(path, **kwargs)
+
+
+def test_missing_checkpoint_and_missing_shard(tiny, tmp_path):
+    with pytest.raises(endor.FormatError, match="not an Endor checkpoint"):
+        load_model(tmp_path)
+    path, _, _ = tiny("llama", "endor")
+    broken = shutil.copytree(path, tmp_path / "ckpt")
+    shard_paths(broken)["layers.2"].unlink()
+    with pytest.raises(endor.FormatError, match="missing"):
+        load_model(broken, max_memory=0)
+
+
+def test_corrupt_shard_fails_at_load(tiny, tmp_path):
+    path, _, _ = tiny("llama", "endor")
+    broken = shutil.copytree(path, tmp_path / "ckpt")
+    shard = shard_paths(broken)["layers.1"]
+    flip_byte(shard, values_offset(shard))
+    for budget in (0, None):  # streamed or resident: checked before any generation
+        with pytest.raises(endor.FormatError, match="checksum mismatch") as e:
+            load_model(broken, max_memory=budget)
+        assert shard.name in str(e.value)
+    assert endor_threads() == []
+
+
+def test_config_that_does_not_match_the_weights(tiny, tmp_path):
+    path, _, _ = tiny("llama", "endor")
+    broken = shutil.copytree(path, tmp_path / "ckpt")
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] = 48
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(endor.FormatError, match="shape"):
+        load_model(broken, max_memory=0)
+
+
+@pytest.mark.parametrize("weights", ["endor", "dense"])
+def test_shard_corrupted_while_loaded_is_an_error_then_recovers(tiny, tmp_path, weights):
+    path, _, want = tiny("llama", weights)
+    ckpt = shutil.copytree(path, tmp_path / "ckpt")
+    shard = shard_paths(ckpt)["layers.3"]  # not among the layers prefetched between calls
+    original = shard.read_bytes()
+    with open_model(ckpt, max_memory=0) as model:
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+        flip_byte(shard, len(original) - 3)
+        with pytest.raises(endor.FormatError, match="checksum mismatch") as e:
+            greedy(model, PROMPT, NEW_TOKENS)
+        assert shard.name in str(e.value)
+        shard.write_bytes(original)
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+
+
+def test_io_error_mid_generation_is_raised(tiny, tmp_path):
+    path, _, want = tiny("llama", "endor")
+    ckpt = shutil.copytree(path, tmp_path / "ckpt")
+    shard = shard_paths(ckpt)["layers.3"]
+    with open_model(ckpt, max_memory=0) as model:
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+        shard.unlink()
+        with pytest.raises(FileNotFoundError):
+            greedy(model, PROMPT, NEW_TOKENS)
+    assert endor_threads() == []
+
+
+def test_interrupted_forward_restarts_cleanly(tiny):
+    path, _, want = tiny("gemma3", "endor")
+    model = load_model(path, max_memory=0, prefetch=2)
+    layers = model.model.layers
+    fired = []
+
+    def interrupt(module, args):
+        if not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+
+    handle = layers[2].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        greedy(model, PROMPT, NEW_TOKENS)
+    handle.remove()
+    assert greedy(model, PROMPT, NEW_TOKENS) == want
+    assert len(endor_threads()) == 2
+    model.endor_close()
+    assert endor_threads() == []
+    with pytest.raises(RuntimeError, match="closed"):
+        greedy(model, PROMPT, NEW_TOKENS)
+
+
+def test_worker_error_reaches_the_caller(tiny, monkeypatch):
+    import endor.runtime.stream as stream
+
+    path, _, _ = tiny("llama", "endor")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("decoder exploded")
+
+    with open_model(path, max_memory=0) as model:
+        monkeypatch.setattr(stream, "decompress", broken)
+        with pytest.raises(RuntimeError, match="decoder exploded"):
+            greedy(model, PROMPT, NEW_TOKENS)
+
+
+def test_streaming_buffers_are_reported_and_sized_from_the_largest_layer(tiny):
+    path, reference, _ = tiny("opt", "endor")
+    shards = shard_paths(path)
+    largest = max(shards[f"layers.{i}"].stat().st_size for i in range(4))
+    with open_model(path, max_memory=0, prefetch=1) as model:
+        stats = model.endor_stats()
+    assert stats["slots"] == 2
+    # read buffers: the largest shard, rounded up to the O_DIRECT alignment, per slot
+    assert 2 * largest <= stats["buffer_host_bytes"] < 2 * (largest + 4096)
+    # dense buffers: the largest layer's decompressed weights (OPT's biases and norms stay views
+    # of the read buffer), per slot
+    dense = max(sum(t.numel() * t.element_size() for n, t in layer.state_dict().items()
+                    if t.dim() == 2)
+                for layer in reference.model.decoder.layers)
+    assert 2 * dense <= stats["buffer_device_bytes"] < 2 * (dense + 64 * 16)
