@@ -22,8 +22,9 @@ def load_in_memory(path, *, dtype=None, device="cpu"):
     `tokenizer` is None when the directory holds no tokenizer (e.g. synthetic checkpoints).
     Code from the directory is never run (no trust_remote_code)."""
     from .checkpoint import MANIFEST
-    from .data.models import resolve_model
+    from .data.models import hub_offline, resolve_model
 
+    hub_offline()
     dtype = _check_dtype(dtype)
     device = torch.device(device)
     path = resolve_model(path)

@@ -113,23 +113,41 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def dequantize_gguf(gguf_file, out_dir=None, *, name: str | None = None) -> Path:
+def _embedded_file_name(gguf_file: Path) -> str | None:
+    """The cache name of an embedded model whose GGUF `gguf_file` is, so that passing the file
+    itself reuses the alias's cached directory."""
+    for model in ALIASES.values():
+        spec = importlib.util.find_spec(model.package)
+        candidates = [cache_dir() / "gguf" / model.gguf_name]
+        if spec is not None and spec.submodule_search_locations:
+            candidates.append(Path(next(iter(spec.submodule_search_locations))) / model.gguf_name)
+        if any(c.is_file() and os.path.samefile(c, gguf_file) for c in candidates):
+            return model.name
+    return None
+
+
+def dequantize_gguf(gguf_file, out_dir=None) -> Path:
     """Dequantize a GGUF file into an HF safetensors directory (model + tokenizer, bfloat16),
     cached: a directory already complete is returned as is. `out_dir` defaults to
-    `<cache>/models/<name>` where `name` defaults to the file's stem and content hash."""
+    `<cache>/models/<name>`: the embedded model's name for its own GGUF, else the file's stem and
+    content hash."""
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"no such GGUF file: {gguf_file}")
     if out_dir is None:
-        name = name or f"{gguf_file.stem}-{_file_digest(gguf_file)}"
+        name = _embedded_file_name(gguf_file) or f"{gguf_file.stem}-{_file_digest(gguf_file)}"
         out_dir = cache_dir() / "models" / name
     out_dir = Path(out_dir)
     if (out_dir / MARKER).is_file():
         return out_dir
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists but holds no complete dequantized model (no "
+                              f"{MARKER}); delete it or choose another directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         _dequantize_into(gguf_file, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
         try:
             os.rename(tmp, out_dir)
         except OSError:
@@ -141,12 +159,18 @@ def dequantize_gguf(gguf_file, out_dir=None, *, name: str | None = None) -> Path
     return out_dir
 
 
+def hub_offline() -> None:
+    """Keep transformers off the network. Must run before huggingface_hub is first imported (it
+    reads the variable once); every endor entry point that loads transformers calls it first."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def _dequantize_into(gguf_file: Path, out_dir: Path) -> None:
+    hub_offline()
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     kwargs = {"gguf_file": gguf_file.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(
