@@ -3,7 +3,7 @@ import torch
 
 from endor.prune import CalibrationStats, prune_weight
 from endor.prune.reference import sparsegpt_reference
-from endor.prune.sparsegpt import block_size_for, sparsegpt_prune
+from endor.prune.sparsegpt import block_size_for, sparsegpt_prune, sub_block_size_for
 from tests.helpers import DTYPES, INT_VIEW
 from tests.prune.inputs import correlated_inputs, random_weight
 
@@ -63,18 +63,28 @@ def test_underflow_to_zero_in_the_cast_gives_positive_zero():
     assert bool((pruned.view(torch.int16)[pruned == 0] == 0).all())
 
 
-@pytest.mark.parametrize("nm", [None, (2, 4), (1, 4)])
+@pytest.mark.parametrize("nm, block_size", [(None, 8), (None, 32), ((2, 4), 8), ((2, 4), 32),
+                                            ((1, 4), 32), ((2, 3), 27)])
 @pytest.mark.parametrize("sparsity", [0.25, 0.5])
-def test_matches_the_obs_reference(nm, sparsity):
-    weight = random_weight((6, 24), seed=9)
-    x = correlated_inputs(100, 24, seed=10)
+def test_matches_the_obs_reference(nm, block_size, sparsity):
+    # Blocks of 32 hold two sub-blocks of 16; blocks of 27 with 2:3, sub-blocks of 15 and 12.
+    weight = random_weight((6, 48), seed=9)
+    x = correlated_inputs(100, 48, seed=10)
     x[:, 5] = 0  # a dead input
     hessian = stats_of(x).hessian
-    fast = sparsegpt_prune(weight, hessian, sparsity=sparsity, nm=nm, block_size=8)
-    slow = sparsegpt_reference(weight, hessian, sparsity=sparsity, nm=nm, block_size=8)
+    fast = sparsegpt_prune(weight, hessian, sparsity=sparsity, nm=nm, block_size=block_size)
+    slow = sparsegpt_reference(weight, hessian, sparsity=sparsity, nm=nm,
+                               block_size=block_size)
     assert torch.equal(fast == 0, slow == 0)
     torch.testing.assert_close(fast.double(), slow, rtol=1e-4, atol=1e-5)
     assert bool((fast[:, 5] == 0).all())
+
+
+def test_sub_blocks_are_whole_n_m_groups():
+    assert sub_block_size_for(None) == 16
+    assert sub_block_size_for((2, 4)) == 16
+    assert sub_block_size_for((2, 3)) == 15
+    assert sub_block_size_for((1, 32)) == 32
 
 
 @pytest.mark.parametrize("nm", [(2, 4), (1, 4), (3, 8)])
