@@ -73,7 +73,8 @@ def sub_block_size_for(nm) -> int:
     return group * max(1, SUB_BLOCK_SIZE // group)
 
 
-def prune_block(block: torch.Tensor, u_block: torch.Tensor, prune: torch.Tensor, nm) -> torch.Tensor:
+def prune_block(block: torch.Tensor, u_block: torch.Tensor, prune: torch.Tensor,
+                nm) -> torch.Tensor:
     """OBS over one block of columns, in place: prune (and, with nm, choose) column by column,
     each error updating the columns after it. Returns the errors (pruned weight / U_jj), whose
     product with U gives the update of the columns after the block.
