@@ -56,8 +56,8 @@ def test_scored_token_counts():
 def test_batching_does_not_change_the_result(monkeypatch):
     model, tok = tiny_model(), char_tokenizer(add_bos=True)
     batched = perplexity(model, tok, TEXT, window=9)
-    # The function shadows its module's name in endor.evaluate.
-    monkeypatch.setattr(sys.modules["endor.evaluate.perplexity"], "LOGITS_BUDGET_BYTES", 1)  # one window per batch
+    # One window per batch. (The function shadows its module's name in endor.evaluate.)
+    monkeypatch.setattr(sys.modules["endor.evaluate.perplexity"], "LOGITS_BUDGET_BYTES", 1)
     single = perplexity(model, tok, TEXT, window=9)
     assert single["tokens"] == batched["tokens"]
     assert single["nll"] == pytest.approx(batched["nll"], rel=1e-6)

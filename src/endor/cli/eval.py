@@ -24,7 +24,8 @@ def add_parser(sub):
                                  "file, or an alias: smollm2, gemma3-270m")
     p.add_argument("--text", metavar="FILE",
                    help="UTF-8 text file (default: the 1911 Britannica article on Shakespeare)")
-    p.add_argument("--window", type=_at_least(2), default=512, help="tokens per window (default 512)")
+    p.add_argument("--window", type=_at_least(2), default=512,
+                   help="tokens per window (default 512)")
     p.add_argument("--max-windows", type=_at_least(1), default=None, metavar="N",
                    help="score only the first N windows")
     p.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
