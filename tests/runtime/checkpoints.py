@@ -39,23 +39,23 @@ _GAIN = {"llama": 2.0, "qwen2": 2.0, "opt": 0.3, "gemma3": 2.0}
 
 def pruned_model(arch: str, dtype=torch.bfloat16, *, seed: int = 0):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=dtype).eval()
     layers = _layer_prefix(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
-                p.copy_(torch.randn_like(p) * (1.0 if "embed" in name else
-                                               _GAIN[arch] / p.shape[-1] ** 0.5))
+                scale = 1.0 if "embed" in name else _GAIN[arch] / p.shape[-1] ** 0.5
+                p.copy_(torch.randn(p.shape) * scale)
             else:
                 centre = 1.0 if "norm" in name and arch != "gemma3" else 0.0
-                p.copy_(torch.randn_like(p) * 0.1 + centre)
+                p.copy_(torch.randn(p.shape) * 0.1 + centre)
         for name, module in model.named_modules():
             if name.startswith(layers) and isinstance(module, torch.nn.Linear):
                 w = module.weight
-                k = w.shape[1] // 2
+                k = w.shape[1] // 2  # magnitude pruning, per output row
                 drop = w.float().abs().argsort(dim=1)[:, :k]
                 w.scatter_(1, drop, 0.0)
-    return model.to(dtype)
+    return model
 
 
 def _layer_prefix(model) -> str:
