@@ -1,0 +1,74 @@
+import errno
+import os
+
+import pytest
+import torch
+
+from endor.runtime import reader as reader_module
+from endor.runtime.reader import ALIGN, ShardReader, aligned_buffer, round_up
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 4095, 4096, 4097, 3 * 8192 + 5])
+def test_whole_file_read_is_exact(tmp_path, monkeypatch, nbytes):
+    monkeypatch.setattr(reader_module, "CHUNK", 8192)  # several chunks on a small file
+    data = os.urandom(nbytes)
+    path = tmp_path / "shard"
+    path.write_bytes(data)
+    buf = aligned_buffer(nbytes)
+    assert buf.data_ptr() % ALIGN == 0 and buf.numel() == round_up(max(nbytes, 1))
+    r = ShardReader()
+    assert r.read_into(path, buf, nbytes) == nbytes
+    assert bytes(buf[:nbytes].numpy()) == data
+    assert r.direct or r.fallback_reason  # either direct, or it says why not
+
+
+def test_reused_buffer_holds_the_newest_file(tmp_path):
+    buf = aligned_buffer(10_000)
+    r = ShardReader()
+    for size in (10_000, 5):
+        data = os.urandom(size)
+        (tmp_path / "f").write_bytes(data)
+        r.read_into(tmp_path / "f", buf, size)
+        assert bytes(buf[:size].numpy()) == data
+
+
+def test_refused_o_direct_falls_back_and_says_so(tmp_path, monkeypatch):
+    data = os.urandom(5000)
+    (tmp_path / "f").write_bytes(data)
+    real_preadv = os.preadv
+    calls = []
+
+    def preadv(fd, buffers, offset):
+        if os.get_blocking(fd) and fcntl_flags(fd) & getattr(os, "O_DIRECT", 0):
+            calls.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    r = ShardReader()
+    buf = aligned_buffer(5000)
+    r.read_into(tmp_path / "f", buf, 5000)
+    assert bytes(buf[:5000].numpy()) == data
+    if hasattr(os, "O_DIRECT"):
+        assert calls and not r.direct and "refused an O_DIRECT read" in r.fallback_reason
+
+
+def fcntl_flags(fd):
+    import fcntl
+    return fcntl.fcntl(fd, fcntl.F_GETFL)
+
+
+def test_short_file_and_bad_buffer_are_errors(tmp_path):
+    (tmp_path / "f").write_bytes(b"x" * 100)
+    r = ShardReader()
+    with pytest.raises(OSError, match="short read"):
+        r.read_into(tmp_path / "f", aligned_buffer(200), 200)
+    with pytest.raises(ValueError, match="aligned_buffer"):
+        r.read_into(tmp_path / "f", torch.empty(8192, dtype=torch.uint8)[1:], 100)
+    with pytest.raises(FileNotFoundError):
+        r.read_into(tmp_path / "missing", aligned_buffer(10), 10)
+
+
+def test_direct_disabled_reads_buffered():
+    r = ShardReader(direct=False)
+    assert not r.direct and r.fallback_reason == "disabled"
