@@ -228,17 +228,36 @@ def test_resuming_with_other_settings_is_refused(model_dirs, tmp_path, monkeypat
     assert abs(summary["decoder_linear"]["sparsity"] - 0.7) <= 0.005
 
 
-def test_verification_catches_a_bad_shard_and_removes_it(model_dirs, tmp_path, monkeypatch):
+def test_verification_catches_an_encoder_fault(model_dirs, tmp_path, monkeypatch):
     from endor.convert import pipeline
 
     def flipping_compress(t):
         t = t.clone()
-        t.view(-1)[0] = 1.0  # what lands on disk differs from what was meant
+        t.view(-1)[0] = 1.0  # what would land on disk differs from what was meant
         return endor.compress(t)
     monkeypatch.setattr(pipeline, "compress", flipping_compress)
-    with pytest.raises(endor.FormatError, match="verification failed"):
+    with pytest.raises(endor.FormatError, match="verification failed.*encoder"):
         convert(model_dirs("llama", torch.float32), tmp_path / "out", method="magnitude",
                 progress=False)
+    assert not list((tmp_path / "out").glob("model-00001-*"))
+
+
+@pytest.mark.parametrize("weights,error", [("dense", "verification failed"),
+                                           ("endor", "checksum")])
+def test_verification_catches_a_disk_fault_and_removes_the_shard(model_dirs, tmp_path,
+                                                                 monkeypatch, weights, error):
+    real = outdir._sort_metadata
+
+    def sort_then_flip_a_byte(path):
+        real(path)
+        if "00001-of" in path.name:  # layer 0: flip a byte of its last tensor's data
+            data = bytearray(path.read_bytes())
+            data[-3] ^= 0x40
+            path.write_bytes(bytes(data))
+    monkeypatch.setattr(outdir, "_sort_metadata", sort_then_flip_a_byte)
+    with pytest.raises(endor.FormatError, match=error):
+        convert(model_dirs("llama", torch.float32), tmp_path / "out", method="magnitude",
+                weights=weights, progress=False)
     assert not list((tmp_path / "out").glob("model-00001-*"))
 
 

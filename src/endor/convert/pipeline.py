@@ -13,6 +13,7 @@ Memory holds one layer (plus the calibration activations): peak RSS does not gro
 
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import hashlib
 import time
@@ -24,6 +25,7 @@ from torch import nn
 from ..checkpoint import CheckpointWriter
 from ..errors import FormatError
 from ..format import compress, load_file
+from ..kernels import decompress
 from ..format.spec import DTYPES
 from . import calibrate, outdir
 from .source import SourceCheckpoint
@@ -52,6 +54,15 @@ def _count_nonzero(t: torch.Tensor) -> int:
     return int(torch.count_nonzero(t.view(outdir._INT_OF_SIZE[t.element_size()])))
 
 
+def _return_free_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it otherwise, and a layer's many
+    mid-sized buffers fragment the heap: RSS would creep up layer after layer)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _set_params(model: nn.Module, tensors: dict) -> None:
     """Point parameters at `tensors` (or at meta tensors, to free them), without copying."""
     for name, t in tensors.items():
@@ -69,21 +80,32 @@ class _Conversion:
         for name in source.names():
             i = layout.layer_of(name)
             self.names[REST if i is None else f"layers.{i}"].append(name)
+        self.nnz: dict[str, int] = {}
         self.bytes_done, self.t0 = 0, time.perf_counter()
 
     # -- one shard -----------------------------------------------------------------------
-    def _finish_shard(self, group: str, final: dict) -> None:
-        """Compress the pruned Linear weights of `final` ({name: dense tensor}), write, verify."""
-        weights, stored, nnz = self.writer.weights, {}, {}
-        for name, t in final.items():
-            if name in self.layout.linear_weights:
-                nnz[name] = _count_nonzero(t)
-            stored[name] = compress(t) if name in self.sparse and weights == "endor" else t
+    def _encode(self, name: str, t: torch.Tensor):
+        """What shard files hold for `name`: an EndorTensor for a pruned Linear weight of an
+        Endor checkpoint (checked to decode back to `t` when verifying), else `t` itself."""
+        if name in self.layout.linear_weights:
+            self.nnz[name] = _count_nonzero(t)
+        if name not in self.sparse or self.writer.weights != "endor":
+            return t
+        et = compress(t)
+        if self.verify and not outdir.bit_equal(decompress(et), t):
+            raise FormatError("verification failed: the compressed tensor does not decode to "
+                              "the pruned weight (encoder fault)", tensor=name)
+        return et
+
+    def _finish_shard(self, group: str, stored: dict) -> None:
+        """Write the shard of `group` ({name: tensor or EndorTensor}), then read it back."""
         i = self.groups[group]
+        nnz = {n: self.nnz.pop(n) for n in stored if n in self.nnz}
         path = outdir.write_shard(self.writer, i, stored, shard_metadata(self.settings, nnz))
-        del stored
         if self.verify:
-            outdir.verify_shard(path, final)
+            outdir.verify_shard(path, stored)
+        stored.clear()
+        _return_free_memory()
         self.bytes_done += sum(self.source.nbytes(n) for n in self.names[group])
         seconds = time.perf_counter() - self.t0
         self.progress.set_postfix_str(f"{self.bytes_done / seconds / 1e9:.2f} GB/s", refresh=False)
@@ -108,11 +130,16 @@ class _Conversion:
         self._finish_shard(REST, tensors)
 
     def streamed_layer(self, i: int) -> None:
-        final = {}
+        """One tensor at a time: read, prune, compress; only the compressed layer is held."""
+        stored = {}
         for name in self.names[f"layers.{i}"]:
             t = self.source.read(name)
-            final[name] = self._prune(name, t) if name in self.sparse else t
-        self._finish_shard(f"layers.{i}", final)
+            if name in self.sparse:
+                t = self._prune(name, t)
+            stored[name] = self._encode(name, t)
+            del t
+            _return_free_memory()  # pruning and encoding temporaries
+        self._finish_shard(f"layers.{i}", stored)
 
     # -- calibrated methods --------------------------------------------------------------
     def calibrated_layers(self, todo: list[int], tokens: torch.Tensor, hessian: bool) -> None:
@@ -135,7 +162,7 @@ class _Conversion:
                 final = {n: self._prune(n, t, stats.get(n)) if n in targets else t
                          for n, t in originals.items()}
                 del stats, originals
-                self._finish_shard(group, final)
+                self._finish_shard(group, {n: self._encode(n, t) for n, t in final.items()})
             else:
                 # Already in OUT: its pruned weights, read back, give the next layer's inputs.
                 final = load_file(self.writer.path(self.groups[group]))
