@@ -14,6 +14,7 @@ The same budget rule as load_model keeps the same first layers resident."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 from pathlib import Path
@@ -48,6 +49,22 @@ def _tensor_modules(path) -> list[str]:
     return list(dict.fromkeys(n.rpartition(".")[0] for n in names))
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No progress bar or "parameters are on the meta device" notice while loading."""
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
 def load_accelerate(path, *, device="cpu", offload: str = "disk", max_memory=None,
                     offload_folder=None):
     """The dense checkpoint at `path`, offloaded by HF Accelerate: the first layers that fit in
@@ -79,8 +96,9 @@ def load_accelerate(path, *, device="cpu", offload: str = "disk", max_memory=Non
     for i, layer in enumerate(layers):
         device_map[layer] = target if i in memory.resident else offload
     folder = offload_folder or tempfile.mkdtemp(prefix="endor-accelerate-")
-    model = AutoModelForCausalLM.from_pretrained(ckpt.path, device_map=device_map,
-                                                 offload_folder=folder, dtype="auto")
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(ckpt.path, device_map=device_map,
+                                                     offload_folder=folder, dtype="auto")
     model.eval()
     metrics = Metrics()
     _install_metric_hooks(model, metrics)

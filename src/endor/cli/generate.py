@@ -1,0 +1,105 @@
+"""`endor generate MODEL --prompt TEXT`: greedy generation through the offloaded runtime, text
+streamed as it is generated, then prefill time, decode tokens/s, bytes moved per token and the
+time split of the stream."""
+
+
+def _at_least(minimum: int):
+    def parse(value: str) -> int:
+        import argparse
+
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+        return number
+    return parse
+
+
+def add_parser(sub):
+    p = sub.add_parser("generate", help="generate text, streaming weights from disk or RAM",
+                       description=__doc__)
+    p.add_argument("model", help="a converted checkpoint directory (endor convert)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=32, metavar="N",
+                   help="tokens to generate (default 32)")
+    p.add_argument("--device", default="cpu", help="where it computes: cpu or cuda (default cpu)")
+    p.add_argument("--offload", choices=("disk", "cpu"), default="disk",
+                   help="where streamed layers live: disk (O_DIRECT reads) or cpu (compressed, "
+                        "in RAM) (default disk)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="bytes for resident weights, e.g. 500MB or 2GiB; 0 streams every "
+                        "decoder layer (default: no limit, nothing streams)")
+    p.add_argument("--prefetch", type=_at_least(0), default=1, metavar="N",
+                   help="layers loading ahead of the one computing (default 1)")
+    p.add_argument("--backend", default="auto", help="decoder backend (default auto)")
+    p.add_argument("--json", action="store_true",
+                   help="print exactly one JSON object (tokens, text, speed, split) instead")
+    p.set_defaults(run=run)
+
+
+def _report(stats: dict) -> str:
+    split = stats["split_s_per_token"]
+    busy = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in split.items())
+    streamed = len(stats["streamed_layers"])
+    return (f"prefill {stats['prefill_s']:.3f} s ({stats['prefill_tokens']} tokens), decode "
+            f"{stats['decode_tokens_per_s']:.2f} tokens/s ({stats['decode_tokens']} tokens)\n"
+            f"moved {stats['bytes_moved_per_token'] / 1e6:.2f} MB/token "
+            f"(read from disk {stats['bytes_read_per_token'] / 1e6:.2f} MB/token); "
+            f"{streamed} of {stats['layers']} layers streamed, prefetch {stats['prefetch']}, "
+            f"direct I/O {'yes' if stats['direct_io'] else 'no'}\n"
+            f"busy ms/token (stages overlap): {busy}")
+
+
+def run(args) -> int:
+    import json
+    import sys
+
+    import torch
+
+    from ..loading import load_tokenizer
+    from ..runtime import load_model
+
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise FileNotFoundError(f"{args.model} holds no tokenizer; copy the source model's "
+                                "tokenizer files into it")
+    try:
+        model = load_model(args.model, device=args.device, offload=args.offload,
+                           max_memory=args.max_memory, prefetch=args.prefetch,
+                           backend=args.backend)
+    except ValueError as e:  # a budget too small, an unknown device or backend
+        print(f"endor generate: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(model.device)
+        streamer = None
+        if not args.json:
+            from transformers import TextStreamer
+
+            print(args.prompt, end="", flush=True)
+            streamer = TextStreamer(tokenizer, skip_prompt=True)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+            tokenizer.eos_token_id
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 streamer=streamer, pad_token_id=pad)
+        stats = model.endor_stats()
+    finally:
+        model.endor_close()
+    tokens = out[0, ids.shape[1]:].tolist()
+    if args.json:
+        print(json.dumps({
+            "model": str(args.model), "prompt": args.prompt, "tokens": tokens,
+            "text": tokenizer.decode(tokens, skip_special_tokens=True),
+            "decode_tokens_per_s": stats["decode_tokens_per_s"],
+            "prefill_s": stats["prefill_s"],
+            "bytes_read_per_token": stats["bytes_read_per_token"],
+            "bytes_moved_per_token": stats["bytes_moved_per_token"],
+            "split_s_per_token": stats["split_s_per_token"],
+            "stats": stats,
+        }))
+    else:
+        print(_report(stats), file=sys.stderr)
+    return 0

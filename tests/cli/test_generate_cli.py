@@ -1,0 +1,59 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from endor.cli import main
+from tests.runtime.checkpoints import (greedy, pruned_model, save_char_tokenizer,
+                                       write_checkpoint)
+
+PROMPT = "Hello, Endor"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    model = pruned_model("llama", torch.bfloat16)
+    path = write_checkpoint(model, tmp_path_factory.mktemp("ckpt"), weights="endor")
+    save_char_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    return path, greedy(model, ids, 5), tokenizer
+
+
+def test_json_output_is_one_object_with_the_reference_tokens(checkpoint, capsys):
+    path, want, tokenizer = checkpoint
+    code = main(["generate", str(path), "--prompt", PROMPT, "--max-new-tokens", "5",
+                 "--max-memory", "0", "--prefetch", "2", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)  # exactly one JSON document
+    assert out["tokens"] == want
+    assert out["text"] == tokenizer.decode(want)
+    assert out["decode_tokens_per_s"] > 0 and out["prefill_s"] > 0
+    assert out["bytes_read_per_token"] > 0
+    assert set(out["split_s_per_token"]) >= {"read", "decompress", "compute", "stall"}
+
+
+def test_text_is_streamed_then_the_report(checkpoint, capsys):
+    path, want, tokenizer = checkpoint
+    code = main(["generate", str(path), "--prompt", PROMPT, "--max-new-tokens", "5",
+                 "--max-memory", "0", "--offload", "cpu"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(PROMPT + tokenizer.decode(want))
+    assert "tokens/s" in captured.err and "MB/token" in captured.err
+    assert "busy ms/token" in captured.err
+
+
+def test_errors_before_generation(checkpoint, tmp_path, capsys):
+    path, _, _ = checkpoint
+    assert main(["generate", str(path), "--prompt", "x", "--max-memory", "1KB"]) == 2
+    assert "smaller than the weights outside the decoder layers" in capsys.readouterr().err
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2  # no tokenizer
+    assert "tokenizer" in capsys.readouterr().err
+    broken = shutil.copytree(path, tmp_path / "broken")
+    (broken / "endor.json").unlink()
+    assert main(["generate", str(broken), "--prompt", "x"]) == 2
+    assert "not an Endor checkpoint" in capsys.readouterr().err
