@@ -26,6 +26,7 @@ def _run(name, tmp_path, *extra):
     assert ENVELOPE <= set(doc) and doc["schema"] == harness.SCHEMA
     assert doc["benchmark"] == name and doc["results"]
     assert doc["params"]["quick"] is True and doc["params"]["repeat"] == 1
+    assert set(doc["params"]["load_avg"]) == {"before", "after"}  # contention, recorded
     return doc
 
 

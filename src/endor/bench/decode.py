@@ -135,6 +135,7 @@ def _case(tensor, et, device, backend_names, *, with_numpy, hbm_gbps, warmup, re
 
 
 def run(args) -> dict:
+    load_before = harness.system_load()
     import endor
     shape = args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)
     if math.prod(shape) == 0:
@@ -156,7 +157,8 @@ def run(args) -> dict:
                     results.append({"dtype": harness.dtype_name(dtype), "sparsity": sparsity,
                                     "numel": tensor.numel(), **row})
             del tensor, et
-    params = {"shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
+    params = {"load_avg": {"before": load_before, "after": harness.system_load()},
+              "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
               "sparsities": list(args.sparsities), "backends": per_device,
               "numpy": args.numpy, "hbm_gbps": args.hbm_gbps, "seed": args.seed,
               "quick": args.quick, "warmup": args.warmup, "repeat": args.repeat}

@@ -100,6 +100,7 @@ def measure_codec(codec: Codec, tensor: torch.Tensor, *, warmup: int, repeat: in
 
 
 def run(args) -> dict:
+    load_before = harness.system_load()
     shape = args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)
     numel = math.prod(shape)
     if numel == 0:
@@ -127,7 +128,8 @@ def run(args) -> dict:
                            decode_vs_copy=row["decode_gbps"] / copy_gbps)
             results.extend(rows)
             del tensor
-    params = {"shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
+    params = {"load_avg": {"before": load_before, "after": harness.system_load()},
+              "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
               "sparsities": list(args.sparsities), "seed": args.seed, "quick": args.quick,
               "warmup": args.warmup, "repeat": args.repeat,
               "formats": {c.name: c.description for c in chosen}}

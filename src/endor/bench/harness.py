@@ -168,3 +168,12 @@ def dtype_list(text: str) -> list[torch.dtype]:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def system_load() -> float | None:
+    """The 1-minute load average (None where the OS keeps none). On a shared machine it says how
+    much the timings beside it were contended."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None

@@ -117,12 +117,11 @@ def _draw_transfer(doc: dict):
     ax = axes[0][0]
     if disk:
         _bars(ax, disk, lambda r: f"{r['block_mib']} MiB blocks", lambda r: r["mode"], "gbps")
-    for r in memcpy:
-        ax.axhline(r["gbps"], linestyle="--", linewidth=1, color="gray")
-        ax.annotate(f"memcpy {r['threads']} thread(s) {r['gbps']:.1f} GB/s", (0, r["gbps"]),
-                    fontsize=7, va="bottom")
+    for r, style in zip(memcpy, ("--", ":", "-.")):
+        ax.axhline(r["gbps"], linestyle=style, linewidth=1, color="gray",
+                   label=f"memcpy, {r['threads']} thread(s): {r['gbps']:.1f} GB/s")
     ax.set(title="disk reads vs host memcpy", ylabel="GB/s")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if h2d:
         ax = axes[0][1]
         for name, series in _series(h2d, lambda r: f"{r['direction']} {r['memory']}").items():

@@ -218,6 +218,7 @@ def _host_device_rows(sizes_mib: list[int], *, warmup: int, repeat: int) -> list
 
 
 def run(args) -> dict:
+    load_before = harness.system_load()
     size = (args.size_mib or (QUICK_SIZE_MIB if args.quick else DEFAULT_SIZE_MIB)) * MIB
     blocks = args.blocks_mib or (QUICK_BLOCKS_MIB if args.quick else DEFAULT_BLOCKS_MIB)
     copies = args.copy_mib or (QUICK_COPY_MIB if args.quick else DEFAULT_COPY_MIB)
@@ -242,7 +243,8 @@ def run(args) -> dict:
     rows += memcpy
     if torch.cuda.is_available():
         rows += _host_device_rows(copies, warmup=args.warmup, repeat=args.repeat)
-    params = {"dir": str(parent), "size_mib": size // MIB, "blocks_mib": blocks,
+    params = {"load_avg": {"before": load_before, "after": harness.system_load()},
+              "dir": str(parent), "size_mib": size // MIB, "blocks_mib": blocks,
               "copy_mib": copies if torch.cuda.is_available() else None,
               "queue_depth": args.queue_depth,
               "o_direct": any(r.get("o_direct") for r in rows), "quick": args.quick,

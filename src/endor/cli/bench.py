@@ -76,5 +76,9 @@ def run(args) -> int:
     json_path = harness.write_json(doc, out / f"{name}.json")
     png_path = plot.draw(name, doc, out / f"{name}.png")
     plot.print_table(doc)
+    load = doc.get("params", {}).get("load_avg")
+    if load:  # timings on a shared machine mean little without it
+        print(f"\nload average (1 min): {load.get('before')} before, {load.get('after')} after, "
+              f"on {doc.get('machine', {}).get('cpu_count')} CPUs")
     print(f"\nwrote {json_path} and {png_path}")
     return 0
