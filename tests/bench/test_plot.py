@@ -67,6 +67,10 @@ def test_headline_metric_prefers_throughput():
     assert plot.headline_metric([{"x": "a", "tokens_per_s": 1.0, "n": 2}]) == "tokens_per_s"
     assert plot.headline_metric([{"x": "a", "ok": True, "median_s": 0.5}]) == "median_s"
     assert plot.headline_metric([{"x": "a"}]) is None
+    rows = [{"system": "endor", "gbps": 1.0, "decode_tokens_per_s": 3.0}]
+    assert plot.headline_metric(rows) == "decode_tokens_per_s"
+    rows = [{"model": "m", "ratio": 1.8, "perplexity": 20.0, "n": 1}]
+    assert plot.headline_metric(rows, ["model", "perplexity", "ratio"]) == "perplexity"
 
 
 def test_table_uses_chosen_columns_aligned():

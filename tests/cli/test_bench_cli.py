@@ -69,6 +69,20 @@ def test_missing_benchmark_modules_are_left_out(monkeypatch):
     assert {"formats", "decode", "transfer"} <= names and "not_written_yet" not in names
 
 
+def test_every_benchmark_module_is_a_subcommand_and_helpers_are_not():
+    import importlib
+    import pkgutil
+
+    import endor.bench
+    modules = {m.name: importlib.import_module(f"endor.bench.{m.name}")
+               for m in pkgutil.iter_modules(endor.bench.__path__)}
+    benchmarks = {n for n, m in modules.items()
+                  if hasattr(m, "add_arguments") and hasattr(m, "run")}
+    names = _subcommands()
+    assert names == benchmarks
+    assert not names & {"harness", "plot", "peers"}
+
+
 def test_a_broken_benchmark_module_is_not_hidden(monkeypatch):
     def broken_import(name, *a, **k):
         if name == "endor.bench.formats":

@@ -145,12 +145,14 @@ def _scalar_columns(rows: list[dict]) -> list[str]:
     return list(cols)
 
 
-def headline_metric(rows: list[dict]) -> str | None:
-    """The column a generic chart shows: a throughput if there is one, else the first number."""
-    numeric = [c for c in _scalar_columns(rows)
+def headline_metric(rows: list[dict], columns: list[str] | None = None) -> str | None:
+    """The column a generic chart shows: a throughput if there is one, else the first number,
+    looking at the benchmark's table columns first."""
+    order = [*(columns or []), *_scalar_columns(rows)]
+    numeric = [c for c in dict.fromkeys(order)
                if any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool)
                       for r in rows)]
-    for hint in ("gbps", "per_s", "tok"):
+    for hint in ("tokens_per_s", "per_s", "gbps"):
         for c in numeric:
             if hint in c:
                 return c
@@ -170,7 +172,7 @@ def _label(row: dict, metric: str) -> str:
 
 def _draw_generic(doc: dict):
     rows = [r for r in doc.get("results", []) if isinstance(r, dict)]
-    metric = headline_metric(rows)
+    metric = headline_metric(rows, doc.get("table_columns"))
     fig, axes = _figure(width=7.0, height=max(2.0, 0.3 * len(rows) + 1.0))
     ax = axes[0][0]
     if metric is None:

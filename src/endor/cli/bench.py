@@ -5,18 +5,30 @@ import argparse
 import importlib
 import sys
 
+# Listed first, in this order; any other module of endor.bench exposing add_arguments() and
+# run() is a benchmark too, listed after them by name.
 BENCHMARKS = ("formats", "decode", "transfer", "e2e", "convert")
 DEFAULT_OUT = "bench-results"
 
 
+def benchmark_names() -> list[str]:
+    import pkgutil
+
+    from .. import bench
+    found = {m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_")}
+    return [*BENCHMARKS, *sorted(found - set(BENCHMARKS))]
+
+
 def _module(name: str):
-    """The benchmark's module, or None while nobody has written it yet."""
+    """The benchmark's module, or None while nobody has written it yet (or when the module is a
+    helper such as harness or plot, not a benchmark)."""
     try:
-        return importlib.import_module(f"endor.bench.{name}")
+        module = importlib.import_module(f"endor.bench.{name}")
     except ModuleNotFoundError as e:
         if e.name != f"endor.bench.{name}":
             raise
         return None
+    return module if hasattr(module, "add_arguments") and hasattr(module, "run") else None
 
 
 def _count(minimum: int):
@@ -47,7 +59,7 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark; writes JSON + PNG",
                                    description=__doc__)
     benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="NAME")
-    for name in BENCHMARKS:
+    for name in benchmark_names():
         module = _module(name)
         if module is None:
             continue
