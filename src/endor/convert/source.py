@@ -135,7 +135,10 @@ class SourceCheckpoint:
             return out
         buffer = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
         assert len(buffer) == size
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise FormatError(f"cannot read: {e.strerror or e}", path=path, tensor=name) from e
         try:
             done = 0
             while done < size:

@@ -1,0 +1,89 @@
+import json
+
+import pytest
+import torch
+
+from endor.cli import build_parser, main
+from tests.convert.conftest import CALIB_TEXT, make_model_dir
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("src"), "llama", dtype=torch.float16)
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def parse(*argv):
+    return build_parser().parse_args(["convert", "SRC", "OUT", *argv])
+
+
+def test_defaults_and_options():
+    args = parse()
+    assert (args.method, args.sparsity, args.nm, args.weights, args.keep_dense, args.verify,
+            args.overwrite) == ("none", 0.5, None, "endor", [], True, False)
+    args = parse("--method", "sparsegpt", "--sparsity", "0.6", "--nm", "2:4", "--format",
+                 "dense", "--keep-dense", "a*", "b*", "--keep-dense", "c*", "--no-verify",
+                 "--overwrite", "--calib-samples", "8", "--calib-seqlen", "32")
+    assert args.nm == (2, 4) and args.sparsity == 0.6 and args.weights == "dense"
+    assert args.keep_dense == ["a*", "b*", "c*"] and not args.verify and args.overwrite
+    assert (args.calib_samples, args.calib_seqlen) == (8, 32)
+
+
+@pytest.mark.parametrize("value", ["2-4", "2:4:8", "0:4", "5:4", "a:b", "", ":4", "2:"])
+def test_malformed_nm_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse("--method", "magnitude", "--nm", value)
+    assert e.value.code == 2
+    assert "--nm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--sparsity", "1.5"], ["--sparsity", "half"],
+                                  ["--method", "random"], ["--format", "gzip"],
+                                  ["--calib-samples", "0"]])
+def test_other_bad_values_are_usage_errors(argv):
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    assert e.value.code == 2
+
+
+def test_convert_end_to_end(src, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--method", "magnitude", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "mlp.down_proj" in printed and "wrote" in printed and "0 already complete" in printed
+    manifest = json.loads((out / "endor.json").read_text())
+    assert manifest["method"] == "magnitude" and manifest["sparsity"] == 0.5
+    assert main(["convert", str(src), str(out), "--method", "magnitude", "--quiet"]) == 0
+    assert "4 already complete" in capsys.readouterr().out
+
+
+def test_calibration_file_and_nm(src, tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIB_TEXT, encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--method", "wanda", "--nm", "2:4", "--calib",
+                 str(calib), "--calib-samples", "4", "--calib-seqlen", "16", "--quiet"]) == 0
+    manifest = json.loads((out / "endor.json").read_text())
+    assert manifest["nm"] == [2, 4] and manifest["calibration"]["samples"] == 4
+    assert abs(manifest["summary"]["decoder_linear"]["sparsity"] - 0.5) < 0.005
+
+
+def test_errors_are_reported_not_raised(src, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--method", "magnitude", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(src), str(out), "--method", "magnitude", "--sparsity", "0.75",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "endor: error" in err and "--overwrite" in err
+    assert main(["convert", str(src), str(out), "--method", "magnitude", "--sparsity", "0.75",
+                 "--overwrite", "--quiet"]) == 0
+    assert main(["convert", str(tmp_path / "missing"), str(out), "--quiet"]) == 2
+    assert "endor: error" in capsys.readouterr().err

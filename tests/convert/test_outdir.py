@@ -1,0 +1,90 @@
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import endor
+from endor.checkpoint import CheckpointWriter
+from endor.convert import outdir
+
+
+def test_bit_equal_compares_bits_not_values():
+    nan_a = torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32)
+    nan_b = torch.tensor([0x7FC00002], dtype=torch.int32).view(torch.float32)
+    assert outdir.bit_equal(nan_a, nan_a.clone())
+    assert not outdir.bit_equal(nan_a, nan_b)  # both NaN, other payloads
+    assert not outdir.bit_equal(torch.tensor([0.0]), torch.tensor([-0.0]))
+    assert not outdir.bit_equal(torch.zeros(2), torch.zeros(2, dtype=torch.float16))
+    assert not outdir.bit_equal(torch.zeros(2, 1), torch.zeros(1, 2))
+    assert outdir.bit_equal(torch.zeros(0, 3, dtype=torch.bfloat16),
+                            torch.zeros(0, 3, dtype=torch.bfloat16))
+    assert outdir.bit_equal(torch.arange(5), torch.arange(5))
+
+
+def header_of(path) -> bytes:
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    return data[8:8 + n]
+
+
+def test_shards_are_byte_reproducible(tmp_path):
+    tensors = {"w": endor.compress(torch.randn(33, 17)), "b": torch.randn(17)}
+    meta = {f"key{i}": f"value {i} \u00e9\n\"" for i in range(12)}
+    writer = CheckpointWriter(tmp_path, ["layers.0"])
+    first = outdir.write_shard(writer, 0, tensors, meta).read_bytes()
+    for _ in range(3):
+        assert outdir.write_shard(writer, 0, tensors, meta).read_bytes() == first
+    header = json.loads(header_of(writer.path(0)))
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    with safe_open(str(writer.path(0)), framework="pt") as f:  # still a valid safetensors file
+        assert f.metadata()["key3"] == meta["key3"]
+    with endor.open_file(writer.path(0)) as f:
+        assert torch.equal(f.get_tensor("b"), tensors["b"])
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_side_files_are_copied_but_never_weights(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    for name in ("config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "chat_template.jinja", "model.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "endor.json", "x.gguf", ".gitattributes"):
+        (src / name).write_text(name)
+    copied = outdir.copy_side_files(src, out)
+    assert copied == ["chat_template.jinja", "config.json", "generation_config.json",
+                      "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                      "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == copied
+    assert (out / "config.json").read_text() == "config.json"
+
+
+def test_overwrite_removes_only_conversion_files(tmp_path):
+    writer = CheckpointWriter(tmp_path, ["layers.0", "rest"])
+    for name in ("model-00001-of-00002.safetensors", "model-00009-of-00009.safetensors",
+                 "model-00002-of-00002.safetensors.tmp", "endor.json",
+                 "model.safetensors.index.json", "notes.txt", "config.json"):
+        (tmp_path / name).write_text("x")
+    assert outdir.prepare(writer, {"method": "none"}, resume=False) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "notes.txt"]
+
+
+def test_resume_refuses_foreign_shards(tmp_path):
+    writer = CheckpointWriter(tmp_path, ["layers.0", "rest"])
+    endor.save_file({"x": torch.zeros(2)}, tmp_path / "model-00001-of-00002.safetensors")
+    with pytest.raises(outdir.SettingsMismatch, match="not written by this conversion"):
+        outdir.prepare(writer, {"method": "none"}, resume=True)
+    (tmp_path / "model-00001-of-00002.safetensors").unlink()
+    (tmp_path / "model-00003-of-00005.safetensors").write_text("x")
+    with pytest.raises(outdir.SettingsMismatch, match="different layout"):
+        outdir.prepare(writer, {"method": "none"}, resume=True)
+
+
+def test_resume_over_a_damaged_shard_says_what_to_do(tmp_path):
+    writer = CheckpointWriter(tmp_path, ["layers.0", "rest"])
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(endor.FormatError, match="delete this shard.*--overwrite"):
+        outdir.prepare(writer, {"method": "none"}, resume=True)
