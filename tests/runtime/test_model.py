@@ -233,3 +233,18 @@ def test_streaming_buffers_are_reported_and_sized_from_the_largest_layer(tiny):
                     if t.dim() == 2)
                 for layer in reference.model.decoder.layers)
     assert 2 * dense <= stats["buffer_device_bytes"] < 2 * (dense + 64 * 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights", ["endor", "dense"])
+@pytest.mark.parametrize("offload", ["disk", "cpu"])
+def test_cuda_streaming_is_token_identical(tiny, weights, offload):
+    from endor.loading import load_in_memory
+
+    path, _, _ = tiny("llama", weights)
+    reference, _ = load_in_memory(path, device="cuda")  # GPU numerics differ from the CPU's
+    want = greedy(reference, PROMPT.cuda(), NEW_TOKENS)
+    with open_model(path, device="cuda", max_memory=0, offload=offload, prefetch=2) as model:
+        assert greedy(model, PROMPT.cuda(), NEW_TOKENS) == want
+        stats = model.endor_stats()
+    assert stats["split_s_per_token"]["transfer"] > 0

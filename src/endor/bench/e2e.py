@@ -146,7 +146,7 @@ def _row(system: str, t: harness.Stats, stats: dict, tokens, reference, cold: bo
     row.update(prefill_s=stats["prefill_s"], page_cache_evicted=cold,
                streamed_layers=len(stats["streamed_layers"]),
                resident_layers=len(stats["resident_layers"]),
-               direct_io=stats.get("direct_io"),
+               direct_io=stats.get("direct_io"), compute_threads=stats.get("compute_threads"),
                buffer_bytes=stats.get("buffer_host_bytes", 0) + stats.get("buffer_device_bytes",
                                                                            0),
                tokens_match=reference is None or tokens == reference)
@@ -174,6 +174,7 @@ def _disk_row(files, args) -> dict:
 def run(args) -> dict:
     from ..runtime import load_model
     from ..runtime.baseline import evict_on_read, load_accelerate
+    from ..runtime.model import thread_split
 
     if args.new_tokens is None:
         args.new_tokens = 4 if args.quick else 8
@@ -209,7 +210,11 @@ def run(args) -> dict:
                                    prefetch=args.prefetch)
                 files = endor_files if system == "endor" else dense_files
             else:
-                model = load_accelerate(paths["dense"], max_memory=budget, offload="disk")
+                # The compute threads our pipeline uses, so only the loading strategy differs
+                # (and one thread computes faster than two on a busy 2-core machine).
+                threads = thread_split(torch.device("cpu"), True)[0]
+                model = load_accelerate(paths["dense"], max_memory=budget, offload="disk",
+                                        compute_threads=threads)
                 files = dense_files
                 if system == "accelerate-cold":
                     evict_on_read(model)

@@ -15,6 +15,7 @@ The same budget rule as load_model keeps the same first layers resident."""
 from __future__ import annotations
 
 import contextlib
+import logging as std_logging
 import re
 import tempfile
 from pathlib import Path
@@ -55,24 +56,28 @@ def _quiet_transformers():
     from transformers.utils import logging
 
     level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    accelerate_log = std_logging.getLogger("accelerate.big_modeling")
+    accelerate_level = accelerate_log.level
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    accelerate_log.setLevel(std_logging.ERROR)
     try:
         yield
     finally:
+        accelerate_log.setLevel(accelerate_level)
         logging.set_verbosity(level)
         if bars:
             logging.enable_progress_bar()
 
 
 def load_accelerate(path, *, device="cpu", offload: str = "disk", max_memory=None,
-                    offload_folder=None):
+                    offload_folder=None, compute_threads: int | None = None):
     """The dense checkpoint at `path`, offloaded by HF Accelerate: the first layers that fit in
     `max_memory` (after the non-layer weights) on `device`, the others on `offload`.
 
     Returns the transformers model with endor_stats() (the same metrics as load_model: prefill
     time, decode tokens/s), endor_files (the shards Accelerate reads each forward) and
-    endor_close()."""
+    endor_close(). compute_threads: torch threads during each forward (default: unchanged)."""
     from transformers import AutoModelForCausalLM
 
     device = _check_device(device)
@@ -101,12 +106,13 @@ def load_accelerate(path, *, device="cpu", offload: str = "disk", max_memory=Non
                                                      offload_folder=folder, dtype="auto")
     model.eval()
     metrics = Metrics()
-    _install_metric_hooks(model, metrics)
+    _install_metric_hooks(model, metrics, compute_threads)
     streamed = [files[i].path for i in memory.streamed]
 
     def endor_stats() -> dict:
         return {"path": str(ckpt.path), "weights": "dense", "device": str(device),
                 "offload": offload, "runtime": "accelerate", **metrics.summary(),
+                "compute_threads": compute_threads or torch.get_num_threads(),
                 "layers": len(files), "resident_layers": list(memory.resident),
                 "streamed_layers": list(memory.streamed), "budget_bytes": memory.budget,
                 "resident_bytes": memory.resident_bytes,

@@ -8,6 +8,7 @@ their streamed weights and a post-hook that hands the slot back (stream.py)."""
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 
 import torch
@@ -57,8 +58,22 @@ def _empty_model(path, dtype: torch.dtype):
     return model.eval()
 
 
+def thread_split(device: torch.device, streaming: bool,
+                 compute_threads: int | None = None) -> tuple[int | None, int | None]:
+    """(compute, decode) CPU threads. Computing on the CPU while streaming, the decoder gets a
+    core of its own (two on larger machines) and the model's forward the others: with every core
+    given to torch's OpenMP compute, the decoder thread preempts it in the middle of parallel
+    regions and each of them waits for a time slice (measured 5-9x slower decode tokens/s on 2
+    cores). None leaves torch's setting alone (GPU compute, or nothing streamed)."""
+    if device.type != "cpu" or not streaming:
+        return compute_threads, None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    decode = 1 if cores <= 4 else 2
+    return compute_threads or max(1, cores - decode), decode
+
+
 def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, prefetch: int = 1,
-               backend: str = "auto"):
+               backend: str = "auto", compute_threads: int | None = None):
     """Load a converted checkpoint (weights "endor" or "dense") for offloaded inference.
 
     device: where it computes ("cpu", "cuda"). offload: where streamed layers live between
@@ -67,6 +82,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     None keeps every layer resident, 0 streams every layer. Streaming buffers (prefetch+1 slots, each the largest
     shard plus its largest dense layer) come on top and are reported by model.endor_stats().
     prefetch: layers loading ahead of the one computing. backend: decoder (see endor.decompress).
+    compute_threads: torch threads during the model's forward (default: see thread_split).
 
     Returns the model (generate() works) with endor_stats(), endor_reset_stats() and
     endor_close() attached; or use `with endor.runtime.open_model(...) as model:`."""
@@ -75,6 +91,9 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
         raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+    if compute_threads is not None and (isinstance(compute_threads, bool) or not isinstance(
+            compute_threads, int) or compute_threads < 1):
+        raise ValueError(f"compute_threads must be a positive integer, got {compute_threads!r}")
     budget = parse_size(max_memory, device=str(device))
     from ..kernels.registry import choose
     choose(backend, device)  # an unknown or unavailable backend fails now, not mid-generation
@@ -98,19 +117,22 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     metrics = Metrics()
     reader = ShardReader()
     stream = None
+    threads, decode_threads = thread_split(device, bool(memory.streamed), compute_threads)
     if memory.streamed:
         streamed = [plans[i] for i in memory.streamed]
         digests, held = check_streamed(streamed, reader, hold=offload == "cpu",
                                        pin=device.type == "cuda")
         stream = LayerStream(streamed, device=device, prefetch=prefetch, backend=backend,
                              reader=reader if offload == "disk" else None, digests=digests,
-                             held=held, metrics=metrics)
+                             held=held, metrics=metrics, decode_threads=decode_threads)
         for i in memory.streamed:
             _install_stream_hooks(layers[i], i, stream)
-    _install_metric_hooks(model, metrics)
+    _install_metric_hooks(model, metrics, threads)
     _attach_api(model, stream, metrics, memory, plans, reader,
                 {"path": str(ckpt.path), "weights": ckpt.weights, "device": str(device),
-                 "offload": offload, "prefetch": prefetch, "backend": backend})
+                 "offload": offload, "prefetch": prefetch, "backend": backend,
+                 "compute_threads": threads or torch.get_num_threads(),
+                 "decode_threads": decode_threads})
     return model
 
 
@@ -130,8 +152,16 @@ def _install_stream_hooks(layer: nn.Module, index: int, stream: LayerStream) -> 
     layer.register_forward_hook(swap_out, always_call=True)
 
 
-def _install_metric_hooks(model: nn.Module, metrics: Metrics) -> None:
+def _install_metric_hooks(model: nn.Module, metrics: Metrics, threads: int | None = None) -> None:
+    """Phase and timing of every forward; torch runs it with `threads` threads (restored after:
+    the caller's setting is untouched outside the model's forward)."""
+    saved = []
+
     def begin(module, args, kwargs):
+        if threads:
+            if not saved:  # after a Ctrl-C skipped `end`, the caller's value is still here
+                saved.append(torch.get_num_threads())
+            torch.set_num_threads(threads)
         x = kwargs.get("input_ids", args[0] if args else None)
         if x is None:
             x = kwargs.get("inputs_embeds")
@@ -142,6 +172,8 @@ def _install_metric_hooks(model: nn.Module, metrics: Metrics) -> None:
 
     def end(module, args, kwargs, output):
         metrics.end_forward()
+        if saved:
+            torch.set_num_threads(saved.pop())
 
     model.register_forward_pre_hook(begin, with_kwargs=True)
     model.register_forward_hook(end, with_kwargs=True, always_call=True)

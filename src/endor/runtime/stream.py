@@ -70,7 +70,8 @@ class LayerStream:
 
     def __init__(self, layers: list[LayerPlan], *, device: torch.device, prefetch: int,
                  backend: str, reader: ShardReader | None, digests: dict[int, int],
-                 held: dict[int, torch.Tensor] | None, metrics: Metrics):
+                 held: dict[int, torch.Tensor] | None, metrics: Metrics,
+                 decode_threads: int | None = None):
         if not layers:
             raise ValueError("nothing to stream")
         self.layers = layers
@@ -81,6 +82,7 @@ class LayerStream:
         self.digests = digests
         self.held = held  # cpu offload: layer index -> shard image in host memory
         self.metrics = metrics
+        self.decode_threads = decode_threads
         self.closed = False
         self._cuda = device.type == "cuda"
         nslots = min(prefetch + 1, len(layers))
@@ -213,6 +215,9 @@ class LayerStream:
             self._decode_q.put(load)
 
     def _decoder_loop(self) -> None:
+        if self.decode_threads:
+            # Per thread: the CPU decoder and torch ops here use this many, compute keeps its own.
+            torch.set_num_threads(self.decode_threads)
         while True:
             load = self._decode_q.get()
             if load is None:
