@@ -13,6 +13,7 @@ little calibration."""
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -104,6 +105,13 @@ def _settings(args) -> dict:
             "calib_samples": calib}
 
 
+def _report(row: dict) -> None:
+    """One line per finished case on stderr: a full run takes the better part of an hour."""
+    print(f"quality: {row['model']} {row['method']} {row['pattern']}: perplexity "
+          f"{row['perplexity']:.3f}, decoder-Linear sparsity {row['linear_sparsity']:.3f}",
+          file=sys.stderr, flush=True)
+
+
 def run(args) -> dict:
     from ..convert import convert
     from ..data.models import resolve_model
@@ -122,6 +130,7 @@ def run(args) -> dict:
             results.append({"model": model, "method": "dense", "pattern": "dense",
                             "sparsity": 0.0, "nm": None, **dense, "vs_dense": 1.0,
                             "ratio": 1.0, "convert_s": None})
+            _report(results[-1])
             for method in params["methods"]:
                 for pattern in params["patterns"]:
                     sparsity, nm = PATTERNS[pattern]
@@ -137,6 +146,7 @@ def run(args) -> dict:
                         "sparsity": sparsity, "nm": f"{nm[0]}:{nm[1]}" if nm else None, **row,
                         "vs_dense": round(row["perplexity"] / dense["perplexity"], 4),
                         "ratio": summary["total"]["ratio"], "convert_s": convert_s})
+                    _report(results[-1])
                     shutil.rmtree(out, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
