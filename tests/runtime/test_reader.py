@@ -72,3 +72,20 @@ def test_short_file_and_bad_buffer_are_errors(tmp_path):
 def test_direct_disabled_reads_buffered():
     r = ShardReader(direct=False)
     assert not r.direct and r.fallback_reason == "disabled"
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_requests_in_flight_read_the_same_bytes(tmp_path, monkeypatch, depth):
+    import threading
+
+    monkeypatch.setattr(reader_module, "CHUNK", 8192)
+    data = os.urandom(10 * 8192 + 77)
+    (tmp_path / "f").write_bytes(data)
+    r = ShardReader(depth=depth)
+    buf = aligned_buffer(len(data))
+    r.read_into(tmp_path / "f", buf, len(data))
+    assert bytes(buf[:len(data)].numpy()) == data
+    r.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("endor-io")]
+    with pytest.raises(ValueError, match="depth"):
+        ShardReader(depth=0)

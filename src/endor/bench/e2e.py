@@ -164,8 +164,11 @@ def _disk_row(files, args) -> dict:
         for f in files:
             reader.read_into(f, buf, f.stat().st_size)
 
-    t = harness.measure(read_all, warmup=args.warmup, repeat=args.repeat,
-                        setup=lambda: _evict(files))
+    try:
+        t = harness.measure(read_all, warmup=args.warmup, repeat=args.repeat,
+                            setup=lambda: _evict(files))
+    finally:
+        reader.close()
     return {"system": "disk", "s_per_token": t.median_s, "min_s": t.min_s, "max_s": t.max_s,
             "n": t.n, "mb_read_per_token": total / 1e6, "gbps": t.gbps(total),
             "direct_io": reader.direct}

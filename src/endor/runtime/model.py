@@ -120,11 +120,17 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     threads, decode_threads = thread_split(device, bool(memory.streamed), compute_threads)
     if memory.streamed:
         streamed = [plans[i] for i in memory.streamed]
-        digests, held = check_streamed(streamed, reader, hold=offload == "cpu",
-                                       pin=device.type == "cuda")
-        stream = LayerStream(streamed, device=device, prefetch=prefetch, backend=backend,
-                             reader=reader if offload == "disk" else None, digests=digests,
-                             held=held, metrics=metrics, decode_threads=decode_threads)
+        try:
+            digests, held = check_streamed(streamed, reader, hold=offload == "cpu",
+                                           pin=device.type == "cuda")
+            if offload == "cpu":
+                reader.close()  # everything is in RAM now
+            stream = LayerStream(streamed, device=device, prefetch=prefetch, backend=backend,
+                                 reader=reader if offload == "disk" else None, digests=digests,
+                                 held=held, metrics=metrics, decode_threads=decode_threads)
+        except BaseException:
+            reader.close()
+            raise
         for i in memory.streamed:
             _install_stream_hooks(layers[i], i, stream)
     _install_metric_hooks(model, metrics, threads)

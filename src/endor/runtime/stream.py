@@ -191,6 +191,8 @@ class LayerStream:
         self._read_q.put(None)  # the reader forwards the sentinel to the decoder
         for t in self._threads:
             t.join()
+        if self.reader is not None:
+            self.reader.close()
         for load in self._inflight:
             load.views = None
         self._inflight.clear()
