@@ -79,7 +79,8 @@ if pid == 0:
     os.execv(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as f:
-    json.dump({"returncode": os.waitstatus_to_exitcode(status), "peak_rss": usage.ru_maxrss * 1024}, f)
+    json.dump({"returncode": os.waitstatus_to_exitcode(status),
+               "peak_rss": usage.ru_maxrss * 1024}, f)
 """
 
 

@@ -107,8 +107,9 @@ class _Conversion:
         stored.clear()
         _return_free_memory()
         self.bytes_done += sum(self.source.nbytes(n) for n in self.names[group])
-        seconds = time.perf_counter() - self.t0
-        self.progress.set_postfix_str(f"{self.bytes_done / seconds / 1e9:.2f} GB/s", refresh=False)
+        rate = self.bytes_done / (time.perf_counter() - self.t0)
+        self.progress.set_postfix_str(f"{rate / 1e9:.2f} GB/s" if rate >= 1e8 else
+                                      f"{rate / 1e6:.1f} MB/s", refresh=False)
         self.progress.update(1)
 
     def _prune(self, name: str, weight: torch.Tensor, stats=None) -> torch.Tensor:

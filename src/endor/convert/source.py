@@ -54,7 +54,8 @@ def _shard_files(root: Path) -> tuple[list[str], dict[str, str] | None]:
         return files, weight_map
     if (root / SINGLE).is_file():
         return [SINGLE], None
-    shards = sorted(p.name for p in root.glob("model-*-of-*.safetensors") if _SHARD_RE.match(p.name))
+    shards = sorted(p.name for p in root.glob("model-*-of-*.safetensors")
+                    if _SHARD_RE.match(p.name))
     if shards:
         total = int(_SHARD_RE.match(shards[0]).group(2))
         expected = [f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
