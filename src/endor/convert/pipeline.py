@@ -178,6 +178,7 @@ class _Conversion:
         model, source = self.layout.model, self.source
         head = model.get_output_embeddings()
         head_params = {id(p) for p in head.parameters()} if head is not None else set()
+        head_params -= {id(p) for p in model.get_input_embeddings().parameters()}  # if tied
         outside = {n: p for n, p in model.named_parameters()
                    if self.layout.layer_of(n) is None and id(p) not in head_params}
         loaded = {}
