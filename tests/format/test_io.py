@@ -73,3 +73,13 @@ def test_missing_file_and_missing_tensor(tmp_path):
     endor.save_file({"a": torch.ones(2)}, path)
     with endor.open_file(path) as f, pytest.raises(KeyError, match="'b'"):
         f.get_tensor("b")
+
+
+def test_identical_inputs_give_identical_files(tmp_path):
+    tensors = {"w": endor.compress(sparse_tensor((9, 9), torch.float16, 0.5)), "b": torch.ones(3)}
+    meta = {f"key{i}": str(i) for i in range(20)}
+    endor.save_file(tensors, tmp_path / "a.safetensors", metadata=meta)
+    endor.save_file(tensors, tmp_path / "b.safetensors", metadata=meta)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    with endor.open_file(tmp_path / "a.safetensors") as f:
+        assert f.metadata() == meta

@@ -26,10 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from ..errors import FormatError
+    from ..errors import FormatError  # noqa: F401  (a ValueError, named for readers)
     try:
         return args.run(args) or 0
-    except (FormatError, FileNotFoundError) as e:
+    except (FormatError, FileNotFoundError, ValueError) as e:  # user errors: no traceback
         print(f"endor: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -50,10 +51,27 @@ def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None)
     tmp = path.with_name(path.name + ".tmp")
     try:
         _st_save_file(flat, str(tmp), metadata=user_meta or None)
+        _sort_metadata(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite the header with `__metadata__` keys sorted, in place and at the same length: the
+    safetensors library stores metadata in a hash map whose order changes from call to call, and
+    identical inputs must give byte-identical files (resumed conversions are compared so)."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        if "__metadata__" not in header:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        assert len(raw) <= n, "a permutation of the same JSON cannot grow"
+        f.seek(8)
+        f.write(raw.ljust(n, b" "))  # safetensors pads its header with spaces
 
 
 class EndorFile:
