@@ -197,7 +197,7 @@ def test_interrupted_forward_restarts_cleanly(tiny):
         greedy(model, PROMPT, NEW_TOKENS)
     handle.remove()
     assert greedy(model, PROMPT, NEW_TOKENS) == want
-    assert {t.name for t in endor_threads()} >= {"endor-reader", "endor-decoder"}
+    assert "endor-loader" in {t.name for t in endor_threads()}
     model.endor_close()
     assert endor_threads() == []
     with pytest.raises(RuntimeError, match="closed"):

@@ -86,6 +86,7 @@ def test_cyclic_schedule_serves_every_layer_in_any_order(streamed_llama, held, p
         stream.release(i)
     stream.close()
     stream.close()  # idempotent
+    reader.close()
     assert not [t for t in threading.enumerate() if t.name.startswith("endor-")]
     with pytest.raises(RuntimeError, match="closed"):
         stream.acquire(0)

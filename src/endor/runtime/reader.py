@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 
 import torch
 
@@ -32,13 +33,69 @@ def aligned_buffer(nbytes: int, *, pin: bool = False) -> torch.Tensor:
     return raw[skip:skip + size]
 
 
+class PendingRead:
+    """A whole-file read in flight. result() waits for it (falling back to a buffered read if
+    O_DIRECT was refused mid-way), closes the file and returns the bytes read, or raises."""
+
+    def __init__(self, reader: ShardReader, path: str, view: memoryview, nbytes: int):
+        self._reader, self.path, self._view, self.nbytes = reader, path, view, nbytes
+        self._fd = None
+        self._futures = []
+        self._error = None
+        self.started = self.finished = None  # perf_counter of the first and last request
+        try:
+            self._fd, self._direct = reader._open(path)
+            self._futures = reader._submit(self._fd, view, nbytes, self)
+        except OSError as e:  # raised by result(), in the thread that waits for the data
+            self._error = e
+
+    def _mark(self, t0: float, t1: float) -> None:
+        # Called from I/O threads; min/max under the GIL are race-free enough for a timing.
+        self.started = t0 if self.started is None else min(self.started, t0)
+        self.finished = t1 if self.finished is None else max(self.finished, t1)
+
+    @property
+    def seconds(self) -> float:
+        return (self.finished - self.started) if self.started is not None else 0.0
+
+    def result(self) -> int:
+        try:
+            if self._error is not None:
+                raise self._error
+            done, errors = 0, []
+            for f in self._futures:  # every request ends before the fd is closed, errors or not
+                try:
+                    done += f.result()
+                except OSError as e:
+                    errors.append(e)
+            if errors:
+                if not (self._direct and errors[0].errno == errno.EINVAL):
+                    raise errors[0]
+                # Some filesystems accept the O_DIRECT open but refuse the read itself.
+                self._reader._fall_back(f"the filesystem refused an O_DIRECT read of {self.path}")
+                os.close(self._fd)
+                self._fd = os.open(self.path, os.O_RDONLY)
+                t0 = time.perf_counter()
+                done = _read_range(self._fd, self._view, 0, round_up(self.nbytes), self.nbytes)
+                self._mark(t0, time.perf_counter())
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        if done < self.nbytes:
+            raise OSError(errno.EIO, f"short read: got {done} of {self.nbytes} bytes (the file "
+                                     "shrank after the checkpoint was opened)", self.path)
+        return self.nbytes
+
+
 class ShardReader:
     """Reads whole files into aligned buffers, `depth` chunk requests in flight (threads blocked
-    in the kernel, no CPU), so a busy CPU delaying one thread leaves the disk no gap. Thread-safe;
-    one instance serves every shard. close() joins its I/O threads."""
+    in the kernel, no CPU). start() returns at once, so the next shard's requests queue behind
+    the current one's and the device never idles between shards or while a thread waits for a
+    CPU. Thread-safe; one instance serves every shard. close() joins its I/O threads."""
 
     def __init__(self, *, direct: bool = True, depth: int = DEPTH):
-        if not isinstance(depth, int) or depth < 1:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be a positive integer, got {depth!r}")
         self._want_direct = direct and hasattr(os, "O_DIRECT")
         self._lock = threading.Lock()
@@ -70,53 +127,34 @@ class ShardReader:
                 self._fall_back(f"the filesystem refused O_DIRECT when opening {path}")
         return os.open(path, os.O_RDONLY), False
 
-    def read_into(self, path, buf: torch.Tensor, nbytes: int) -> int:
-        """Read the first `nbytes` of `path` (its whole size) into `buf` (from aligned_buffer,
-        at least round_up(nbytes) long). Returns bytes read; a short file is an OSError."""
-        if buf.numel() < round_up(nbytes) or buf.data_ptr() % ALIGN:
-            raise ValueError("buffer is too small or not aligned; allocate it with aligned_buffer")
-        view = memoryview(buf.numpy())
-        fd, direct = self._open(os.fspath(path))
-        try:
-            try:
-                done = self._read_all(fd, view, nbytes)
-            except OSError as e:
-                if not (direct and e.errno == errno.EINVAL):
-                    raise
-                # Some filesystems accept the O_DIRECT open but refuse the read itself.
-                self._fall_back(f"the filesystem refused an O_DIRECT read of {path}")
-                os.close(fd)
-                fd = os.open(os.fspath(path), os.O_RDONLY)
-                done = self._read_all(fd, view, nbytes)
-        finally:
-            os.close(fd)
-        if done < nbytes:
-            raise OSError(errno.EIO, f"short read: got {done} of {nbytes} bytes (the file shrank "
-                                     "after the checkpoint was opened)", os.fspath(path))
-        return nbytes
-
-    def _read_all(self, fd: int, view: memoryview, nbytes: int) -> int:
-        end = round_up(nbytes)
-        starts = range(0, end, CHUNK)
-        if self.depth == 1 or len(starts) <= 1:
-            return _read_range(fd, view, 0, end, nbytes)
+    def _submit(self, fd: int, view: memoryview, nbytes: int, pending: PendingRead) -> list:
         with self._lock:
             if self._pool is None:
                 from concurrent.futures import ThreadPoolExecutor
                 self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="endor-io")
             pool = self._pool
-        futures = [pool.submit(_read_range, fd, view, s, min(s + CHUNK, end), nbytes)
-                   for s in starts]
-        results = []
-        for f in futures:  # every request finishes before fd is closed, errors or not
-            try:
-                results.append(f.result())
-            except OSError as e:
-                results.append(e)
-        errors = [r for r in results if isinstance(r, OSError)]
-        if errors:
-            raise errors[0]
-        return sum(results)
+        end = round_up(nbytes)
+        starts = range(0, end, CHUNK) if nbytes else [0]
+        return [pool.submit(_timed_range, fd, view, s, min(s + CHUNK, end), nbytes, pending)
+                for s in starts]
+
+    def start(self, path, buf: torch.Tensor, nbytes: int) -> PendingRead:
+        """Begin reading the first `nbytes` of `path` (its whole size) into `buf` (from
+        aligned_buffer, at least round_up(nbytes) long); errors surface in result()."""
+        if buf.numel() < round_up(nbytes) or buf.data_ptr() % ALIGN:
+            raise ValueError("buffer is too small or not aligned; allocate it with aligned_buffer")
+        return PendingRead(self, os.fspath(path), memoryview(buf.numpy()), nbytes)
+
+    def read_into(self, path, buf: torch.Tensor, nbytes: int) -> int:
+        """start(...).result(): read the file whole, now. Returns bytes read."""
+        return self.start(path, buf, nbytes).result()
+
+
+def _timed_range(fd, view, start, stop, nbytes, pending: PendingRead) -> int:
+    t0 = time.perf_counter()
+    done = _read_range(fd, view, start, stop, nbytes)
+    pending._mark(t0, time.perf_counter())
+    return done
 
 
 def _read_range(fd: int, view: memoryview, start: int, stop: int, nbytes: int) -> int:

@@ -1,14 +1,18 @@
 """The prefetch pipeline: while decoder layer j computes, layers j+1..j+P load.
 
-One load runs through two worker threads, each a stage of the pipeline:
+One load goes through these stages:
 
-    reader thread:  read the shard into the slot's aligned buffer (O_DIRECT) and check its
-                    digest [disk], or take the shard bytes held in RAM [cpu offload];
-                    copy them to the device on a dedicated CUDA stream [cuda]
-    decoder thread: decompress every Endor tensor into the slot's dense buffer
-                    (endor.decompress with out=: nothing is allocated per layer per token)
+    read       [disk] the shard, whole, into the slot's aligned buffer: O_DIRECT requests queued
+               on the reader's I/O threads as soon as the slot is free (reader.py), so the next
+               shard's requests follow the current one's with no gap. [cpu offload] nothing:
+               the shard's bytes are held in RAM.
+    verify     [disk] XXH3 of the image against the digest taken at load time
+    transfer   [cuda] the image to the device, on a dedicated CUDA stream
+    decompress every Endor tensor into the slot's dense buffer (endor.decompress with out=:
+               nothing is allocated per layer per token); dense tensors are views of the image
 
-and the compute thread follows FlexGen's loop, one layer at a time:
+(read runs on the I/O threads, the rest on one loader thread) and the compute thread follows
+FlexGen's loop, one layer at a time:
 
     acquire(j)  wait until load j is done, its views become layer j's weights
     compute(j)  the layer's forward
@@ -35,7 +39,7 @@ from ..format.tensor import EndorTensor
 from ..kernels import decompress
 from .metrics import LoadTimes, Metrics
 from .plan import LayerPlan, Part
-from .reader import ShardReader, aligned_buffer
+from .reader import PendingRead, ShardReader, aligned_buffer
 
 _WORKER_POLL_S = 0.5
 
@@ -59,6 +63,7 @@ class Load:
     slot: Slot
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    pending: PendingRead | None = None  # the disk read in flight
     image: torch.Tensor | None = None  # the shard's bytes as the decoder reads them
     views: dict | None = None  # relative tensor name -> dense tensor on the device
     times: LoadTimes = field(default_factory=LoadTimes)
@@ -106,11 +111,8 @@ class LayerStream:
         self._next_pos = 0
         self._next_slot = 0
         self._needs_restart = True
-        self._read_q: queue.SimpleQueue = queue.SimpleQueue()
-        self._decode_q: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._reader_loop, name="endor-reader",
-                                          daemon=True),
-                         threading.Thread(target=self._decoder_loop, name="endor-decoder",
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._loader_loop, name="endor-loader",
                                           daemon=True)]
         for t in self._threads:
             t.start()
@@ -156,8 +158,10 @@ class LayerStream:
         load = Load(self.layers[self._next_pos], slot)
         self._next_slot = (self._next_slot + 1) % len(self.slots)
         self._next_pos = (self._next_pos + 1) % len(self.layers)
+        if self.held is None:
+            load.pending = self.reader.start(load.layer.file, slot.host, load.layer.file_size)
         self._inflight.append(load)
-        self._read_q.put(load)
+        self._queue.put(load)
 
     def _restart(self, pos: int) -> None:
         """Drop the schedule (after an error, an interrupted forward or at start) and begin
@@ -188,7 +192,7 @@ class LayerStream:
         if self.closed:
             return
         self.closed = True
-        self._read_q.put(None)  # the reader forwards the sentinel to the decoder
+        self._queue.put(None)
         for t in self._threads:
             t.join()
         if self.reader is not None:
@@ -202,31 +206,21 @@ class LayerStream:
 
     # ---- worker threads ------------------------------------------------------------------
 
-    def _reader_loop(self) -> None:
-        while True:
-            load = self._read_q.get()
-            if load is None:
-                self._decode_q.put(None)
-                return
-            try:
-                if self.closed:
-                    raise RuntimeError("the stream was closed")
-                self._fetch(load)
-            except BaseException as e:  # noqa: BLE001 - handed to the compute thread
-                load.error = e
-            self._decode_q.put(load)
-
-    def _decoder_loop(self) -> None:
+    def _loader_loop(self) -> None:
         if self.decode_threads:
             # Per thread: the CPU decoder and torch ops here use this many, compute keeps its own.
             torch.set_num_threads(self.decode_threads)
         while True:
-            load = self._decode_q.get()
+            load = self._queue.get()
             if load is None:
                 return
             try:
-                if load.error is None:
-                    self._decode(load)
+                if self.closed:
+                    if load.pending is not None:
+                        load.pending.result()  # let its requests finish and its file close
+                    raise RuntimeError("the stream was closed")
+                self._fetch(load)
+                self._decode(load)
             except BaseException as e:  # noqa: BLE001 - handed to the compute thread
                 load.error = e
             finally:
@@ -234,16 +228,15 @@ class LayerStream:
 
     def _fetch(self, load: Load) -> None:
         plan, slot, times = load.layer, load.slot, load.times
-        if self.held is not None:
+        if load.pending is None:
             image = self.held[plan.index]
         else:
-            t0 = time.perf_counter()
-            self.reader.read_into(plan.file, slot.host, plan.file_size)
+            load.pending.result()
             t1 = time.perf_counter()
             if image_digest(slot.host, plan.file_size) != self.digests[plan.index]:
                 raise FormatError("checksum mismatch: the shard changed on disk or is corrupt "
                                   "since the model was loaded", path=plan.file)
-            times.read_s, times.verify_s = t1 - t0, time.perf_counter() - t1
+            times.read_s, times.verify_s = load.pending.seconds, time.perf_counter() - t1
             times.bytes_read = plan.file_size
             image = slot.host
         times.bytes_moved = plan.file_size
