@@ -41,6 +41,10 @@ def test_every_method_and_pattern_on_a_tiny_model(tiny_hf_dir, tmp_path):
                                                 rel=1e-3)
         assert row["eval"]["tokens"] == 2 * 31
     assert not any((tmp_path / "work").iterdir())  # converted checkpoints removed
+    fig = quality.draw(doc)
+    assert [ax.get_title() for ax in fig.axes] == [str(tiny_hf_dir)]
+    fig.savefig(tmp_path / "quality.png")
+    assert (tmp_path / "quality.png").stat().st_size > 10_000
 
 
 def test_settings():

@@ -153,3 +153,37 @@ def run(args) -> dict:
     return harness.envelope(NAME, params, results, table_columns=TABLE_COLUMNS,
                             text={"evaluation": "1911 Britannica 'Shakespeare' (endor.data.text)",
                                   "calibration": "pydoc_data.topics (endor.data.text)"})
+
+
+def draw(doc: dict):
+    """The benchmark's picture: per model, perplexity (log scale) of each method at each pattern,
+    the dense model as a dashed line. Returns a matplotlib Figure (Agg canvas, no pyplot)."""
+    from matplotlib.figure import Figure
+
+    rows = doc["results"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig = Figure(figsize=(5.5 * len(models), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(models), squeeze=False)[0]
+    for ax, model in zip(axes, models):
+        mine = [r for r in rows if r["model"] == model]
+        patterns = list(dict.fromkeys(r["pattern"] for r in mine if r["method"] != "dense"))
+        methods = list(dict.fromkeys(r["method"] for r in mine if r["method"] != "dense"))
+        width = 0.8 / max(1, len(methods))
+        for i, method in enumerate(methods):
+            ppl = {r["pattern"]: r["perplexity"] for r in mine if r["method"] == method}
+            xs = [k + i * width for k, p in enumerate(patterns) if p in ppl]
+            bars = ax.bar(xs, [ppl[p] for p in patterns if p in ppl], width, label=method,
+                          color=f"C{i}")
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        for r in mine:
+            if r["method"] == "dense":
+                ax.axhline(r["perplexity"], color="k", linestyle="--", linewidth=1,
+                           label=f"dense {r['perplexity']:.1f}")
+        ax.set_xticks([k + 0.4 - width / 2 for k in range(len(patterns))], patterns)
+        ax.set(title=model, ylabel="perplexity (lower is better)", yscale="log")
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=7)
+    params = doc.get("params", {})
+    fig.suptitle(f"endor bench quality: perplexity after pruning, {params.get('max_windows')} "
+                 f"windows of {params.get('window')} tokens", fontsize=10)
+    return fig
