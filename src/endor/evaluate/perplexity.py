@@ -85,7 +85,9 @@ def perplexity(model, tokenizer, text: str, *, window: int = 512, add_bos: bool 
     if not windows:
         raise ValueError(f"the text is {len(ids)} token(s) long: too short to score any")
 
-    device = next(model.parameters()).device
+    # Where the token ids go: the embedding's device (a streaming runtime's decoder layers may
+    # sit on the meta device between uses).
+    device = model.get_input_embeddings().weight.device
     vocab_size = model.config.get_text_config().vocab_size
     batches = list(_batches(windows, vocab_size))
     if progress:
