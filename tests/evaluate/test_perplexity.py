@@ -92,3 +92,19 @@ def test_bad_arguments():
     tok.bos_token = None
     with pytest.raises(ValueError, match="no BOS"):
         perplexity(model, tok, TEXT, add_bos=True)
+
+
+def test_streaming_runtime_scores_exactly_like_the_in_memory_model(tmp_path):
+    import endor
+    from endor.loading import load_in_memory
+    from tests.evaluate.tiny_models import write_endor_checkpoint
+
+    write_endor_checkpoint(tiny_model("gemma3"), tmp_path, tokenizer=char_tokenizer(add_bos=True))
+    model, tok = load_in_memory(tmp_path)
+    streamed = endor.load_model(tmp_path, max_memory=0)  # every layer read from disk per use
+    try:
+        a = perplexity(model, tok, TEXT, window=16)
+        b = perplexity(streamed, tok, TEXT, window=16)
+    finally:
+        streamed.endor_close()
+    assert a == b  # same floats, bit for bit
