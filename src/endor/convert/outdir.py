@@ -8,15 +8,14 @@ import json
 import os
 import re
 import shutil
-import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checkpoint import INDEX, MANIFEST, CheckpointWriter
 from ..errors import FormatError
-from ..format import EndorTensor, open_file, save_file
-from ..kernels import decompress
+from ..format import EndorTensor, open_file, save_file, spec
 from .source import TORCH_DTYPES as _SAFETENSORS_DTYPES
 from .summary import read_shard_metadata
 
@@ -63,7 +62,7 @@ def prepare(writer: CheckpointWriter, settings: dict, *, resume: bool) -> list[i
             p.unlink()
         return []
     for p in [*out.glob("*.safetensors.tmp"), *out.glob("*.safetensors.partial")]:
-        p.unlink()  # left by a killed run; rewritten from scratch
+        p.unlink()  # left by a killed run (.partial: by earlier versions); rewritten
     settings = json.loads(_canonical(settings))
     manifest = out / MANIFEST
     if manifest.is_file():
@@ -112,29 +111,12 @@ def copy_side_files(src: Path, out: Path) -> list[str]:
     return copied
 
 
-def _sort_metadata(path: Path) -> None:
-    """Rewrite a safetensors header with its `__metadata__` keys sorted, in place (same length).
-    The safetensors library stores metadata in a Rust HashMap, whose order changes from one call
-    to the next: without this, two identical conversions would not be byte-identical."""
-    with open(path, "r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        if "__metadata__" in header:
-            header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        assert len(raw) <= n, "a permutation of the same JSON cannot grow"
-        f.seek(8)
-        f.write(raw.ljust(n, b" "))  # safetensors pads its header with spaces
-
-
 def write_shard(writer: CheckpointWriter, i: int, tensors: dict, metadata: dict) -> Path:
-    """Write shard i under a temporary name, make its header canonical, then rename it into
-    place: a shard under its final name is complete (resume relies on it) and reproducible."""
+    """Write shard i. `save_file` writes under a temporary name and renames the file into place
+    (a shard under its final name is complete: resume relies on it), with its metadata sorted
+    (identical conversions give byte-identical shards)."""
     final = writer.path(i)
-    partial = final.with_name(final.name + ".partial")
-    save_file(tensors, partial, metadata={"endor.group": writer.shards[i].group, **metadata})
-    _sort_metadata(partial)
-    os.replace(partial, final)
+    save_file(tensors, final, metadata={"endor.group": writer.shards[i].group, **metadata})
     return final
 
 
@@ -145,51 +127,65 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.numel() == 0:
         return True
     view = _INT_OF_SIZE[a.element_size()]
-    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
+    a, b = a.contiguous().view(view), b.contiguous().view(view)
+    if a.device.type == b.device.type == "cpu":
+        return bool(np.array_equal(a.numpy(), b.numpy()))  # single pass, no thread start-up
+    return torch.equal(a, b)
 
 
 def _same_bytes_on_disk(path: Path, start: int, want: torch.Tensor) -> bool:
     """Whether the file's bytes [start, start + nbytes) are `want`'s bytes, read in chunks with
     positioned reads (no memory map: its pages would count in RSS)."""
-    expected = want.contiguous().view(-1).view(torch.uint8)
-    size = expected.numel()
-    chunk = torch.empty(min(size, _VERIFY_CHUNK), dtype=torch.uint8)
-    view = memoryview(chunk.numpy())
+    expected = want.contiguous().view(-1).view(torch.uint8).numpy()
+    size = expected.size
+    chunk = np.empty(min(size, _VERIFY_CHUNK), dtype=np.uint8)
     fd = os.open(path, os.O_RDONLY)
     try:
         for offset in range(0, size, _VERIFY_CHUNK):
             n = min(_VERIFY_CHUNK, size - offset)
-            if os.preadv(fd, [view[:n]], start + offset) != n:
+            if os.preadv(fd, [chunk[:n]], start + offset) != n:
                 return False
-            if not torch.equal(chunk[:n], expected[offset:offset + n]):
+            if not np.array_equal(chunk[:n], expected[offset:offset + n]):
                 return False
     finally:
         os.close(fd)
     return True
 
 
+def _stored_as(path: Path, stored, want: torch.Tensor) -> bool:
+    """Whether a safetensors entry holds exactly `want` (dtype, shape and bytes)."""
+    return (stored is not None and list(stored.shape) == list(want.shape)
+            and _SAFETENSORS_DTYPES.get(stored.dtype) == want.dtype
+            and _same_bytes_on_disk(path, stored.start, want))
+
+
 def verify_shard(path: Path, expected: dict) -> None:
     """Re-read a shard just written and compare every tensor bit for bit with what was meant
-    (`expected`: {name: dense tensor or the EndorTensor that was written}): Endor tensors are
-    decoded from the file (rules 1-7 checked) and compared with the decoded original; dense
-    tensors are compared byte by byte, in chunks. A shard that fails is deleted (so a rerun
-    writes it again) and the error raised."""
+    (`expected`: {name: dense tensor or the EndorTensor that was written}). The file is opened
+    as a reader would (layout rules checked); an Endor tensor's header entry must be the one
+    written and its three parts on disk must be its parts byte for byte, so the file decodes to
+    what the EndorTensor decodes to (which the caller checked against the weight); dense
+    tensors are compared byte by byte. All reads are chunked positioned reads. A shard that
+    fails is deleted (so a rerun writes it again) and the error raised."""
     try:
         with open_file(path) as f:
             names = set(f.keys())
-            stored = {n: f.header.tensors[n] for n in f.dense_names}
+            stored = f.header.tensors
+            entries = {n: f.entry(n) for n in names if f.is_compressed(n)}
         if names != set(expected):
             raise FormatError(f"verification failed: the shard holds {sorted(names)}, expected "
                               f"{sorted(expected)}", path=path)
         for name, want in expected.items():
             if isinstance(want, EndorTensor):
-                with open_file(path) as f:  # reopened: the map never spans more than a tensor
-                    same = bit_equal(f.get_tensor(name), decompress(want))
+                entry = entries.get(name)
+                same = (entry is not None
+                        and (list(entry[0]), entry[1], entry[2], entry[3])
+                        == (list(want.shape), want.dtype, want.nnz, want.checksum)
+                        and all(_stored_as(path, stored.get(part_name), part)
+                                for part_name, part in zip(spec.part_names(name), (
+                                    want.bitmap, want.values, want.tiles))))
             else:
-                st = stored.get(name)
-                same = (st is not None and list(st.shape) == list(want.shape)
-                        and _SAFETENSORS_DTYPES.get(st.dtype) == want.dtype
-                        and _same_bytes_on_disk(path, st.start, want))
+                same = _stored_as(path, stored.get(name), want)
             if not same:
                 raise FormatError("verification failed: the tensor read back differs from the "
                                   "one written (disk or encoder fault)", path=path, tensor=name)

@@ -19,6 +19,7 @@ import hashlib
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,7 +52,8 @@ def resolve_source(src) -> Path:
 
 def _count_nonzero(t: torch.Tensor) -> int:
     """Non-zero elements in the format's sense: any bit set (-0.0 counts)."""
-    return int(torch.count_nonzero(t.view(outdir._INT_OF_SIZE[t.element_size()])))
+    return int(np.count_nonzero(t.contiguous().view(outdir._INT_OF_SIZE[t.element_size()])
+                                .numpy()))
 
 
 def _return_free_memory() -> None:
@@ -87,11 +89,12 @@ class _Conversion:
     def _encode(self, name: str, t: torch.Tensor):
         """What shard files hold for `name`: an EndorTensor for a pruned Linear weight of an
         Endor checkpoint (checked to decode back to `t` when verifying), else `t` itself."""
-        if name in self.layout.linear_weights:
-            self.nnz[name] = _count_nonzero(t)
         if name not in self.sparse or self.writer.weights != "endor":
+            if name in self.layout.linear_weights:
+                self.nnz[name] = _count_nonzero(t)
             return t
         et = compress(t)
+        self.nnz[name] = et.nnz
         if self.verify and not outdir.bit_equal(decompress(et), t):
             raise FormatError("verification failed: the compressed tensor does not decode to "
                               "the pruned weight (encoder fault)", tensor=name)

@@ -1,5 +1,12 @@
-"""The encoder: dense tensor -> EndorTensor. Vectorised torch, bit-exact by construction."""
+"""The encoder: dense tensor -> EndorTensor, bit-exact by construction.
 
+CPU tensors are encoded with numpy, a chunk of tiles at a time (so the temporaries stay in cache
+and memory does not grow with the tensor): `!= 0` on the integer view, `np.packbits` for the
+bitmap, a popcount of each tile's 512 bitmap bytes for the tile index, `np.compress` for the
+values. Tensors elsewhere use the vectorised torch functions `pack_bits` / `tile_offsets`, which
+are also the reference the fast path is tested against."""
+
+import numpy as np
 import torch
 
 from ..errors import FormatError
@@ -8,6 +15,9 @@ from .checksum import checksum
 from .tensor import EndorTensor
 
 _BIT_WEIGHTS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
+# Elements per chunk of the CPU encoder: a whole number of tiles.
+_CHUNK_ELEMENTS = 64 * spec.TILE_SIZE
+_NUMPY_INT = {2: np.int16, 4: np.int32}
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -29,6 +39,36 @@ def tile_offsets(mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.int64, device=mask.device), counts.cumsum(0)])
 
 
+def _tile_counts(bitmap: np.ndarray, numel: int) -> np.ndarray:
+    """int64 [num_tiles]: set bits of each tile's bitmap bytes (bits past `numel` are zero)."""
+    tiles = spec.num_tiles(numel)
+    padded = np.zeros(tiles * spec.TILE_BITMAP_BYTES, dtype=np.uint8)
+    padded[:bitmap.size] = bitmap
+    words = padded.view(np.uint64).reshape(tiles, spec.TILE_BITMAP_BYTES // 8)
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.add.reduce(np.bitwise_count(words), axis=1, dtype=np.int64)
+    bits = np.unpackbits(padded).reshape(tiles, spec.TILE_SIZE)
+    return np.add.reduce(bits, axis=1, dtype=np.int64)
+
+
+def _compress_cpu(flat: np.ndarray):
+    """Integer view [n] -> (bitmap, values, tiles) as numpy arrays."""
+    n = flat.size
+    bitmap = np.empty(spec.bitmap_bytes(n), dtype=np.uint8)
+    for start in range(0, n, _CHUNK_ELEMENTS):
+        packed = np.packbits(flat[start:start + _CHUNK_ELEMENTS] != 0, bitorder="little")
+        bitmap[start // 8:start // 8 + packed.size] = packed
+    tiles = np.zeros(spec.num_tiles(n) + 1, dtype=np.int64)
+    np.cumsum(_tile_counts(bitmap, n), out=tiles[1:])
+    values = np.empty(int(tiles[-1]), dtype=flat.dtype)
+    per_chunk = _CHUNK_ELEMENTS // spec.TILE_SIZE
+    for k, start in enumerate(range(0, n, _CHUNK_ELEMENTS)):
+        part = flat[start:start + _CHUNK_ELEMENTS]
+        lo, hi = tiles[k * per_chunk], tiles[min((k + 1) * per_chunk, tiles.size - 1)]
+        np.compress(part != 0, part, out=values[lo:hi])
+    return bitmap, values, tiles
+
+
 def compress(tensor: torch.Tensor) -> EndorTensor:
     """Compress a float32/float16/bfloat16 tensor of any shape and sparsity, losslessly."""
     if not isinstance(tensor, torch.Tensor):
@@ -39,9 +79,13 @@ def compress(tensor: torch.Tensor) -> EndorTensor:
     if tensor.dim() > spec.MAX_RANK:
         raise FormatError(f"rank {tensor.dim()} exceeds the format's maximum of {spec.MAX_RANK}")
     flat = tensor.detach().contiguous().view(-1).view(spec.INT_VIEW[tensor.dtype])
-    mask = flat != 0
-    values = flat[mask].view(tensor.dtype)
-    bitmap = pack_bits(mask)
-    tiles = tile_offsets(mask)
+    if flat.device.type == "cpu":
+        bitmap, values, tiles = (torch.from_numpy(a) for a in _compress_cpu(flat.numpy()))
+        values = values.view(tensor.dtype)
+    else:
+        mask = flat != 0
+        values = flat[mask].view(tensor.dtype)
+        bitmap = pack_bits(mask)
+        tiles = tile_offsets(mask)
     return EndorTensor(tensor.shape, tensor.dtype, bitmap, values, tiles,
                        checksum(bitmap, values, tiles))

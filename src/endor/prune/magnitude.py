@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .masks import apply_prune_mask, lowest_per_group, lowest_per_row, pruned_count
+from .masks import (apply_prune_mask, lowest_per_group, lowest_per_row, magnitude_scores,
+                    pruned_count)
 
 
 def score_prune_mask(scores: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
@@ -15,5 +16,6 @@ def score_prune_mask(scores: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
 
 
 def magnitude_prune(weight: torch.Tensor, *, sparsity: float, nm=None) -> torch.Tensor:
-    scores = weight.detach().abs().to(torch.float32)
+    # Ranked by |w| as float32 (the bit patterns with the sign cleared order exactly so).
+    scores = magnitude_scores(weight.detach())
     return apply_prune_mask(weight.detach(), score_prune_mask(scores, sparsity, nm))

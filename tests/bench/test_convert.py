@@ -1,5 +1,4 @@
-"""`endor bench convert` (src/endor/bench/convert.py). Lives here because the conversion
-engineer owns tests/convert; it mirrors tests/bench/test_<name>.py otherwise."""
+"""`endor bench convert` (src/endor/bench/convert.py)."""
 
 import argparse
 import sys
@@ -28,7 +27,8 @@ def test_peak_rss_is_the_childs_own(tmp_path):
     del big
     assert idle["returncode"] == 0 and busy["returncode"] == 0
     assert idle["peak_rss"] < 100e6
-    assert 300 * 2**20 < busy["peak_rss"] - idle["peak_rss"] < 340 * 2**20
+    # about 300 MiB: the two interpreters' own footprints differ by a few hundred KiB
+    assert 290 * 2**20 < busy["peak_rss"] - idle["peak_rss"] < 340 * 2**20
 
 
 @pytest.mark.slow
