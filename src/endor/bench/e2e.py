@@ -14,8 +14,9 @@ in the same run, each after evicting the checkpoint from the page cache:
   ideal            dense time x Endor bytes / dense bytes: the format's gain, nothing lost
   disk             O_DIRECT read of the dense shards alone: the link's limit
 
-Each row reports the median seconds per decode token over --repeat runs (after --warmup), the
-bytes read per token and the GB/s that makes, and (ours) the busy time of each pipeline stage.
+Runs are interleaved (one of each system per round). Each row reports the median seconds per
+decode token over --repeat runs (after --warmup), the bytes read per token and the GB/s that
+makes, and (ours) the busy time of each pipeline stage.
 All systems must generate the same greedy tokens. Done when endor/dense >= 1.5, endor/
 accelerate-cold >= 2.0 and endor time <= 1.15 x ideal."""
 
@@ -117,21 +118,28 @@ def _generate(model, prompt, new_tokens: int) -> list[int]:
     return out[0, prompt.shape[1]:].tolist()
 
 
-def _time(model, prompt, args, files) -> tuple[harness.Stats, dict, list[int], bool]:
-    """Median decode seconds per token over cold runs; the median run's stats; its tokens."""
-    runs, cold = [], True
+def _time(models: dict, prompt, args) -> dict:
+    """Runs interleaved (every system once per round, so slow drifts in the shared disk and CPUs
+    hit all alike), each after evicting its files. Per system: (Stats of decode seconds per
+    token, the median run's stats, its tokens, whether eviction worked)."""
+    runs = {name: [] for name in models}
+    cold = dict.fromkeys(models, True)
     for i in range(args.warmup + args.repeat):
-        cold &= _evict(files)
-        model.endor_reset_stats()
-        tokens = _generate(model, prompt, args.new_tokens)
-        if i >= args.warmup:
-            stats = model.endor_stats()
-            runs.append((stats["decode_s"] / stats["decode_tokens"], stats, tokens))
-    runs.sort(key=lambda r: r[0])
-    per_token = [r[0] for r in runs]
-    median = runs[len(runs) // 2]
-    return (harness.Stats(statistics.median(per_token), per_token[0], per_token[-1], len(runs)),
-            median[1], median[2], cold)
+        for name, (model, files) in models.items():
+            cold[name] &= _evict(files)
+            model.endor_reset_stats()
+            tokens = _generate(model, prompt, args.new_tokens)
+            if i >= args.warmup:
+                stats = model.endor_stats()
+                runs[name].append((stats["decode_s"] / stats["decode_tokens"], stats, tokens))
+    out = {}
+    for name, rs in runs.items():
+        rs.sort(key=lambda r: r[0])
+        per_token = [r[0] for r in rs]
+        median = rs[len(rs) // 2]
+        out[name] = (harness.Stats(statistics.median(per_token), per_token[0], per_token[-1],
+                                   len(rs)), median[1], median[2], cold[name])
+    return out
 
 
 def _row(system: str, t: harness.Stats, stats: dict, tokens, reference, cold: bool) -> dict:
@@ -206,27 +214,33 @@ def run(args) -> dict:
         budget = int(args.budget_fraction * model_bytes)
         prompt = torch.randint(config.vocab_size, (1, args.prompt_len),
                                generator=torch.Generator().manual_seed(0))
+        # The compute threads our pipeline uses are given to Accelerate too, so only the
+        # loading strategy differs (and one thread computes faster than two on a busy 2-core
+        # machine).
+        threads = thread_split(torch.device("cpu"), True)[0]
+        models = {}
+        try:
+            for system in systems:
+                if system in ("endor", "dense"):
+                    model = load_model(paths[system], max_memory=budget, offload="disk",
+                                       prefetch=args.prefetch)
+                    files = endor_files if system == "endor" else dense_files
+                else:
+                    model = load_accelerate(paths["dense"], max_memory=budget, offload="disk",
+                                            compute_threads=threads)
+                    files = dense_files
+                    if system == "accelerate-cold":
+                        evict_on_read(model)
+                models[system] = (model, files)
+            timed = _time(models, prompt, args)
+        finally:
+            for model, _ in models.values():
+                model.endor_close()
+            models.clear()
+            gc.collect()
         rows, reference = [], None
         for system in systems:
-            if system in ("endor", "dense"):
-                model = load_model(paths[system], max_memory=budget, offload="disk",
-                                   prefetch=args.prefetch)
-                files = endor_files if system == "endor" else dense_files
-            else:
-                # The compute threads our pipeline uses, so only the loading strategy differs
-                # (and one thread computes faster than two on a busy 2-core machine).
-                threads = thread_split(torch.device("cpu"), True)[0]
-                model = load_accelerate(paths["dense"], max_memory=budget, offload="disk",
-                                        compute_threads=threads)
-                files = dense_files
-                if system == "accelerate-cold":
-                    evict_on_read(model)
-            try:
-                t, stats, tokens, cold = _time(model, prompt, args, files)
-            finally:
-                model.endor_close()
-                del model
-                gc.collect()
+            t, stats, tokens, cold = timed[system]
             reference = reference if reference is not None else tokens
             rows.append(_row(system, t, stats, tokens, reference, cold))
         by = {r["system"]: r for r in rows}

@@ -215,6 +215,7 @@ def _attach_api(model, stream, metrics, memory, plans, reader, info) -> None:
     model.endor_reset_stats = metrics.reset
     model.endor_close = endor_close
     model.endor_memory_plan = memory
+    model._endor_stream = stream  # for tests and profiling
     if stream is not None:
         weakref.finalize(model, stream.close)
 

@@ -111,6 +111,7 @@ class LayerStream:
         self._next_pos = 0
         self._next_slot = 0
         self._needs_restart = True
+        self._last_read_end = 0.0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._loader_loop, name="endor-loader",
                                           daemon=True)]
@@ -236,7 +237,11 @@ class LayerStream:
             if image_digest(slot.host, plan.file_size) != self.digests[plan.index]:
                 raise FormatError("checksum mismatch: the shard changed on disk or is corrupt "
                                   "since the model was loaded", path=plan.file)
-            times.read_s, times.verify_s = load.pending.seconds, time.perf_counter() - t1
+            # The disk's busy time for this shard: two reads overlap, count the overlap once.
+            started = max(load.pending.started or t1, self._last_read_end)
+            times.read_s = max(0.0, (load.pending.finished or t1) - started)
+            times.verify_s = time.perf_counter() - t1
+            self._last_read_end = max(self._last_read_end, load.pending.finished or t1)
             times.bytes_read = plan.file_size
             image = slot.host
         times.bytes_moved = plan.file_size
