@@ -64,6 +64,15 @@ def test_convert_end_to_end(src, tmp_path, capsys):
     assert "4 already complete" in capsys.readouterr().out
 
 
+def test_dense_twin_of_a_converted_checkpoint(src, tmp_path, capsys):
+    pruned, twin = tmp_path / "pruned", tmp_path / "twin"
+    assert main(["convert", str(src), str(pruned), "--method", "magnitude", "--quiet"]) == 0
+    assert main(["convert", str(pruned), str(twin), "--format", "dense", "--quiet"]) == 0
+    manifest = json.loads((twin / "endor.json").read_text())
+    assert manifest["weights"] == "dense" and manifest["prior_pruning"][0]["method"] == "magnitude"
+    assert abs(manifest["summary"]["decoder_linear"]["sparsity"] - 0.5) < 0.005
+
+
 def test_calibration_file_and_nm(src, tmp_path, capsys):
     calib = tmp_path / "calib.txt"
     calib.write_text(CALIB_TEXT, encoding="utf-8")

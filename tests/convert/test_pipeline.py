@@ -172,6 +172,45 @@ def test_dense_format_equals_endor_and_loads_in_transformers(model_dirs, tmp_pat
         assert torch.equal(loaded(ids).logits, reference(ids).logits)
 
 
+def test_dense_twin_of_an_endor_checkpoint_is_not_pruned_again(model_dirs, tmp_path):
+    """The demo's two calls: prune once into A, then A's dense twin B (and A re-compressed C)."""
+    from transformers import AutoModelForCausalLM
+
+    src = model_dirs("llama", torch.bfloat16)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    convert(src, a, method="wanda", sparsity=0.5, weights="endor", **CALIB)
+    twin = convert(a, b, method="none", weights="dense", progress=False)
+    pruned = converted(a)
+    assert converted(b).keys() == pruned.keys()
+    assert all(bit_equal(converted(b)[n], t) for n, t in pruned.items())
+    assert not any(Checkpoint(b).file_of(n).is_compressed(n) for n in pruned)
+    for side_file in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (b / side_file).read_bytes() == (src / side_file).read_bytes()
+    manifest = json.loads((b / "endor.json").read_text())
+    assert manifest["method"] == "none" and manifest["weights"] == "dense"
+    assert [p["method"] for p in manifest["prior_pruning"]] == ["wanda"]
+    assert manifest["prior_pruning"][0]["calibration"]["samples"] == SAMPLES
+    assert abs(twin["decoder_linear"]["sparsity"] - 0.5) <= 0.005
+
+    model = AutoModelForCausalLM.from_pretrained(b, dtype=torch.bfloat16).eval()
+    state = model.state_dict()
+    assert all(bit_equal(state[n], t) for n, t in pruned.items())
+
+    convert(a, c, method="none", weights="endor", progress=False)  # re-compressed: same parts
+    ck_a, ck_c = Checkpoint(a), Checkpoint(c)
+    for name in pruned:
+        fa, fc = ck_a.file_of(name), ck_c.file_of(name)
+        assert fa.is_compressed(name) == fc.is_compressed(name)
+        if fa.is_compressed(name):
+            assert fa.get_compressed(name).checksum == fc.get_compressed(name).checksum
+
+    assert convert(a, b, method="none", weights="dense", progress=False)[
+        "run"]["shards_written"] == 0  # resumes: nothing to do
+    convert(src, a, method="wanda", sparsity=0.625, resume=False, **CALIB)
+    with pytest.raises(SettingsMismatch, match="source"):  # A changed under B
+        convert(a, b, method="none", weights="dense", progress=False)
+
+
 class Killed(BaseException):
     """Stands in for SIGKILL: nothing in the pipeline may catch it."""
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 import endor
-from endor.convert.source import SourceCheckpoint
+from endor.convert.source import SourceCheckpoint, open_source
 from tests.helpers import bit_equal
 
 
@@ -122,13 +122,13 @@ def test_not_a_model_directory(tmp_path):
         SourceCheckpoint(tmp_path)
 
 
-def test_an_endor_checkpoint_is_not_a_source(tmp_path):
+def test_open_source_tells_endor_checkpoints_apart(tmp_path):
     src = write_dir(tmp_path, {"model.safetensors": tensors()}, index=False)
-    (src / "endor.json").write_text(json.dumps({"weights": "endor"}))
-    with pytest.raises(endor.FormatError, match="Endor-compressed"):
-        SourceCheckpoint(src)
-    (src / "endor.json").write_text(json.dumps({"weights": "dense"}))  # plain safetensors: fine
-    assert "a" in SourceCheckpoint(src)
+    assert isinstance(open_source(src), SourceCheckpoint)
+    (src / "endor.json").write_text(json.dumps({"weights": "endor"}))  # not a real manifest
+    with pytest.raises(endor.FormatError, match="not an Endor checkpoint manifest"):
+        open_source(src)
+    assert "a" in SourceCheckpoint(src)  # the plain reader still reads the files
 
 
 def test_a_file_that_vanishes_is_a_clear_error(tmp_path):

@@ -36,8 +36,9 @@ def add_parser(sub):
         description="Prune a HuggingFace model's decoder Linear weights and store them in the "
                     "Endor format, one decoder layer at a time (bounded memory), verified, "
                     "resumable: rerunning an interrupted command continues where it stopped.")
-    p.add_argument("src", help="a HuggingFace model directory, a .gguf file, or an alias "
-                               "(smollm2, gemma3-270m)")
+    p.add_argument("src", help="a HuggingFace model directory, a .gguf file, an alias "
+                               "(smollm2, gemma3-270m), or an Endor checkpoint directory (read "
+                               "decompressed: '--format dense' writes its dense twin)")
     p.add_argument("out", help="the checkpoint directory to write")
     p.add_argument("--method", choices=METHODS, default="none",
                    help="pruning method; 'none' keeps the weights (and their zeros) as they are "

@@ -1,5 +1,6 @@
-"""`convert()`: an HF checkpoint -> an Endor checkpoint directory (docs/FORMAT.md section 2), one
-decoder layer at a time in bounded memory, every shard verified after writing, resumable.
+"""`convert()`: an HF (or Endor) checkpoint -> an Endor checkpoint directory (docs/FORMAT.md
+section 2), one decoder layer at a time in bounded memory, every shard verified after writing,
+resumable.
 
     for each shard (the "rest" group first, then layer 0, 1, ...):
         skip it if it is already complete in OUT (a rerun resumes)
@@ -30,7 +31,7 @@ from ..format import compress, load_file
 from ..kernels import decompress
 from ..format.spec import DTYPES
 from . import calibrate, outdir
-from .source import SourceCheckpoint
+from .source import open_source
 from .structure import ModelLayout, build_layout, load_config
 from .summary import format_summary, shard_metadata, summarize
 
@@ -88,8 +89,8 @@ def _set_params(model: nn.Module, tensors: dict) -> None:
 
 
 class _Conversion:
-    def __init__(self, source: SourceCheckpoint, layout: ModelLayout, writer: CheckpointWriter,
-                 settings: dict, sparse: set, *, verify: bool, progress):
+    def __init__(self, source, layout: ModelLayout, writer: CheckpointWriter, settings: dict,
+                 sparse: set, *, verify: bool, progress):
         self.source, self.layout, self.writer = source, layout, writer
         self.settings, self.sparse, self.verify, self.progress = settings, sparse, verify, progress
         self.groups = {s.group: i for i, s in enumerate(writer.shards)}
@@ -224,10 +225,14 @@ def _settings(source, method, sparsity, nm, weights, patterns, calib_text, sampl
     if needs_calibration(method):
         calibration = {"text_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
                        "samples": samples, "seqlen": seqlen, "dtype": "float32"}
-    return {"method": method, "sparsity": None if method == "none" else float(sparsity),
-            "nm": None if nm is None else list(nm), "weights": weights,
-            "dense_patterns": sorted(patterns), "calibration": calibration,
-            "source": source.fingerprint()}
+    settings = {"method": method, "sparsity": None if method == "none" else float(sparsity),
+                "nm": None if nm is None else list(nm), "weights": weights,
+                "dense_patterns": sorted(patterns), "calibration": calibration,
+                "source": source.fingerprint()}
+    prior = source.prior_pruning()
+    if prior is not None:  # an Endor checkpoint: how its weights were pruned already
+        settings["prior_pruning"] = prior
+    return settings
 
 
 def _sparse_names(source, layout, patterns) -> set:
@@ -253,9 +258,14 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
             resume: bool = True, verify: bool = True, progress: bool = True,
             calib_samples: int = calibrate.DEFAULT_SAMPLES,
             calib_seqlen: int = calibrate.DEFAULT_SEQLEN) -> dict:
-    """Prune (method "none" keeps the weights as they are) and compress the HF model `src` into
+    """Prune (method "none" keeps the weights as they are) and compress the model `src` into
     the checkpoint directory `out`. Returns the summary (also stored in `out/endor.json`) plus a
-    "run" entry with this run's timing. See docs/FORMAT.md section 2 for the layout."""
+    "run" entry with this run's timing. See docs/FORMAT.md section 2 for the layout.
+
+    `src` is an HF model directory, a .gguf file or alias (see resolve_source), or an Endor
+    checkpoint directory, read decompressed: `convert(A, B, method="none", weights="dense")`
+    makes the dense twin of the pruned checkpoint A without pruning again (B's manifest lists
+    A's pruning under "prior_pruning")."""
     from tqdm.auto import tqdm
 
     from ..prune import METHODS, needs_calibration, needs_hessian
@@ -280,7 +290,7 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     out = Path(out)
     if out.exists() and out.resolve() == src_dir.resolve():
         raise ValueError("OUT must differ from SRC")
-    source = SourceCheckpoint(src_dir)
+    source = open_source(src_dir)
     layout = build_layout(load_config(src_dir))
     sparse = _sparse_names(source, layout, patterns)
     settings = _settings(source, method, sparsity, nm, weights, patterns, calib_text or "",

@@ -1,4 +1,5 @@
-"""A HuggingFace checkpoint directory read tensor by tensor, never whole.
+"""A HuggingFace checkpoint directory read tensor by tensor, never whole (`open_source` also
+opens Endor checkpoint directories, through endor_source.EndorSource).
 
 Tensors are read with explicit positioned reads (`os.preadv`) into a fresh buffer instead of
 through safetensors' mmap: pages of a mapped file count in the process's RSS for as long as the
@@ -81,9 +82,6 @@ class SourceCheckpoint:
             raise FileNotFoundError(f"source checkpoint directory not found: {self.path}")
         if not (self.path / "config.json").is_file():
             raise FormatError("no config.json: not a HuggingFace model directory", path=self.path)
-        if _endor_weights(self.path / "endor.json") == "endor":
-            raise FormatError("this is an Endor-compressed checkpoint; convert from the original "
-                              "model (or from one converted with --format dense)", path=self.path)
         self.files, weight_map = _shard_files(self.path)
         self._where: dict[str, tuple[Path, StoredTensor]] = {}
         for file in self.files:
@@ -128,55 +126,71 @@ class SourceCheckpoint:
 
     def read(self, name: str) -> torch.Tensor:
         """A new CPU tensor holding `name`, read with positioned reads (no mmap)."""
-        stored = self._stored(name)
-        path = self._where[name][0]
-        out = torch.empty(stored.shape, dtype=TORCH_DTYPES[stored.dtype])
-        size = stored.end - stored.start
-        if size == 0:
-            return out
-        buffer = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
-        assert len(buffer) == size
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise FormatError(f"cannot read: {e.strerror or e}", path=path, tensor=name) from e
-        try:
-            done = 0
-            while done < size:
-                n = os.preadv(fd, [buffer[done:done + _READ_CHUNK]], stored.start + done)
-                if n <= 0:
-                    raise FormatError(f"the file ended after {done} of {size} bytes of this "
-                                      "tensor (truncated?)", path=path, tensor=name)
-                done += n
-        except OSError as e:
-            raise FormatError(f"cannot read: {e.strerror or e}", path=path, tensor=name) from e
-        finally:
-            os.close(fd)
-        return out
+        return read_stored(self._where[name][0], self._stored(name), name)
 
     def fingerprint(self) -> str:
         """Identifies the source cheaply, so a resumed conversion can refuse an OUT made from
-        another model: config, every tensor's name/dtype/shape, and each weight file's size and
-        first and last MiB (other weights of the same architecture differ there)."""
-        h = hashlib.sha256((self.path / "config.json").read_bytes())
-        for name in self.names():
-            s = self._stored(name)
-            h.update(f"\0{name}\0{s.dtype}\0{list(s.shape)}".encode())
-        for file in self.files:
-            with open(self.path / file, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                h.update(f"\0{file}\0{size}\0".encode())
-                h.update(f.read(_FINGERPRINT_BYTES))
-                f.seek(max(0, size - _FINGERPRINT_BYTES))
-                h.update(f.read(_FINGERPRINT_BYTES))
-        return "sha256:" + h.hexdigest()
+        another model."""
+        return fingerprint(self.path, [(n, self._stored(n).dtype, self._stored(n).shape)
+                                       for n in self.names()], self.files)
 
-
-def _endor_weights(manifest: Path):
-    """The weights kind of an Endor checkpoint manifest, or None when there is none."""
-    if not manifest.is_file():
+    def prior_pruning(self) -> None:
+        """An HF checkpoint carries no record of pruning (see EndorSource.prior_pruning)."""
         return None
+
+
+def read_stored(path: Path, stored: StoredTensor, name: str) -> torch.Tensor:
+    """A new CPU tensor holding one safetensors entry of `path`, read with positioned reads
+    into a fresh buffer (no mmap)."""
+    out = torch.empty(stored.shape, dtype=TORCH_DTYPES[stored.dtype])
+    size = stored.end - stored.start
+    if size == 0:
+        return out
+    buffer = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+    assert len(buffer) == size
     try:
-        return json.loads(manifest.read_text()).get("weights")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return None
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror or e}", path=path, tensor=name) from e
+    try:
+        done = 0
+        while done < size:
+            n = os.preadv(fd, [buffer[done:done + _READ_CHUNK]], stored.start + done)
+            if n <= 0:
+                raise FormatError(f"the file ended after {done} of {size} bytes of this "
+                                  "tensor (truncated?)", path=path, tensor=name)
+            done += n
+    except OSError as e:
+        raise FormatError(f"cannot read: {e.strerror or e}", path=path, tensor=name) from e
+    finally:
+        os.close(fd)
+    return out
+
+
+def fingerprint(root: Path, tensors, files: list[str], extra_files=("config.json",)) -> str:
+    """sha256 over `extra_files` (config...), every tensor's (name, dtype, shape), and each
+    weight file's name, size and first and last MiB (other weights of the same architecture
+    differ there). Unchanged since the first version: OUTs written then still resume."""
+    h = hashlib.sha256()
+    for extra in extra_files:
+        h.update((root / extra).read_bytes())
+    for name, dtype, shape in tensors:
+        h.update(f"\0{name}\0{dtype}\0{list(shape)}".encode())
+    for file in files:
+        with open(root / file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h.update(f"\0{file}\0{size}\0".encode())
+            h.update(f.read(_FINGERPRINT_BYTES))
+            f.seek(max(0, size - _FINGERPRINT_BYTES))
+            h.update(f.read(_FINGERPRINT_BYTES))
+    return "sha256:" + h.hexdigest()
+
+
+def open_source(path):
+    """The reader for a conversion source: an Endor checkpoint directory (it has endor.json)
+    as an EndorSource, decompressing on read; any other directory as an HF checkpoint."""
+    path = Path(path)
+    if (path / "endor.json").is_file():
+        from .endor_source import EndorSource
+        return EndorSource(path)
+    return SourceCheckpoint(path)
