@@ -51,3 +51,14 @@ def test_bad_options():
                               conversions=0, workdir=None, quick=True, repeat=1, warmup=0)
     with pytest.raises(ValueError, match="conversions"):
         bench.run(args)
+
+
+def test_plot(tmp_path):
+    import json
+    from pathlib import Path
+
+    from endor.bench import plot
+    doc = json.loads((Path(__file__).parents[2] / "docs/benchmarks/convert.json").read_text())
+    path = plot.draw("convert", doc, tmp_path / "convert.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -134,6 +134,45 @@ def _draw_transfer(doc: dict):
     return fig
 
 
+# --- convert -------------------------------------------------------------------------------------
+
+def _draw_convert(doc: dict):
+    rows = doc["results"]
+    timed = [r for r in rows if isinstance(r.get("gbps"), (int, float))]
+    measured = [r for r in rows if isinstance(r.get("peak_rss_gb"), (int, float))]
+    fig, axes = _figure(2, width=5.5)
+    speed, memory = axes[0]
+    speed.barh(range(len(timed)), [r["gbps"] for r in timed], color="C0")
+    speed.set_yticks(range(len(timed)), [r["case"] for r in timed], fontsize=7)
+    for i, r in enumerate(timed):
+        speed.text(r["gbps"], i, f" {r['gbps']:.3g} GB/s, {r['seconds']:.1f} s", va="center",
+                   fontsize=7)
+    speed.invert_yaxis()
+    speed.set(title=f"throughput ({timed[0]['source_gb']:g} GB source)" if timed else
+              "throughput", xlabel="GB/s of source")
+    speed.margins(x=0.45)
+    speed.grid(alpha=0.3, axis="x")
+    labels = [r["case"] for r in measured]
+    anon = [r.get("peak_rss_anon_gb") or 0.0 for r in measured]
+    file_backed = [r.get("peak_rss_file_gb") or 0.0 for r in measured]
+    memory.barh(range(len(measured)), anon, color="C1", label="anonymous (at its peak)")
+    memory.barh(range(len(measured)), file_backed, left=anon, color="C2",
+                label="file-backed (at its peak)")
+    memory.scatter([r["peak_rss_gb"] for r in measured], range(len(measured)), color="k",
+                   marker="|", s=200, zorder=3, label="peak RSS (getrusage)")
+    limit = doc.get("done_when", {}).get("peak_rss_gb_max")
+    if limit is not None:
+        memory.axvline(limit, color="red", linestyle="--", linewidth=1,
+                       label=f"budget {limit:g} GB")
+    memory.set_yticks(range(len(measured)), labels, fontsize=7)
+    memory.invert_yaxis()
+    memory.set(title="peak memory", xlabel="GB")
+    memory.grid(alpha=0.3, axis="x")
+    memory.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
+    _title(fig, doc, "conversion throughput and peak memory")
+    return fig
+
+
 # --- any other benchmark -------------------------------------------------------------------------
 
 def _scalar_columns(rows: list[dict]) -> list[str]:
@@ -190,6 +229,7 @@ def _draw_generic(doc: dict):
 
 DRAWERS: dict[str, Callable[[dict], object]] = {
     "formats": _draw_formats, "decode": _draw_decode, "transfer": _draw_transfer,
+    "convert": _draw_convert,
 }
 
 
