@@ -19,9 +19,12 @@ ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to
 # One request per shard (up to this size): the kernel splits a large O_DIRECT read into many
 # device requests by itself, while small requests each pay a Python round trip for the GIL.
 # Measured on the e2e model (51 MB Endor shards, interleaved runs): 8 MiB x 4 in flight 0.53
-# s/token, 64 MiB x 1 0.38-0.41, whole shard x 2 in flight 0.37.
+# s/token, 64 MiB x 1 0.38-0.41, whole shards x 2 in flight 0.37, x 4 0.40 (dense 0.75 x 2,
+# 0.54 x 4); runs on this shared virtual disk vary by +-20%.
 CHUNK = 256 * 2**20
-DEPTH = 2  # requests in flight: the next shard's read is queued while this one finishes
+# Requests in flight (each waits in the kernel, no CPU): the next shards' reads are queued
+# while this one finishes. Reads in flight are also bounded by the stream's prefetch depth.
+DEPTH = 4
 
 
 def round_up(n: int, multiple: int = ALIGN) -> int:
