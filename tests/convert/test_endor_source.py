@@ -20,7 +20,7 @@ def tensors():
 
 
 def write_checkpoint(path, *, weights="endor", manifest=None):
-    """An Endor checkpoint: the w/v/e tensors compressed (when weights is endor), the rest dense."""
+    """An Endor checkpoint: w, v, e compressed (when weights is endor), the rest dense."""
     t = tensors()
     writer = CheckpointWriter(path, ["layers.0", "rest"], weights=weights)
     compressed = {"layers.0.w", "layers.0.v", "layers.0.e"} if weights == "endor" else set()

@@ -11,6 +11,15 @@ from tests.helpers import DTYPES, INT_VIEW
 SHAPES = [(1, 1), (7, 13), (33, 130), (3, 1), (830, 545)]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The torch selection on a busy 2-core machine is several times faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def scores_of(shape, dtype, kind, seed=0):
     g = torch.Generator().manual_seed(seed)
     if kind == "normal":  # signed: -0.0, negatives and positives must order as floats do
@@ -31,7 +40,8 @@ def scores_of(shape, dtype, kind, seed=0):
 @pytest.mark.parametrize("kind", ["normal", "levels", "specials"])
 def test_numpy_selection_equals_torch_selection(dtype, shape, kind):
     scores = scores_of(shape, dtype, kind, seed=shape[1])
-    for count in sorted({1, 2, shape[1] // 2, shape[1] - 1, shape[1]} & set(range(1, shape[1] + 1))):
+    counts = {1, 2, shape[1] // 2, shape[1] - 1, shape[1]} & set(range(1, shape[1] + 1))
+    for count in sorted(counts):
         fast = masks._lowest_along_last_numpy(scores, count)
         slow = masks._lowest_along_last_torch(scores, count)
         assert torch.equal(fast, slow), (count, kind)
@@ -81,3 +91,16 @@ def test_apply_prune_mask_equals_masked_fill(dtype, shape, monkeypatch):
     slow = masks.canonical_zeros(w.masked_fill(prune, 0))
     assert fast.dtype == dtype and fast.shape == w.shape
     assert torch.equal(fast.view(view), slow.view(view))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (830, 545), (3, 0)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.99])
+def test_fused_magnitude_pruning_equals_the_composed_steps(dtype, shape, sparsity, monkeypatch):
+    monkeypatch.setattr(masks, "_CHUNK_ELEMENTS", 5000)  # several chunks of rows
+    w = scores_of(shape, dtype, "levels" if sparsity == 0.3 else "specials", seed=6)
+    count = masks.pruned_count(sparsity, shape[1])
+    fused = masks.prune_smallest_magnitudes(w, count)
+    composed = masks.apply_prune_mask(w, masks.lowest_per_row(masks.magnitude_scores(w), count))
+    assert fused.dtype == dtype and fused.shape == w.shape
+    assert torch.equal(fused.view(INT_VIEW[dtype]), composed.view(INT_VIEW[dtype]))

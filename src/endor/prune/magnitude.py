@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .masks import (apply_prune_mask, lowest_per_group, lowest_per_row, magnitude_scores,
-                    pruned_count)
+                    prune_smallest_magnitudes, pruned_count)
 
 
 def score_prune_mask(scores: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
@@ -17,5 +17,8 @@ def score_prune_mask(scores: torch.Tensor, sparsity: float, nm) -> torch.Tensor:
 
 def magnitude_prune(weight: torch.Tensor, *, sparsity: float, nm=None) -> torch.Tensor:
     # Ranked by |w| as float32 (the bit patterns with the sign cleared order exactly so).
-    scores = magnitude_scores(weight.detach())
-    return apply_prune_mask(weight.detach(), score_prune_mask(scores, sparsity, nm))
+    weight = weight.detach()
+    if nm is None and weight.device.type == "cpu" and weight.dtype in (
+            torch.float16, torch.bfloat16, torch.float32):
+        return prune_smallest_magnitudes(weight, pruned_count(sparsity, weight.shape[1]))
+    return apply_prune_mask(weight, score_prune_mask(magnitude_scores(weight), sparsity, nm))

@@ -138,6 +138,25 @@ def magnitude_scores(weight: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(bits & np.array(np.iinfo(bits.dtype).max, dtype=bits.dtype))
 
 
+def prune_smallest_magnitudes(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """apply_prune_mask(weight, lowest_per_row(magnitude_scores(weight), count)) in one pass
+    over row chunks, with no whole-matrix temporaries: a CPU float32/float16/bfloat16 [out, in]
+    weight, 0 <= count <= in."""
+    bits = _numpy_scores(weight)
+    rows, cols = bits.shape
+    out = np.empty_like(bits)
+    magnitude_bits = np.array(np.iinfo(bits.dtype).max, dtype=bits.dtype)
+    step = max(1, _CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        part = bits[start:start + step]
+        keys = part & magnitude_bits
+        drop = keys == 0  # zeros, -0.0 included, become +0.0
+        if count:
+            drop |= _lowest_rows(keys, count)
+        np.multiply(part, ~drop, out=out[start:start + step])
+    return torch.from_numpy(out).view(weight.dtype)
+
+
 def canonical_zeros(weight: torch.Tensor) -> torch.Tensor:
     """Every zero becomes +0.0. The Endor bitmap counts -0.0 as a non-zero (its bits are not all
     zero), so a -0.0 left by pruning or by an underflowing cast would waste a stored value."""
