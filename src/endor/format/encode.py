@@ -17,7 +17,6 @@ from .tensor import EndorTensor
 _BIT_WEIGHTS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
 # Elements per chunk of the CPU encoder: a whole number of tiles.
 _CHUNK_ELEMENTS = 64 * spec.TILE_SIZE
-_NUMPY_INT = {2: np.int16, 4: np.int32}
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,6 @@ import torch
 # Rows are processed in chunks of about this many elements: the temporaries of a chunk stay in
 # the CPU's cache, and memory does not grow with the matrix.
 _CHUNK_ELEMENTS = 1 << 18
-_NUMPY_INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 _TORCH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
