@@ -69,7 +69,8 @@ def test_some_layers_resident_is_token_identical(tiny, arch, prefetch):
         assert greedy(model, PROMPT, NEW_TOKENS) == want
         stats = model.endor_stats()
     assert stats["resident_layers"] == [0, 1] and stats["streamed_layers"] == [2, 3]
-    assert stats["slots"] == min(prefetch + 1, 2)
+    assert stats["read_slots"] == min(prefetch + 1, 2)
+    assert stats["dense_slots"] == min(2, stats["read_slots"])
 
 
 def test_no_budget_keeps_everything_resident(tiny):
@@ -218,21 +219,23 @@ def test_worker_error_reaches_the_caller(tiny, monkeypatch):
             greedy(model, PROMPT, NEW_TOKENS)
 
 
-def test_streaming_buffers_are_reported_and_sized_from_the_largest_layer(tiny):
-    path, reference, _ = tiny("opt", "endor")
+@pytest.mark.parametrize("weights", ["endor", "dense"])
+def test_streaming_buffers_are_reported_and_sized_from_the_largest_layer(tiny, weights):
+    path, reference, _ = tiny("opt", weights)
     shards = shard_paths(path)
     largest = max(shards[f"layers.{i}"].stat().st_size for i in range(4))
-    with open_model(path, max_memory=0, prefetch=1) as model:
+    with open_model(path, max_memory=0, prefetch=2) as model:
         stats = model.endor_stats()
-    assert stats["slots"] == 2
-    # read buffers: the largest shard, rounded up to the O_DIRECT alignment, per slot
-    assert 2 * largest <= stats["buffer_host_bytes"] < 2 * (largest + 4096)
-    # dense buffers: the largest layer's decompressed weights (OPT's biases and norms stay views
-    # of the read buffer), per slot
-    dense = max(sum(t.numel() * t.element_size() for n, t in layer.state_dict().items()
-                    if t.dim() == 2)
-                for layer in reference.model.decoder.layers)
-    assert 2 * dense <= stats["buffer_device_bytes"] < 2 * (dense + 64 * 16)
+    assert stats["read_slots"] == 3
+    # read slots: the largest shard, rounded up to the O_DIRECT alignment, each
+    assert 3 * largest <= stats["buffer_host_bytes"] < 3 * (largest + 4096)
+    if weights == "dense":  # used in place: the dense slots hold nothing
+        assert stats["dense_slots"] == 3 and stats["buffer_device_bytes"] == 3
+    else:  # two dense slots, each every weight of the largest layer (64-byte aligned)
+        dense = max(sum(-(-t.numel() * t.element_size() // 64) * 64
+                        for t in layer.state_dict().values())
+                    for layer in reference.model.decoder.layers)
+        assert stats["dense_slots"] == 2 and stats["buffer_device_bytes"] == 2 * dense
 
 
 @pytest.mark.gpu

@@ -44,11 +44,21 @@ def test_plan_layer_views_dense_tensors_and_decodes_endor_ones(tmp_path):
     with endor.open_file(path) as f:
         plan = plan_layer(0, f, "m.layers.0.", expected)
     by_name = {t.name: t for t in plan.tensors}
-    assert by_name["norm.weight"].out is None and not by_name["norm.weight"].compressed
+    # a layer with compressed tensors is decoded whole: its dense ones are copied beside them
+    assert not by_name["norm.weight"].compressed and by_name["norm.weight"].out is not None
     assert by_name["proj.weight"].compressed and by_name["proj.weight"].out % OUT_ALIGN == 0
-    assert plan.dense_buffer_bytes >= w.numel() * 2 and plan.dense_buffer_bytes % OUT_ALIGN == 0
+    assert by_name["norm.weight"].out % OUT_ALIGN == 0 and not plan.keeps_image
+    assert plan.dense_buffer_bytes >= (w.numel() + norm.numel()) * 2
+    assert plan.dense_buffer_bytes % OUT_ALIGN == 0
     assert plan.weight_bytes == (w.numel() + norm.numel()) * 2
     assert plan.file_size == path.stat().st_size
+
+    dense_path = tmp_path / "dense.safetensors"  # a dense layer is used in place
+    endor.save_file({"m.layers.0.proj.weight": w, "m.layers.0.norm.weight": norm}, dense_path)
+    with endor.open_file(dense_path) as f:
+        plan = plan_layer(0, f, "m.layers.0.", expected)
+    assert all(t.out is None for t in plan.tensors) and plan.keeps_image
+    assert plan.dense_buffer_bytes == 0
 
 
 def test_plan_layer_rejects_mismatches(tmp_path):

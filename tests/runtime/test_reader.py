@@ -8,23 +8,30 @@ from endor.runtime import reader as reader_module
 from endor.runtime.reader import ALIGN, ShardReader, aligned_buffer, round_up
 
 
+@pytest.fixture
+def reader():
+    r = ShardReader()
+    yield r
+    r.close()  # joins its I/O threads
+
+
 @pytest.mark.parametrize("nbytes", [0, 1, 4095, 4096, 4097, 3 * 8192 + 5])
-def test_whole_file_read_is_exact(tmp_path, monkeypatch, nbytes):
+def test_whole_file_read_is_exact(tmp_path, monkeypatch, reader, nbytes):
     monkeypatch.setattr(reader_module, "CHUNK", 8192)  # several chunks on a small file
     data = os.urandom(nbytes)
     path = tmp_path / "shard"
     path.write_bytes(data)
     buf = aligned_buffer(nbytes)
     assert buf.data_ptr() % ALIGN == 0 and buf.numel() == round_up(max(nbytes, 1))
-    r = ShardReader()
+    r = reader
     assert r.read_into(path, buf, nbytes) == nbytes
     assert bytes(buf[:nbytes].numpy()) == data
     assert r.direct or r.fallback_reason  # either direct, or it says why not
 
 
-def test_reused_buffer_holds_the_newest_file(tmp_path):
+def test_reused_buffer_holds_the_newest_file(tmp_path, reader):
     buf = aligned_buffer(10_000)
-    r = ShardReader()
+    r = reader
     for size in (10_000, 5):
         data = os.urandom(size)
         (tmp_path / "f").write_bytes(data)
@@ -32,7 +39,7 @@ def test_reused_buffer_holds_the_newest_file(tmp_path):
         assert bytes(buf[:size].numpy()) == data
 
 
-def test_refused_o_direct_falls_back_and_says_so(tmp_path, monkeypatch):
+def test_refused_o_direct_falls_back_and_says_so(tmp_path, monkeypatch, reader):
     data = os.urandom(5000)
     (tmp_path / "f").write_bytes(data)
     real_preadv = os.preadv
@@ -45,7 +52,7 @@ def test_refused_o_direct_falls_back_and_says_so(tmp_path, monkeypatch):
         return real_preadv(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", preadv)
-    r = ShardReader()
+    r = reader
     buf = aligned_buffer(5000)
     r.read_into(tmp_path / "f", buf, 5000)
     assert bytes(buf[:5000].numpy()) == data
@@ -58,9 +65,9 @@ def fcntl_flags(fd):
     return fcntl.fcntl(fd, fcntl.F_GETFL)
 
 
-def test_short_file_and_bad_buffer_are_errors(tmp_path):
+def test_short_file_and_bad_buffer_are_errors(tmp_path, reader):
     (tmp_path / "f").write_bytes(b"x" * 100)
-    r = ShardReader()
+    r = reader
     with pytest.raises(OSError, match="short read"):
         r.read_into(tmp_path / "f", aligned_buffer(200), 200)
     with pytest.raises(ValueError, match="aligned_buffer"):

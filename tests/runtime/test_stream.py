@@ -77,7 +77,8 @@ def test_cyclic_schedule_serves_every_layer_in_any_order(streamed_llama, held, p
     stream = LayerStream(plans, device=torch.device("cpu"), prefetch=prefetch, backend="auto",
                          reader=None if held else reader, digests=digests, held=images,
                          metrics=Metrics())
-    assert len(stream.slots) == min(prefetch + 1, len(plans))
+    assert len(stream.read_slots) == min(prefetch + 1, len(plans))
+    assert len(stream.dense_slots) == min(2, len(stream.read_slots))
     order = [0, 1, 2, 3] * 3 + [2, 3, 0, 1, 1, 0, 3]  # in order, then jumps (restarts)
     for i in order:
         views = stream.acquire(i)

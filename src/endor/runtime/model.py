@@ -79,8 +79,10 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     device: where it computes ("cpu", "cuda"). offload: where streamed layers live between
     uses, "disk" (read with O_DIRECT for every forward) or "cpu" (their compressed bytes held in
     host memory). max_memory: bytes for resident weights (int, "500MB", "2GiB", {"cuda": ...});
-    None keeps every layer resident, 0 streams every layer. Streaming buffers (prefetch+1 slots, each the largest
-    shard plus its largest dense layer) come on top and are reported by model.endor_stats().
+    None keeps every layer resident, 0 streams every layer. Streaming buffers come on top and
+    are reported by model.endor_stats(): prefetch+1 read slots (the largest shard each) and up
+    to two dense slots (the largest decoded layer each; as many as read slots for dense weights,
+    which are used in place).
     prefetch: layers loading ahead of the one computing. backend: decoder (see endor.decompress).
     compute_threads: torch threads during the model's forward (default: see thread_split).
 
@@ -202,7 +204,8 @@ def _attach_api(model, stream, metrics, memory, plans, reader, info) -> None:
             "buffer_device_bytes": stream.device_buffer_bytes if stream else 0,
             "held_host_bytes": sum(t.numel() for t in stream.held.values())
             if stream and stream.held else 0,
-            "slots": len(stream.slots) if stream else 0,
+            "read_slots": len(stream.read_slots) if stream else 0,
+            "dense_slots": len(stream.dense_slots) if stream else 0,
             "direct_io": bool(stream and stream.reader and reader.direct),
             "direct_io_fallback": reader.fallback_reason,
         }

@@ -91,6 +91,12 @@ class LayerPlan:
     dense_buffer_bytes: int  # what decoding this layer needs in a slot's dense buffer
     weight_bytes: int  # the layer's weights, dense, as they count against the budget
 
+    @property
+    def keeps_image(self) -> bool:
+        """Whether some weight is a view of the shard image (which then lives until the layer
+        has computed), rather than decoded or copied into the dense buffer."""
+        return any(tp.out is None for tp in self.tensors)
+
 
 def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict) -> LayerPlan:
     """Lay out decoder layer `index` stored in `f` (tensor names `prefix` + relative name) for a
@@ -123,6 +129,10 @@ def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict) -> LayerPl
         aligned = st.start % dtype.itemsize == 0
         return Part(st.start, st.end, dtype, None if aligned else reserve(st.end - st.start))
 
+    # A layer with compressed tensors is decoded into the dense buffer whole (its few dense
+    # tensors copied beside them), so its shard image can be reused as soon as it is decoded;
+    # a dense layer is used in place, a view of its image (no copy at all).
+    any_compressed = any(f.is_compressed(names[rel]) for rel in expected)
     for rel in sorted(expected):
         shape, dtype = expected[rel]
         full = names[rel]
@@ -145,9 +155,8 @@ def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict) -> LayerPl
         if not stored_dtype.is_floating_point and dtype.is_floating_point:
             raise FormatError(f"is {stored_dtype}, the model expects a float", path=f.path,
                               tensor=full)
-        # A dense tensor already in the model's dtype and aligned is used in place (a view of
-        # the file image); everything else is decoded or cast into the dense buffer.
-        in_place = not compressed and stored_dtype == dtype and parts[0].staging is None
+        in_place = (not any_compressed and stored_dtype == dtype
+                    and parts[0].staging is None)
         out = None if in_place else reserve(math.prod(shape) * dtype.itemsize)
         plans.append(TensorPlan(rel, torch.Size(shape), dtype, parts, compressed, digest, out))
     weight_bytes = sum(p.nbytes for p in plans)

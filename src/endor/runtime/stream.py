@@ -16,7 +16,12 @@ FlexGen's loop, one layer at a time:
 
     acquire(j)  wait until load j is done, its views become layer j's weights
     compute(j)  the layer's forward
-    release(j)  the slot is free again: start loading the layer P+1 positions ahead
+    release(j)  its buffers are free again: start loading the next layers into them
+
+Buffers come in two pools: read slots (a shard image; prefetch+1 of them) and dense slots (a
+decoded layer). A decoded layer gives its read slot back at once, so with Endor weights the
+reads of the next layers proceed while decoded layers wait for their turn to compute; a dense
+layer's weights are views of its image, which it keeps until it has computed.
 
 The schedule is cyclic: after the last streamed layer come the first ones of the next forward,
 so they load while the resident layers, the LM head and sampling run. A worker error (I/O
@@ -50,18 +55,25 @@ def image_digest(image: torch.Tensor, nbytes: int) -> int:
 
 
 @dataclass(eq=False)
-class Slot:
+class ReadSlot:
     host: torch.Tensor | None  # aligned host read buffer (pinned on cuda); None with cpu offload
     device_image: torch.Tensor | None  # the shard copied to the GPU; None on cpu
-    dense: torch.Tensor  # uint8 dense buffer on the device
-    free_event: object = None  # cuda: the compute stream finished with this slot
+    free_event: object = None  # cuda: the compute stream finished with device_image
+
+
+@dataclass(eq=False)
+class DenseSlot:
+    buffer: torch.Tensor  # uint8, on the device
+    free_event: object = None  # cuda: the compute stream finished with it
 
 
 @dataclass(eq=False)
 class Load:
     layer: LayerPlan
-    slot: Slot
+    read_slot: ReadSlot
+    dense_slot: DenseSlot | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    cancelled: bool = False  # dropped by a restart: the loader only lets its read finish
     error: BaseException | None = None
     pending: PendingRead | None = None  # the disk read in flight
     image: torch.Tensor | None = None  # the shard's bytes as the decoder reads them
@@ -71,7 +83,7 @@ class Load:
 
 
 class LayerStream:
-    """Streams `layers` (in execution order) cyclically through prefetch+1 slots."""
+    """Streams `layers` (in execution order) cyclically; prefetch+1 read slots."""
 
     def __init__(self, layers: list[LayerPlan], *, device: torch.device, prefetch: int,
                  backend: str, reader: ShardReader | None, digests: dict[int, int],
@@ -90,27 +102,31 @@ class LayerStream:
         self.decode_threads = decode_threads
         self.closed = False
         self._cuda = device.type == "cuda"
-        nslots = min(prefetch + 1, len(layers))
+        n_read = min(prefetch + 1, len(layers))
+        # Layers that keep their image hold both slots until they compute: pair them up.
+        n_dense = n_read if any(p.keeps_image for p in layers) else min(2, n_read)
         read_bytes = max(p.file_size for p in layers)
-        dense_bytes = max(p.dense_buffer_bytes for p in layers)
-        self.slots = []
-        for _ in range(nslots):
-            host = None if held is not None else aligned_buffer(read_bytes, pin=self._cuda)
-            dev_image = (torch.empty(read_bytes, dtype=torch.uint8, device=device)
-                         if self._cuda else None)
-            dense = torch.empty(max(dense_bytes, 1), dtype=torch.uint8, device=device)
-            self.slots.append(Slot(host, dev_image, dense))
-        self.host_buffer_bytes = sum(s.host.numel() for s in self.slots if s.host is not None)
-        self.device_buffer_bytes = sum(
-            s.dense.numel() + (s.device_image.numel() if self._cuda else 0) for s in self.slots)
+        dense_bytes = max(max(p.dense_buffer_bytes for p in layers), 1)
+        self.read_slots = [
+            ReadSlot(None if held is not None else aligned_buffer(read_bytes, pin=self._cuda),
+                     torch.empty(read_bytes, dtype=torch.uint8, device=device)
+                     if self._cuda else None) for _ in range(n_read)]
+        self.dense_slots = [DenseSlot(torch.empty(dense_bytes, dtype=torch.uint8, device=device))
+                            for _ in range(n_dense)]
+        self.host_buffer_bytes = sum(s.host.numel() for s in self.read_slots if s.host is not None)
+        self.device_buffer_bytes = sum(s.buffer.numel() for s in self.dense_slots) + sum(
+            s.device_image.numel() for s in self.read_slots if s.device_image is not None)
         if self._cuda:
             self._copy_stream = torch.cuda.Stream(device)
             self._decode_stream = torch.cuda.Stream(device)
-        self._inflight: deque[Load] = deque()
+        self._lock = threading.Condition()
+        self._inflight: deque[Load] = deque()  # issued and not yet released, in order
+        self._free_read: deque[ReadSlot] = deque()
+        self._free_dense: deque[DenseSlot] = deque()
         self._current: Load | None = None
         self._next_pos = 0
-        self._next_slot = 0
         self._needs_restart = True
+        self._stopping = False  # a restart or close is cancelling: issue nothing
         self._last_read_end = 0.0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._loader_loop, name="endor-loader",
@@ -125,62 +141,85 @@ class LayerStream:
         """Block until layer `index` is loaded; return its dense tensors (name -> tensor)."""
         if self.closed:
             raise RuntimeError("this Endor model was closed (endor_close); load it again")
-        pos = self.position[index]
-        if self._needs_restart or not self._inflight or self._inflight[0].layer.index != index:
-            self._restart(pos)
-        load = self._inflight[0]
+        with self._lock:
+            head = self._inflight[0] if self._inflight else None
+        if self._needs_restart or head is None or head.layer.index != index:
+            self._restart(self.position[index])
+            with self._lock:
+                head = self._inflight[0]
         t0 = time.perf_counter()
-        self._wait(load)
+        self._wait(head)
         stall = time.perf_counter() - t0
-        if load.error is not None:
+        if head.error is not None:
             self._needs_restart = True
-            raise load.error
+            raise head.error
         if self._cuda:
-            torch.cuda.current_stream(self.device).wait_event(load.ready_event)
-        self.metrics.add_load(load.times, stall)
-        self._current = load
-        return load.views
+            torch.cuda.current_stream(self.device).wait_event(head.ready_event)
+        self.metrics.add_load(head.times, stall)
+        self._current = head
+        return head.views
 
     def release(self, index: int) -> None:
-        """Layer `index` finished computing: its slot may be overwritten; load the next layer."""
+        """Layer `index` finished computing: its buffers may be reused; load the next layers."""
         load = self._current
         if load is None or load.layer.index != index or self.closed:
             return  # acquire failed, or the schedule was reset: nothing to hand back
         self._current = None
-        self._inflight.popleft()
         load.views = None
+        event = None
         if self._cuda:
-            load.slot.free_event = torch.cuda.Event()
-            load.slot.free_event.record(torch.cuda.current_stream(self.device))
-        self._issue()
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        with self._lock:
+            assert self._inflight[0] is load
+            self._inflight.popleft()
+            if load.read_slot is not None:  # the layer kept its image until now
+                load.read_slot.free_event = event
+                self._free_read.append(load.read_slot)
+            load.dense_slot.free_event = event
+            self._free_dense.append(load.dense_slot)
+            self._pump()
+            self._lock.notify_all()
 
-    def _issue(self) -> None:
-        slot = self.slots[self._next_slot]
-        load = Load(self.layers[self._next_pos], slot)
-        self._next_slot = (self._next_slot + 1) % len(self.slots)
-        self._next_pos = (self._next_pos + 1) % len(self.layers)
-        if self.held is None:
-            load.pending = self.reader.start(load.layer.file, slot.host, load.layer.file_size)
-        self._inflight.append(load)
-        self._queue.put(load)
+    def _pump(self) -> None:
+        """Issue loads while a read slot is free (lock held)."""
+        while self._free_read and not self._stopping:
+            load = Load(self.layers[self._next_pos], self._free_read.popleft())
+            self._next_pos = (self._next_pos + 1) % len(self.layers)
+            if self.held is None:
+                load.pending = self.reader.start(load.layer.file, load.read_slot.host,
+                                                 load.layer.file_size)
+            self._inflight.append(load)
+            self._queue.put(load)
 
     def _restart(self, pos: int) -> None:
         """Drop the schedule (after an error, an interrupted forward or at start) and begin
         again at streamed position `pos`."""
-        self._drain()
-        self._current = None
-        self._next_pos = pos
-        self._next_slot = 0
-        for _ in self.slots:
-            self._issue()
-        self._needs_restart = False
-
-    def _drain(self) -> None:
-        while self._inflight:
-            load = self._inflight.popleft()
-            self._wait(load)  # its error, if any, no longer matters
+        self._cancel_all()
         if self._cuda:
             torch.cuda.current_stream(self.device).synchronize()
+        with self._lock:
+            self._inflight.clear()
+            self._current = None
+            for slot in (*self.read_slots, *self.dense_slots):
+                slot.free_event = None
+            self._free_read = deque(self.read_slots)
+            self._free_dense = deque(self.dense_slots)
+            self._next_pos = pos
+            self._stopping = False
+            self._pump()
+        self._needs_restart = False
+
+    def _cancel_all(self) -> None:
+        """Stop issuing, let every load in flight end (reads finish, nothing more is decoded)."""
+        with self._lock:
+            self._stopping = True
+            loads = list(self._inflight)
+            for load in loads:
+                load.cancelled = True
+            self._lock.notify_all()
+        for load in loads:
+            self._wait(load)  # its error, if any, no longer matters
 
     def _wait(self, load: Load) -> None:
         while not load.done.wait(_WORKER_POLL_S):
@@ -189,23 +228,25 @@ class LayerStream:
                 return
 
     def close(self) -> None:
-        """Stop the workers, join them and free every buffer. Idempotent."""
+        """Stop the loader, join it and free every buffer. Idempotent."""
         if self.closed:
             return
+        self._cancel_all()
         self.closed = True
         self._queue.put(None)
         for t in self._threads:
             t.join()
         if self.reader is not None:
             self.reader.close()
-        for load in self._inflight:
-            load.views = None
-        self._inflight.clear()
+        with self._lock:
+            self._inflight.clear()
+            self._free_read.clear()
+            self._free_dense.clear()
         self._current = None
-        self.slots = []
+        self.read_slots, self.dense_slots = [], []
         self.held = None
 
-    # ---- worker threads ------------------------------------------------------------------
+    # ---- loader thread -------------------------------------------------------------------
 
     def _loader_loop(self) -> None:
         if self.decode_threads:
@@ -216,23 +257,36 @@ class LayerStream:
             if load is None:
                 return
             try:
-                if self.closed:
-                    if load.pending is not None:
-                        load.pending.result()  # let its requests finish and its file close
-                    raise RuntimeError("the stream was closed")
                 self._fetch(load)
-                self._decode(load)
+                if self._take_dense_slot(load):
+                    self._decode(load)
+                    if not load.layer.keeps_image:
+                        with self._lock:  # its image is no longer needed: read the next shard
+                            self._free_read.append(load.read_slot)
+                            load.read_slot = None
+                            self._pump()
             except BaseException as e:  # noqa: BLE001 - handed to the compute thread
                 load.error = e
             finally:
                 load.done.set()
 
+    def _take_dense_slot(self, load: Load) -> bool:
+        with self._lock:
+            while not self._free_dense and not load.cancelled:
+                self._lock.wait()
+            if load.cancelled:
+                return False
+            load.dense_slot = self._free_dense.popleft()
+            return True
+
     def _fetch(self, load: Load) -> None:
-        plan, slot, times = load.layer, load.slot, load.times
+        plan, slot, times = load.layer, load.read_slot, load.times
         if load.pending is None:
             image = self.held[plan.index]
         else:
-            load.pending.result()
+            load.pending.result()  # also when cancelled: the request must end before reuse
+            if load.cancelled:
+                return
             t1 = time.perf_counter()
             if image_digest(slot.host, plan.file_size) != self.digests[plan.index]:
                 raise FormatError("checksum mismatch: the shard changed on disk or is corrupt "
@@ -245,7 +299,7 @@ class LayerStream:
             times.bytes_read = plan.file_size
             image = slot.host
         times.bytes_moved = plan.file_size
-        if self._cuda:
+        if self._cuda and not load.cancelled:
             t0 = time.perf_counter()
             with torch.cuda.stream(self._copy_stream):
                 if slot.free_event is not None:
@@ -260,16 +314,17 @@ class LayerStream:
 
     def _decode(self, load: Load) -> None:
         t0 = time.perf_counter()
+        dense = load.dense_slot
         if self._cuda:
             with torch.cuda.stream(self._decode_stream):
-                if load.slot.free_event is not None:
-                    self._decode_stream.wait_event(load.slot.free_event)
-                load.views = decode_layer(load.layer, load.image, load.slot.dense, self.backend)
+                if dense.free_event is not None:
+                    self._decode_stream.wait_event(dense.free_event)
+                load.views = decode_layer(load.layer, load.image, dense.buffer, self.backend)
                 load.ready_event = torch.cuda.Event()
                 load.ready_event.record(self._decode_stream)
-            load.ready_event.synchronize()
+            load.ready_event.synchronize()  # for the timing; it also frees the image below
         else:
-            load.views = decode_layer(load.layer, load.image, load.slot.dense, self.backend)
+            load.views = decode_layer(load.layer, load.image, dense.buffer, self.backend)
         load.times.decompress_s = time.perf_counter() - t0
         load.image = None
 
