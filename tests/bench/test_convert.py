@@ -43,6 +43,8 @@ def test_quick_run(tmp_path):
     assert conv["gbps"] > 0 and conv["ratio"] > 1.2 and conv["peak_rss_gb"] > 0.1
     assert rows["copy"]["gbps"] > 0 and rows["imports"]["peak_rss_gb"] > 0.05
     assert doc["done_when"]["met"] is False  # a few MB is not the >= 3 GB case
+    assert set(doc["params"]["load_avg"]) == {"before", "after"}
+    assert "load_avg_before" in conv["runs"][0]
     assert list(tmp_path.iterdir()) == []  # the work directory is removed
 
 

@@ -159,6 +159,7 @@ def run(args) -> dict:
     if args.workdir is not None:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="endor-bench-convert-", dir=args.workdir))
+    load_before = harness.system_load()
     try:
         src = write_synthetic_checkpoint(work / "src", config, dtype=torch.float16)
         files = sorted(src.glob("*.safetensors"))
@@ -186,6 +187,7 @@ def run(args) -> dict:
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
             cold = _evict(files)
+            load = harness.system_load()
             argv = [sys.executable, "-m", "endor", "convert", str(src), str(out),
                     "--method", args.method, "--sparsity", str(args.sparsity),
                     "--format", args.weights, "--quiet"]
@@ -194,7 +196,8 @@ def run(args) -> dict:
                 raise RuntimeError(f"endor convert failed ({child['returncode']}):\n"
                                    + (work / f"convert{k}.log").read_text()[-4000:])
             stored = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-            runs.append({**child, "cold_cache": cold, "stored_bytes": stored})
+            runs.append({**child, "cold_cache": cold, "stored_bytes": stored,
+                         "load_avg_before": load})
         times = [r["seconds"] for r in runs]
         stats = harness.Stats(sorted(times)[len(times) // 2], min(times), max(times), len(times))
         peak = max(r["peak_rss"] for r in runs)
@@ -213,7 +216,8 @@ def run(args) -> dict:
 
     met = peak <= DONE_WHEN["peak_rss_gb_max"] * 1e9 and source_bytes >= \
         DONE_WHEN["source_gb_min"] * 1e9
-    params = {"method": args.method, "sparsity": args.sparsity, "weights": args.weights,
+    params = {"load_avg": {"before": load_before, "after": harness.system_load()},
+              "method": args.method, "sparsity": args.sparsity, "weights": args.weights,
               "quick": quick, "dtype": "float16", "source_bytes": source_bytes,
               "config": {k: getattr(config, k) for k in (
                   "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}}
