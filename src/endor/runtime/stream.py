@@ -6,10 +6,15 @@ One load goes through these stages:
                on the reader's I/O threads as soon as the slot is free (reader.py), so the next
                shard's requests follow the current one's with no gap. [cpu offload] nothing:
                the shard's bytes are held in RAM.
-    verify     [disk] XXH3 of the image against the digest taken at load time
+    verify     [disk] one XXH3 of the whole image against the digest taken at load time, when
+               every Endor tensor's stored checksum (and tile index) was checked on the same
+               bytes: equal digests mean the bytes checked then, at the cost of one hash call per
+               layer instead of three per tensor, and dense shards (no stored checksum) are
+               covered too
     transfer   [cuda] the image to the device, on a dedicated CUDA stream
-    decompress every Endor tensor into the slot's dense buffer (endor.decompress with out=:
-               nothing is allocated per layer per token); dense tensors are views of the image
+    decompress every Endor tensor into a dense slot (endor.decompress with out=: nothing is
+               allocated per layer per token), its few dense tensors copied beside them; a
+               layer without Endor tensors is used in place, views of its image
 
 (read runs on the I/O threads, the rest on one loader thread) and the compute thread follows
 FlexGen's loop, one layer at a time:
@@ -143,7 +148,7 @@ class LayerStream:
             raise RuntimeError("this Endor model was closed (endor_close); load it again")
         with self._lock:
             head = self._inflight[0] if self._inflight else None
-        if self._needs_restart or head is None or head.layer.index != index:
+        if self._needs_restart or head is None or head.layer.index != index or head.cancelled:
             self._restart(self.position[index])
             with self._lock:
                 head = self._inflight[0]
@@ -195,6 +200,7 @@ class LayerStream:
     def _restart(self, pos: int) -> None:
         """Drop the schedule (after an error, an interrupted forward or at start) and begin
         again at streamed position `pos`."""
+        self._needs_restart = True  # until done: a Ctrl-C in here leaves it to the next call
         self._cancel_all()
         if self._cuda:
             torch.cuda.current_stream(self.device).synchronize()
