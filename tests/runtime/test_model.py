@@ -251,3 +251,25 @@ def test_cuda_streaming_is_token_identical(tiny, weights, offload):
         assert greedy(model, PROMPT.cuda(), NEW_TOKENS) == want
         stats = model.endor_stats()
     assert stats["split_s_per_token"]["transfer"] > 0
+
+
+def test_thread_split_gives_the_decoder_a_core():
+    from endor.runtime.model import thread_split
+
+    cpu = torch.device("cpu")
+    compute, decode = thread_split(cpu, True)
+    assert decode >= 1 and compute >= 1
+    assert thread_split(cpu, False) == (None, None)  # nothing streams: torch's setting stands
+    assert thread_split(cpu, True, 3)[0] == 3
+
+
+def test_compute_threads_apply_only_inside_the_forward(tiny):
+    path, _, want = tiny("llama", "endor")
+    before = torch.get_num_threads()
+    seen = []
+    with open_model(path, max_memory=0, compute_threads=1) as model:
+        model.model.layers[0].register_forward_pre_hook(
+            lambda m, a: seen.append(torch.get_num_threads()))
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+        assert model.endor_stats()["compute_threads"] == 1
+    assert set(seen) == {1} and torch.get_num_threads() == before
