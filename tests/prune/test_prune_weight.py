@@ -113,3 +113,15 @@ def test_bad_weights(method):
 def test_unknown_method():
     with pytest.raises(ValueError, match="choose one of none, magnitude, wanda, sparsegpt"):
         prune_weight(random_weight((4, 8)), method="Magnitude", sparsity=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_rejected_in_every_dtype(dtype, bad):
+    from endor.prune import _all_finite
+    w = torch.randn(7, 13).to(dtype)
+    assert _all_finite(w) == bool(torch.isfinite(w).all())
+    w[3, 5] = bad
+    assert not _all_finite(w)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        prune_weight(w, method="magnitude", sparsity=0.5)
