@@ -69,8 +69,12 @@ def streamed_llama(tiny):
 
 
 @pytest.mark.parametrize("held", [False, True])
-@pytest.mark.parametrize("prefetch", [0, 1, 3, 7])
-def test_cyclic_schedule_serves_every_layer_in_any_order(streamed_llama, held, prefetch):
+@pytest.mark.parametrize("prefetch, dense_slots", [(0, 1), (1, 1), (3, 1), (7, 1), (3, 2)])
+def test_cyclic_schedule_serves_every_layer_in_any_order(streamed_llama, monkeypatch, held,
+                                                         prefetch, dense_slots):
+    import endor.runtime.stream as stream_module
+
+    monkeypatch.setattr(stream_module, "DENSE_SLOTS", dense_slots)
     plans, model = streamed_llama
     reader = ShardReader()
     digests, images = check_streamed(plans, reader, hold=held, pin=False)
@@ -78,7 +82,7 @@ def test_cyclic_schedule_serves_every_layer_in_any_order(streamed_llama, held, p
                          reader=None if held else reader, digests=digests, held=images,
                          metrics=Metrics())
     assert len(stream.read_slots) == min(prefetch + 1, len(plans))
-    assert len(stream.dense_slots) == min(2, len(stream.read_slots))
+    assert len(stream.dense_slots) == min(dense_slots, len(stream.read_slots))
     order = [0, 1, 2, 3] * 3 + [2, 3, 0, 1, 1, 0, 3]  # in order, then jumps (restarts)
     for i in order:
         views = stream.acquire(i)
