@@ -16,14 +16,13 @@ import time
 import torch
 
 ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the block size
-# One request per shard (up to this size): the kernel splits a large O_DIRECT read into many
-# device requests by itself, while small requests each pay a Python round trip for the GIL.
-# Measured on the e2e model (51 MB Endor shards, interleaved runs): 8 MiB x 4 in flight 0.53
-# s/token, 64 MiB x 1 0.38-0.41, whole shards x 2 in flight 0.37, x 4 0.40 (dense 0.75 x 2,
-# 0.54 x 4); runs on this shared virtual disk vary by +-20%.
+# One request per shard (up to this size): the kernel splits a large O_DIRECT read into device
+# requests by itself, while each small request pays a Python round trip (GIL) before the next.
+# Measured on the e2e model's 51 MB shards, interleaved runs: 8 MiB requests x 4 in flight 0.53
+# s/token, 64 MiB x 1 0.38-0.41, whole shards x 2 in flight 0.37.
 CHUNK = 256 * 2**20
-# Requests in flight (each waits in the kernel, no CPU): the next shards' reads are queued
-# while this one finishes. Reads in flight are also bounded by the stream's prefetch depth.
+# Requests in flight (each waits in the kernel, using no CPU): the next shards' reads queue
+# behind the current one. What is in flight is also bounded by the stream's free read slots.
 DEPTH = 4
 
 
