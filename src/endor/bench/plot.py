@@ -5,6 +5,8 @@ canvas: no pyplot state, no display needed."""
 
 from __future__ import annotations
 
+import importlib
+
 import math
 import sys
 from collections.abc import Callable
@@ -230,6 +232,8 @@ def _draw_generic(doc: dict):
 DRAWERS: dict[str, Callable[[dict], object]] = {
     "formats": _draw_formats, "decode": _draw_decode, "transfer": _draw_transfer,
     "convert": _draw_convert,
+    # Benchmarks that draw their own figure, imported only when drawn.
+    "quality": lambda doc: importlib.import_module("endor.bench.quality").draw(doc),
 }
 
 
