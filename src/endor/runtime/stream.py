@@ -340,7 +340,7 @@ class LayerStream:
         load.image = None
 
 
-def _part(image: torch.Tensor, dense: torch.Tensor, part: Part) -> torch.Tensor:
+def part_view(image: torch.Tensor, dense: torch.Tensor, part: Part) -> torch.Tensor:
     raw = image[part.start:part.end]
     if part.staging is not None:  # not aligned for a typed view: copy to an aligned spot first
         staged = dense[part.staging:part.staging + raw.numel()]
@@ -355,7 +355,7 @@ def decode_layer(plan: LayerPlan, image: torch.Tensor, dense: torch.Tensor,
     `dense`, dense tensors used in place (or cast into `dense` when their dtype differs)."""
     views = {}
     for tp in plan.tensors:
-        parts = [_part(image, dense, p) for p in tp.parts]
+        parts = [part_view(image, dense, p) for p in tp.parts]
         out = None
         if tp.out is not None:
             out = dense[tp.out:tp.out + tp.nbytes].view(tp.dtype)

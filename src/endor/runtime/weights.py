@@ -14,9 +14,9 @@ from ..checkpoint import Checkpoint
 from ..errors import FormatError
 from ..format import EndorFile, EndorTensor
 from ..format.io import check_compressed
-from .plan import LayerPlan
+from .plan import ST_DTYPES, LayerPlan
 from .reader import ShardReader, aligned_buffer
-from .stream import _part, image_digest
+from .stream import image_digest, part_view
 
 _LAYER_GROUP = re.compile(r"^layers\.(\d+)$")
 
@@ -44,8 +44,7 @@ def layer_files(ckpt: Checkpoint) -> tuple[list[EndorFile], EndorFile]:
 def stored_dtype(f: EndorFile, name: str) -> torch.dtype | None:
     if f.is_compressed(name):
         return f.entry(name)[1]
-    from .plan import _ST_DTYPES
-    return _ST_DTYPES.get(f.header.tensors[name].dtype)
+    return ST_DTYPES.get(f.header.tensors[name].dtype)
 
 
 def model_dtype(files: list[EndorFile]) -> torch.dtype:
@@ -147,7 +146,7 @@ def check_shard(plan: LayerPlan, reader: ShardReader, image: torch.Tensor) -> in
     scratch = torch.empty(plan.dense_buffer_bytes if staged else 0, dtype=torch.uint8)
     for tp in plan.tensors:
         if tp.compressed:
-            bitmap, values, tiles = (_part(image, scratch, p) for p in tp.parts)
+            bitmap, values, tiles = (part_view(image, scratch, p) for p in tp.parts)
             et = EndorTensor(tp.shape, values.dtype, bitmap, values, tiles, tp.checksum)
             check_compressed(et, name=tp.name, path=plan.file)
     return image_digest(image, plan.file_size)
