@@ -13,6 +13,13 @@ in the same run, each after evicting the checkpoint from the page cache:
   accelerate-warm  the same, evicted only before each run: later tokens hit the page cache
   ideal            dense time x Endor bytes / dense bytes: the format's gain, nothing lost
   disk             O_DIRECT read of the dense shards alone: the link's limit
+  h2d              (--device cuda) pinned host-to-device copy of the dense shards: the link's
+                   limit when the weights are held in host RAM
+
+--device cuda computes on the GPU (random weights, pruning and conversion still on the CPU);
+--offload cpu holds the streamed layers in host RAM instead of reading them from disk (our
+pipeline: the shards' bytes, pinned; Accelerate: its "cpu" device_map entries), and then the
+Accelerate baseline is one system, "accelerate" (nothing to evict).
 
 Runs are interleaved (one of each system per round). Each row reports the median seconds per
 decode token over --repeat runs (after --warmup), the bytes read per token and the GB/s that
@@ -39,8 +46,10 @@ from . import harness
 NAME = "e2e"
 DONE_WHEN = {"endor_vs_dense_min": 1.5, "endor_vs_accelerate_min": 2.0,
              "endor_vs_ideal_time_max": 1.15}
+DISK_SYSTEMS = ("endor", "dense", "accelerate-cold", "accelerate-warm")
+CPU_SYSTEMS = ("endor", "dense", "accelerate")
 TABLE_COLUMNS = ["system", "decode_tokens_per_s", "s_per_token", "min_s", "max_s", "n",
-                 "mb_read_per_token", "gbps", "read_ms", "decompress_ms", "compute_ms",
+                 "mb_read_per_token", "gbps", "read_ms", "transfer_ms", "decompress_ms", "compute_ms",
                  "stall_ms", "tokens_match"]
 DEFAULT_SHAPE = dict(hidden=2048, intermediate=5632, layers=12, heads=16, kv_heads=4,
                      vocab=16384)
@@ -62,8 +71,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefetch", type=int, default=3,
                         help="layers loading ahead, for both pipelines (default 3: up to three "
                              "shard reads in flight, which this virtual disk rewards)")
-    parser.add_argument("--systems", default="endor,dense,accelerate-cold,accelerate-warm",
-                        help="comma-separated subset to time")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the model computes (default cpu)")
+    parser.add_argument("--offload", choices=("disk", "cpu"), default="disk",
+                        help="where streamed layers live between uses: disk (read cold every "
+                             "token) or cpu (host RAM; needs --device cuda). Default disk")
+    parser.add_argument("--systems", default=None,
+                        help="comma-separated subset to time (default, --offload disk: "
+                             f"{','.join(DISK_SYSTEMS)}; --offload cpu: {','.join(CPU_SYSTEMS)})")
     parser.add_argument("--workdir", default=None,
                         help="where the synthetic and converted checkpoints are cached (default "
                              "$ENDOR_CACHE/bench-e2e or ~/.cache/endor/bench-e2e; --quick: a "
@@ -183,29 +198,91 @@ def _disk_row(files, args) -> dict:
             "direct_io": reader.direct}
 
 
+def _h2d_row(files, args) -> dict:
+    """Every dense shard copied from pinned host memory to the GPU, one after the other: what a
+    token costs when only the link moves bytes."""
+    sizes = [f.stat().st_size for f in files]
+    host = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes]
+    for f, h in zip(files, host):
+        h.copy_(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8))
+    device = torch.device(args.device)
+    target = torch.empty(max(sizes), dtype=torch.uint8, device=device)
+
+    def copy_all():
+        for h, n in zip(host, sizes):
+            target[:n].copy_(h, non_blocking=True)
+
+    t = harness.measure(copy_all, warmup=args.warmup, repeat=args.repeat, device=device)
+    return {"system": "h2d", "s_per_token": t.median_s, "min_s": t.min_s, "max_s": t.max_s,
+            "n": t.n, "mb_read_per_token": sum(sizes) / 1e6, "gbps": t.gbps(sum(sizes))}
+
+
+def _check_args(args) -> list[str]:
+    """Fail on bad options before the (slow) checkpoint preparation. Returns the systems."""
+    if args.new_tokens < 2 or not 0 < args.budget_fraction <= 1 or args.prefetch < 0:
+        raise ValueError("--new-tokens must be >= 2, --budget-fraction in (0, 1], "
+                         "--prefetch >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but torch sees no CUDA device (torch "
+                         f"{torch.__version__}, CUDA {torch.version.cuda}); use --device cpu")
+    if args.offload == "cpu" and args.device == "cpu":
+        raise ValueError("--offload cpu needs --device cuda: computing on the CPU, weights "
+                         "held in RAM are not offloaded (Accelerate refuses it too)")
+    allowed = DISK_SYSTEMS if args.offload == "disk" else CPU_SYSTEMS
+    systems = [s.strip() for s in (args.systems or ",".join(allowed)).split(",") if s.strip()]
+    unknown = set(systems) - set(allowed)
+    if unknown or not systems:
+        raise ValueError(f"unknown systems {sorted(unknown)} for --offload {args.offload}; "
+                         f"choose from {','.join(allowed)}")
+    return systems
+
+
+def _workdir(args) -> tuple[Path, Path | None]:
+    if args.workdir:
+        return Path(args.workdir), None
+    if args.quick:
+        temp = Path(tempfile.mkdtemp(prefix="endor-e2e-"))
+        return temp, temp
+    return Path(os.environ.get("ENDOR_CACHE", Path.home() / ".cache" / "endor")) / \
+        "bench-e2e", None
+
+
+def _ratios(by: dict, rounds: dict) -> dict:
+    ratios = {}
+    if "dense" in by and "endor" in by:
+        ideal_s = by["dense"]["s_per_token"] * by["endor"]["mb_read_per_token"] / \
+            by["dense"]["mb_read_per_token"]
+        ratios["ideal_s"] = ideal_s
+        ratios["endor_vs_dense"] = by["dense"]["s_per_token"] / by["endor"]["s_per_token"]
+        ratios["endor_vs_ideal_time"] = by["endor"]["s_per_token"] / ideal_s
+        ratios["bytes_dense_vs_endor"] = by["dense"]["mb_read_per_token"] / \
+            by["endor"]["mb_read_per_token"]
+    for acc in ("accelerate", "accelerate-cold", "accelerate-warm"):
+        if acc in by and "endor" in by:
+            ratios[f"endor_vs_{acc.replace('-', '_')}"] = \
+                by[acc]["s_per_token"] / by["endor"]["s_per_token"]
+    # The same ratios within each round (runs of one round are back to back), median over
+    # rounds: robust to the shared disk getting slower or faster between rounds.
+    for other in ("dense", "accelerate", "accelerate-cold", "accelerate-warm"):
+        if other in rounds and "endor" in rounds:
+            ratios[f"endor_vs_{other.replace('-', '_')}_paired"] = statistics.median(
+                o / e for o, e in zip(rounds[other], rounds["endor"]))
+    return ratios
+
+
 def run(args) -> dict:
     from ..runtime import load_model
     from ..runtime.baseline import evict_on_read, load_accelerate
     from ..runtime.model import thread_split
 
+    args.device = getattr(args, "device", "cpu")
+    args.offload = getattr(args, "offload", "disk")
     if args.new_tokens is None:
         args.new_tokens = 4 if args.quick else 8
-    if args.new_tokens < 2 or not 0 < args.budget_fraction <= 1 or args.prefetch < 0:
-        raise ValueError("--new-tokens must be >= 2, --budget-fraction in (0, 1], "
-                         "--prefetch >= 0")
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - {"endor", "dense", "accelerate-cold", "accelerate-warm"}
-    if unknown:
-        raise ValueError(f"unknown systems {sorted(unknown)}")
+    systems = _check_args(args)
+    device = torch.device(args.device)
     config, shape = _config(args)
-    temp = None
-    if args.workdir:
-        workdir = Path(args.workdir)
-    elif args.quick:
-        workdir = temp = Path(tempfile.mkdtemp(prefix="endor-e2e-"))
-    else:
-        workdir = Path(os.environ.get("ENDOR_CACHE", Path.home() / ".cache" / "endor")) / \
-            "bench-e2e"
+    workdir, temp = _workdir(args)
     try:
         t0 = time.perf_counter()
         paths = _prepare(config, args, workdir)
@@ -214,77 +291,114 @@ def run(args) -> dict:
         model_bytes = sum(f.stat().st_size for f in dense_files)
         budget = int(args.budget_fraction * model_bytes)
         prompt = torch.randint(config.vocab_size, (1, args.prompt_len),
-                               generator=torch.Generator().manual_seed(0))
+                               generator=torch.Generator().manual_seed(0)).to(device)
         # The compute threads our pipeline uses are given to Accelerate too, so only the
         # loading strategy differs (and one thread computes faster than two on a busy 2-core
-        # machine).
-        threads = thread_split(torch.device("cpu"), True)[0]
+        # machine). None on the GPU.
+        threads = thread_split(device, True)[0]
+        # Held in RAM (--offload cpu), nothing is read from disk: no page cache to evict.
+        disk = args.offload == "disk"
         models = {}
         try:
             for system in systems:
                 if system in ("endor", "dense"):
-                    model = load_model(paths[system], max_memory=budget, offload="disk",
-                                       prefetch=args.prefetch)
+                    model = load_model(paths[system], device=device, max_memory=budget,
+                                       offload=args.offload, prefetch=args.prefetch)
                     files = endor_files if system == "endor" else dense_files
                 else:
-                    model = load_accelerate(paths["dense"], max_memory=budget, offload="disk",
-                                            compute_threads=threads)
+                    model = load_accelerate(paths["dense"], device=device, max_memory=budget,
+                                            offload=args.offload, compute_threads=threads)
                     files = dense_files
                     if system == "accelerate-cold":
                         evict_on_read(model)
-                models[system] = (model, files)
+                models[system] = (model, files if disk else [])
             timed = _time(models, prompt, args)
         finally:
             for model, _ in models.values():
                 model.endor_close()
             models.clear()
             gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         rows, reference = [], None
         for system in systems:
             t, stats, tokens, cold = timed[system]
             reference = reference if reference is not None else tokens
-            rows.append(_row(system, t, stats, tokens, reference, cold))
+            rows.append(_row(system, t, stats, tokens, reference, cold and disk))
         by = {r["system"]: r for r in rows}
-        ratios = {}
-        if "dense" in by and "endor" in by:
-            ideal_s = by["dense"]["s_per_token"] * by["endor"]["mb_read_per_token"] / \
-                by["dense"]["mb_read_per_token"]
+        ratios = _ratios(by, timed["_rounds"])
+        if "ideal_s" in ratios:
+            ideal_s = ratios.pop("ideal_s")
             rows.append({"system": "ideal", "decode_tokens_per_s": 1.0 / ideal_s,
                          "s_per_token": ideal_s,
                          "mb_read_per_token": by["endor"]["mb_read_per_token"]})
-            ratios["endor_vs_dense"] = by["dense"]["s_per_token"] / by["endor"]["s_per_token"]
-            ratios["endor_vs_ideal_time"] = by["endor"]["s_per_token"] / ideal_s
-            ratios["bytes_dense_vs_endor"] = by["dense"]["mb_read_per_token"] / \
-                by["endor"]["mb_read_per_token"]
-        for acc in ("accelerate-cold", "accelerate-warm"):
-            if acc in by and "endor" in by:
-                ratios[f"endor_vs_{acc.replace('-', '_')}"] = \
-                    by[acc]["s_per_token"] / by["endor"]["s_per_token"]
-        # The same ratios within each round (runs of one round are back to back), median over
-        # rounds: robust to the shared disk getting slower or faster between rounds.
-        rounds = timed["_rounds"]
-        for other in ("dense", "accelerate-cold", "accelerate-warm"):
-            if other in rounds and "endor" in rounds:
-                ratios[f"endor_vs_{other.replace('-', '_')}_paired"] = statistics.median(
-                    o / e for o, e in zip(rounds[other], rounds["endor"]))
-        rows.append(_disk_row(dense_files, args))
+        if disk:
+            rows.append(_disk_row(dense_files, args))
+        if device.type == "cuda":
+            rows.append(_h2d_row(dense_files, args))
         met = {}
         if "endor_vs_dense" in ratios:
             met["endor_vs_dense"] = ratios["endor_vs_dense"] >= DONE_WHEN["endor_vs_dense_min"]
             met["endor_vs_ideal"] = ratios["endor_vs_ideal_time"] <= \
                 DONE_WHEN["endor_vs_ideal_time_max"]
-        if "endor_vs_accelerate_cold" in ratios:
-            met["endor_vs_accelerate"] = ratios["endor_vs_accelerate_cold"] >= \
-                DONE_WHEN["endor_vs_accelerate_min"]
+        baseline = "endor_vs_accelerate_cold" if disk else "endor_vs_accelerate"
+        if baseline in ratios:
+            met["endor_vs_accelerate"] = ratios[baseline] >= DONE_WHEN["endor_vs_accelerate_min"]
         params = {"shape": shape, "dtype": args.dtype, "sparsity": args.sparsity,
+                  "device": str(device), "offload": args.offload,
                   "model_bytes": model_bytes, "budget_bytes": budget,
                   "budget_fraction": args.budget_fraction, "new_tokens": args.new_tokens,
                   "prompt_len": args.prompt_len, "prefetch": args.prefetch,
                   "repeat": args.repeat, "warmup": args.warmup, "quick": args.quick,
                   "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s}
         return harness.envelope(NAME, params, rows, ratios=ratios, done_when=DONE_WHEN,
-                                met=met, rounds_s_per_token=rounds,
+                                met=met, rounds_s_per_token=timed["_rounds"],
                                 table_columns=TABLE_COLUMNS)
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+STAGE_COLORS = {"read": "C0", "verify": "C1", "transfer": "C4", "decompress": "C2",
+                "compute": "C3", "stall": "0.6"}
+
+
+def draw(doc: dict):
+    """Decode tokens/s per system (Endor, dense, Accelerate, ideal), and per-stage busy time
+    per token of our two pipelines (stages overlap: bars add up to more than the wall time when
+    prefetch works; stall is what it did not hide)."""
+    from . import plot
+
+    rows = [r for r in doc.get("results", []) if isinstance(r, dict) and "system" in r]
+    if not rows:
+        return plot._draw_generic(doc)
+    fig, axes = plot._figure(2, width=5.5)
+    speed_ax, stage_ax = axes[0]
+    shown = [r for r in rows if r.get("decode_tokens_per_s")]
+    colors = ["C2" if r["system"] == "endor" else "0.75" if r["system"] == "ideal" else "C0"
+              for r in shown]
+    bars = speed_ax.bar(range(len(shown)), [r["decode_tokens_per_s"] for r in shown],
+                        color=colors)
+    speed_ax.bar_label(bars, fmt="%.3g", fontsize=7)
+    speed_ax.set_xticks(range(len(shown)), [r["system"] for r in shown], rotation=20,
+                        fontsize=8)
+    speed_ax.set(ylabel="decode tokens/s (median)", title="throughput")
+    speed_ax.grid(alpha=0.3, axis="y")
+    ours = [r for r in rows if r["system"] in ("endor", "dense")]
+    stages = [s for s in STAGE_COLORS if any(r.get(f"{s}_ms") for r in ours)]
+    width = 0.8 / max(len(ours), 1)
+    for k, r in enumerate(ours):
+        xs = [i + (k - (len(ours) - 1) / 2) * width for i in range(len(stages))]
+        stage_ax.bar(xs, [r.get(f"{s}_ms", 0.0) for s in stages], width,
+                     label=r["system"], color="C2" if r["system"] == "endor" else "C0")
+        stage_ax.axhline(r["s_per_token"] * 1e3, color="C2" if r["system"] == "endor" else "C0",
+                         linestyle="--", linewidth=1)
+    stage_ax.set_xticks(range(len(stages)), stages, fontsize=8)
+    stage_ax.set(ylabel="busy ms per token (dashed: wall)", title="pipeline stages")
+    stage_ax.grid(alpha=0.3, axis="y")
+    if ours:
+        stage_ax.legend(fontsize=8)
+    params = doc.get("params", {})
+    plot._title(fig, doc, f"{params.get('device', 'cpu')} compute, {params.get('offload', 'disk')}"
+                f" offload, {params.get('model_bytes', 0) / 1e9:.2f} GB {params.get('dtype', '')}")
+    return fig

@@ -234,6 +234,7 @@ DRAWERS: dict[str, Callable[[dict], object]] = {
     "convert": _draw_convert,
     # Benchmarks that draw their own figure, imported only when drawn.
     "quality": lambda doc: importlib.import_module("endor.bench.quality").draw(doc),
+    "e2e": lambda doc: importlib.import_module("endor.bench.e2e").draw(doc),
 }
 
 

@@ -106,7 +106,7 @@ def load_accelerate(path, *, device="cpu", offload: str = "disk", max_memory=Non
                                                      offload_folder=folder, dtype="auto")
     model.eval()
     metrics = Metrics()
-    _install_metric_hooks(model, metrics, compute_threads)
+    _install_metric_hooks(model, metrics, compute_threads, device)
     streamed = [files[i].path for i in memory.streamed]
 
     def endor_stats() -> dict:

@@ -134,7 +134,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
             raise
         for i in memory.streamed:
             _install_stream_hooks(layers[i], i, stream)
-    _install_metric_hooks(model, metrics, threads)
+    _install_metric_hooks(model, metrics, threads, device)
     _attach_api(model, stream, metrics, memory, plans, reader,
                 {"path": str(ckpt.path), "weights": ckpt.weights, "device": str(device),
                  "offload": offload, "prefetch": prefetch, "backend": backend,
@@ -159,10 +159,13 @@ def _install_stream_hooks(layer: nn.Module, index: int, stream: LayerStream) -> 
     layer.register_forward_hook(swap_out, always_call=True)
 
 
-def _install_metric_hooks(model: nn.Module, metrics: Metrics, threads: int | None = None) -> None:
+def _install_metric_hooks(model: nn.Module, metrics: Metrics, threads: int | None = None,
+                          device: torch.device | None = None) -> None:
     """Phase and timing of every forward; torch runs it with `threads` threads (restored after:
-    the caller's setting is untouched outside the model's forward)."""
+    the caller's setting is untouched outside the model's forward). On a CUDA `device` the
+    forward's end waits for its kernels, so its time is the GPU's, not the launches'."""
     saved = []
+    cuda = device is not None and device.type == "cuda"
 
     def begin(module, args, kwargs):
         if threads:
@@ -178,6 +181,8 @@ def _install_metric_hooks(model: nn.Module, metrics: Metrics, threads: int | Non
                               int(x.shape[1]) if x is not None and x.dim() > 1 else 1)
 
     def end(module, args, kwargs, output):
+        if cuda:
+            torch.cuda.synchronize(device)
         metrics.end_forward()
         if saved:
             torch.set_num_threads(saved.pop())

@@ -1,0 +1,100 @@
+"""`endor bench e2e` (src/endor/bench/e2e.py): the quick document, its plot, the options'
+checks, and every `endor bench` command line of scripts/device-check.sh parses."""
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from endor.bench import e2e, plot
+from endor.cli import build_parser
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "device-check.sh"
+
+
+def _args(*argv):
+    parser = argparse.ArgumentParser()
+    e2e.add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    args.quick, args.repeat, args.warmup = True, 1, 0
+    return args
+
+
+def test_quick_e2e_document_and_plot(tmp_path):
+    args = _args("--workdir", str(tmp_path), "--systems", "endor,dense,accelerate-cold",
+                 "--new-tokens", "3")
+    doc = e2e.run(args)
+    assert doc["schema"] == "endor-bench/1" and doc["benchmark"] == "e2e"
+    assert doc["params"]["device"] == "cpu" and doc["params"]["offload"] == "disk"
+    rows = {r["system"]: r for r in doc["results"]}
+    assert set(rows) == {"endor", "dense", "accelerate-cold", "ideal", "disk"}
+    for name in ("endor", "dense", "accelerate-cold"):
+        assert rows[name]["tokens_match"] and rows[name]["decode_tokens_per_s"] > 0
+        assert rows[name]["streamed_layers"] == 4 and rows[name]["resident_layers"] == 0
+    assert rows["endor"]["mb_read_per_token"] < rows["dense"]["mb_read_per_token"]
+    assert rows["endor"]["decompress_ms"] > 0 and "decompress_ms" not in rows["accelerate-cold"]
+    assert rows["ideal"]["s_per_token"] == rows["dense"]["s_per_token"] * \
+        rows["endor"]["mb_read_per_token"] / rows["dense"]["mb_read_per_token"]
+    assert set(doc["ratios"]) >= {"endor_vs_dense", "endor_vs_ideal_time",
+                                  "endor_vs_accelerate_cold"}
+    assert "endor_vs_accelerate" in doc["met"]
+    assert doc["params"]["budget_bytes"] <= 0.1 * doc["params"]["model_bytes"]
+    png = plot.draw("e2e", doc, tmp_path / "e2e.png")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--offload", "cpu"), "needs --device cuda"),
+    (("--systems", "endor,accelerate"), "unknown systems"),  # "accelerate" is the cpu-offload one
+    (("--new-tokens", "1"), "--new-tokens"),
+])
+def test_bad_options_fail_before_any_work(tmp_path, argv, message):
+    with pytest.raises(ValueError, match=message):
+        e2e.run(_args("--workdir", str(tmp_path / "never"), *argv))
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_cuda_without_cuda_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no CUDA device"):
+        e2e.run(_args("--device", "cuda", "--workdir", str(tmp_path / "never")))
+    assert not (tmp_path / "never").exists()
+
+
+def _script_bench_commands() -> list[list[str]]:
+    """Each `-m endor bench ...` command of the script as argv after `endor`, its shell
+    variables expanded: loop variables to each value of their `for` list, others to a path."""
+    text = SCRIPT.read_text().replace("\\\n", " ")
+    loops = {m.group(1): m.group(2).split()
+             for m in re.finditer(r"for (\w+) in ([^;]+);", text)}
+    commands = []
+    for line in text.splitlines():
+        m = re.search(r"-m endor (bench .*)$", line)
+        if not m:
+            continue
+        used = [v for v in loops if re.search(rf"\$\{{?{v}\b", m.group(1))]
+        for value in (loops[used[0]] if used else [None]):
+            expanded = re.sub(r"\$\{?(\w+)\}?",
+                              lambda v: value if v.group(1) in used else "/tmp/x", m.group(1))
+            commands.append(shlex.split(expanded))
+    return commands
+
+
+def test_device_check_script_uses_only_existing_options():
+    commands = _script_bench_commands()
+    names = {c[1] for c in commands}
+    assert {"decode", "transfer", "e2e"} <= names, names
+    assert sum(c[1] == "e2e" for c in commands) == 2  # --offload cpu and disk
+    parser = build_parser()
+    for argv in commands:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"scripts/device-check.sh: `endor {' '.join(argv)}` does not parse")
+        assert args.benchmark == argv[1]
+        if argv[1] == "e2e":
+            assert args.device == "cuda" and args.offload in ("cpu", "disk")
