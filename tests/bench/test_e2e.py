@@ -47,6 +47,16 @@ def test_quick_e2e_document_and_plot(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_embeddings_above_the_budget_stream_every_layer(tmp_path):
+    """The device check's shape (a large vocabulary on 4 layers): the non-layer weights exceed
+    10% of the model, so the budget becomes the least possible instead of an error."""
+    doc = e2e.run(_args("--workdir", str(tmp_path), "--systems", "endor", "--vocab", "16384",
+                        "--new-tokens", "2"))
+    assert doc["params"]["budget_least"] and doc["params"]["budget_bytes"] == 0
+    (endor,) = [r for r in doc["results"] if r["system"] == "endor"]
+    assert endor["streamed_layers"] == 4 and endor["decode_tokens_per_s"] > 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (("--offload", "cpu"), "needs --device cuda"),
     (("--systems", "endor,accelerate"), "unknown systems"),  # "accelerate" is the cpu-offload one
