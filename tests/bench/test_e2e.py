@@ -47,6 +47,28 @@ def test_quick_e2e_document_and_plot(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_conversions_in_parallel_processes_match_sequential_ones(tmp_path):
+    from endor.convert.synthetic import write_synthetic_checkpoint
+
+    config, _ = e2e._config(_args("--layers", "2", "--vocab", "512"))
+    hf = write_synthetic_checkpoint(tmp_path / "hf", config, dtype=torch.bfloat16)
+    outs = {f"{w}-{mode}": tmp_path / f"{w}-{mode}" for w in ("endor", "dense") for mode in ("seq", "par")}
+    e2e._convert_all(hf, {w: outs[w + "-seq"] for w in ("endor", "dense")}, 0.5, parallel=False)
+    e2e._convert_all(hf, {w: outs[w + "-par"] for w in ("endor", "dense")}, 0.5, parallel=True)
+    for w in ("endor", "dense"):
+        seq, par = (sorted(p.relative_to(outs[f"{w}-{m}"]) for p in outs[f"{w}-{m}"].rglob(
+            "*.safetensors")) for m in ("seq", "par"))
+        assert seq == par and seq
+        for rel in seq:
+            assert (outs[f"{w}-seq"] / rel).read_bytes() == (outs[f"{w}-par"] / rel).read_bytes()
+
+
+def test_a_failed_child_conversion_raises_with_its_error(tmp_path):
+    with pytest.raises(RuntimeError, match="converting to endor weights failed"):
+        e2e._convert_all(tmp_path / "missing", {"endor": tmp_path / "a", "dense": tmp_path / "b"},
+                         0.5, parallel=True)
+
+
 def test_embeddings_above_the_budget_stream_every_layer(tmp_path):
     """The device check's shape (a large vocabulary on 4 layers): the non-layer weights exceed
     10% of the model, so the budget becomes the least possible instead of an error."""

@@ -100,7 +100,6 @@ def _config(args):
 
 def _prepare(config, args, workdir: Path) -> dict:
     """Synthetic HF checkpoint -> converted "endor" and "dense" checkpoints (cached by shape)."""
-    from ..convert import convert
     from ..convert.synthetic import write_synthetic_checkpoint
 
     key = hashlib.sha256(json.dumps([config.to_dict(), args.dtype, args.sparsity],
@@ -109,13 +108,56 @@ def _prepare(config, args, workdir: Path) -> dict:
     hf = root / "hf"
     if not (hf / "config.json").is_file():
         write_synthetic_checkpoint(hf, config, dtype=getattr(torch, args.dtype))
-    out = {}
-    for weights in ("endor", "dense"):
-        out[weights] = root / weights
-        if not (out[weights] / "endor.json").is_file():
-            convert(hf, out[weights], method="magnitude", sparsity=args.sparsity,
-                    weights=weights, progress=False)
+    out = {weights: root / weights for weights in ("endor", "dense")}
+    _convert_all(hf, {w: o for w, o in out.items() if not (o / "endor.json").is_file()},
+                 args.sparsity)
     return out
+
+
+_CONVERT_CHILD = ("import sys; from endor.convert import convert; convert(sys.argv[1], "
+                  "sys.argv[2], method='magnitude', sparsity=float(sys.argv[3]), "
+                  "weights=sys.argv[4], progress=False)")
+
+
+def _convert_all(hf: Path, outs: dict, sparsity: float, *, parallel: bool | None = None) -> None:
+    """Prune and convert `hf` to each {weights: out dir}. convert runs on one thread, so on a
+    machine with cores to spare (default: 8 or more; the GPU host) the conversions run at once,
+    in child processes: the device check's first run builds its checkpoints in half the time."""
+    if parallel is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+            else os.cpu_count() or 1
+        parallel = cores >= 8
+    if not parallel or len(outs) < 2:
+        from ..convert import convert
+        for weights, out in outs.items():
+            convert(hf, out, method="magnitude", sparsity=sparsity, weights=weights,
+                    progress=False)
+        return
+    import subprocess
+    import sys
+
+    import endor
+    env = dict(os.environ)  # the children import this very endor, installed or not
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(endor.__file__).parents[1]),
+                                                      env.get("PYTHONPATH")]))
+    children = [subprocess.Popen([sys.executable, "-c", _CONVERT_CHILD, str(hf), str(out),
+                                  repr(float(sparsity)), weights], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for weights, out in outs.items()]
+    errors = []
+    try:
+        for child, weights in zip(children, outs):
+            _, err = child.communicate()
+            if child.returncode:
+                errors.append(f"converting to {weights} weights failed "
+                              f"(exit {child.returncode}):\n{err[-3000:]}")
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+    if errors:
+        raise RuntimeError("\n".join(errors))
 
 
 def _shards(path) -> tuple[list[Path], Path]:
@@ -367,47 +409,3 @@ def run(args) -> dict:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
 
-
-STAGE_COLORS = {"read": "C0", "verify": "C1", "transfer": "C4", "decompress": "C2",
-                "compute": "C3", "stall": "0.6"}
-
-
-def draw(doc: dict):
-    """Decode tokens/s per system (Endor, dense, Accelerate, ideal), and per-stage busy time
-    per token of our two pipelines (stages overlap: bars add up to more than the wall time when
-    prefetch works; stall is what it did not hide)."""
-    from . import plot
-
-    rows = [r for r in doc.get("results", []) if isinstance(r, dict) and "system" in r]
-    if not rows:
-        return plot._draw_generic(doc)
-    fig, axes = plot._figure(2, width=5.5)
-    speed_ax, stage_ax = axes[0]
-    shown = [r for r in rows if r.get("decode_tokens_per_s")]
-    palette = {"endor": "C2", "dense": "C0", "ideal": "0.75"}
-    colors = [palette.get(r["system"], "C1") for r in shown]  # Accelerate: C1
-    bars = speed_ax.bar(range(len(shown)), [r["decode_tokens_per_s"] for r in shown],
-                        color=colors)
-    speed_ax.bar_label(bars, fmt="%.3g", fontsize=7)
-    speed_ax.set_xticks(range(len(shown)), [r["system"] for r in shown], rotation=20,
-                        fontsize=8)
-    speed_ax.set(ylabel="decode tokens/s (median)", title="throughput")
-    speed_ax.grid(alpha=0.3, axis="y")
-    ours = [r for r in rows if r["system"] in ("endor", "dense")]
-    stages = [s for s in STAGE_COLORS if any(r.get(f"{s}_ms") for r in ours)]
-    width = 0.8 / max(len(ours), 1)
-    for k, r in enumerate(ours):
-        xs = [i + (k - (len(ours) - 1) / 2) * width for i in range(len(stages))]
-        stage_ax.bar(xs, [r.get(f"{s}_ms", 0.0) for s in stages], width,
-                     label=r["system"], color="C2" if r["system"] == "endor" else "C0")
-        stage_ax.axhline(r["s_per_token"] * 1e3, color="C2" if r["system"] == "endor" else "C0",
-                         linestyle="--", linewidth=1)
-    stage_ax.set_xticks(range(len(stages)), stages, fontsize=8)
-    stage_ax.set(ylabel="busy ms per token (dashed: wall)", title="pipeline stages")
-    stage_ax.grid(alpha=0.3, axis="y")
-    if ours:
-        stage_ax.legend(fontsize=8)
-    params = doc.get("params", {})
-    plot._title(fig, doc, f"{params.get('device', 'cpu')} compute, {params.get('offload', 'disk')}"
-                f" offload, {params.get('model_bytes', 0) / 1e9:.2f} GB {params.get('dtype', '')}")
-    return fig
