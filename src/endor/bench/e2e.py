@@ -80,6 +80,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--systems", default=None,
                         help="comma-separated subset to time (default, --offload disk: "
                              f"{','.join(DISK_SYSTEMS)}; --offload cpu: {','.join(CPU_SYSTEMS)})")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="stop timing rounds once the next would end past this many seconds "
+                             "(at least one timed round; the rows' n says how many ran)")
     parser.add_argument("--workdir", default=None,
                         help="where the synthetic and converted checkpoints are cached (default "
                              "$ENDOR_CACHE/bench-e2e or ~/.cache/endor/bench-e2e; --quick: a "
@@ -183,10 +186,18 @@ def _generate(model, prompt, new_tokens: int) -> list[int]:
 def _time(models: dict, prompt, args) -> dict:
     """Runs interleaved (every system once per round, so slow drifts in the shared disk and CPUs
     hit all alike), each after evicting its files. Per system: (Stats of decode seconds per
-    token, the median run's stats, its tokens, whether eviction worked)."""
+    token, the median run's stats, its tokens, whether eviction worked). With --max-seconds,
+    a timed round that the last round's duration says would end past it is not started (one
+    timed round always runs)."""
     runs = {name: [] for name in models}
     cold = dict.fromkeys(models, True)
+    start = last = time.perf_counter()
+    limit = getattr(args, "max_seconds", None)
     for i in range(args.warmup + args.repeat):
+        now = time.perf_counter()
+        if limit and i > args.warmup and now + (now - last) - start > limit:
+            break
+        last = now
         for name, (model, files) in models.items():
             cold[name] &= _evict(files)
             model.endor_reset_stats()
@@ -401,6 +412,7 @@ def run(args) -> dict:
                   "budget_fraction": args.budget_fraction, "new_tokens": args.new_tokens,
                   "prompt_len": args.prompt_len, "prefetch": args.prefetch,
                   "repeat": args.repeat, "warmup": args.warmup, "quick": args.quick,
+                  "max_seconds": getattr(args, "max_seconds", None),
                   "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s}
         return harness.envelope(NAME, params, rows, ratios=ratios, done_when=DONE_WHEN,
                                 met=met, rounds_s_per_token=timed["_rounds"],
