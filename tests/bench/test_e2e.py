@@ -25,7 +25,7 @@ def _args(*argv):
 
 def test_quick_e2e_document_and_plot(tmp_path):
     args = _args("--workdir", str(tmp_path), "--systems", "endor,dense,accelerate-cold",
-                 "--new-tokens", "3")
+                 "--new-tokens", "3", "--endor-prefetch", "2", "--prefetch", "1")
     doc = e2e.run(args)
     assert doc["schema"] == "endor-bench/1" and doc["benchmark"] == "e2e"
     assert doc["params"]["device"] == "cpu" and doc["params"]["offload"] == "disk"
@@ -35,6 +35,11 @@ def test_quick_e2e_document_and_plot(tmp_path):
         assert rows[name]["tokens_match"] and rows[name]["decode_tokens_per_s"] > 0
         assert rows[name]["streamed_layers"] == 4 and rows[name]["resident_layers"] == 0
     assert rows["endor"]["mb_read_per_token"] < rows["dense"]["mb_read_per_token"]
+    # --endor-prefetch 2: three read slots of an Endor shard; dense, prefetch 1: two
+    (endor_dir,) = tmp_path.glob("llama-*/endor")
+    endor_shard = max(p.stat().st_size for p in e2e._shards(endor_dir)[0])
+    assert rows["endor"]["buffer_bytes"] >= 3 * endor_shard
+    assert doc["params"]["endor_prefetch"] == 2 and doc["params"]["prefetch"] == 1
     assert rows["endor"]["decompress_ms"] > 0 and "decompress_ms" not in rows["accelerate-cold"]
     assert rows["ideal"]["s_per_token"] == rows["dense"]["s_per_token"] * \
         rows["endor"]["mb_read_per_token"] / rows["dense"]["mb_read_per_token"]
@@ -52,7 +57,8 @@ def test_conversions_in_parallel_processes_match_sequential_ones(tmp_path):
 
     config, _ = e2e._config(_args("--layers", "2", "--vocab", "512"))
     hf = write_synthetic_checkpoint(tmp_path / "hf", config, dtype=torch.bfloat16)
-    outs = {f"{w}-{mode}": tmp_path / f"{w}-{mode}" for w in ("endor", "dense") for mode in ("seq", "par")}
+    outs = {f"{w}-{mode}": tmp_path / f"{w}-{mode}"
+            for w in ("endor", "dense") for mode in ("seq", "par")}
     e2e._convert_all(hf, {w: outs[w + "-seq"] for w in ("endor", "dense")}, 0.5, parallel=False)
     e2e._convert_all(hf, {w: outs[w + "-par"] for w in ("endor", "dense")}, 0.5, parallel=True)
     for w in ("endor", "dense"):

@@ -72,6 +72,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prefetch", type=int, default=3,
                         help="layers loading ahead, for both pipelines (default 3: up to three "
                              "shard reads in flight, which this virtual disk rewards)")
+    parser.add_argument("--endor-prefetch", type=int, default=None,
+                        help="prefetch of the Endor pipeline alone (default: --prefetch)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the model computes (default cpu)")
     parser.add_argument("--offload", choices=("disk", "cpu"), default="disk",
@@ -276,9 +278,10 @@ def _h2d_row(files, args) -> dict:
 
 def _check_args(args) -> list[str]:
     """Fail on bad options before the (slow) checkpoint preparation. Returns the systems."""
-    if args.new_tokens < 2 or not 0 < args.budget_fraction <= 1 or args.prefetch < 0:
+    if args.new_tokens < 2 or not 0 < args.budget_fraction <= 1 or args.prefetch < 0 or \
+            (args.endor_prefetch or 0) < 0:
         raise ValueError("--new-tokens must be >= 2, --budget-fraction in (0, 1], "
-                         "--prefetch >= 0")
+                         "--prefetch and --endor-prefetch >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no CUDA device (torch "
                          f"{torch.__version__}, CUDA {torch.version.cuda}); use --device cpu")
@@ -364,8 +367,10 @@ def run(args) -> dict:
         try:
             for system in systems:
                 if system in ("endor", "dense"):
+                    prefetch = args.prefetch if system == "dense" or \
+                        args.endor_prefetch is None else args.endor_prefetch
                     model = load_model(paths[system], device=device, max_memory=budget,
-                                       offload=args.offload, prefetch=args.prefetch)
+                                       offload=args.offload, prefetch=prefetch)
                     files = endor_files if system == "endor" else dense_files
                 else:
                     model = load_accelerate(paths["dense"], device=device, max_memory=budget,
@@ -411,6 +416,7 @@ def run(args) -> dict:
                   "model_bytes": model_bytes, "budget_bytes": budget, "budget_least": least,
                   "budget_fraction": args.budget_fraction, "new_tokens": args.new_tokens,
                   "prompt_len": args.prompt_len, "prefetch": args.prefetch,
+                  "endor_prefetch": args.endor_prefetch,
                   "repeat": args.repeat, "warmup": args.warmup, "quick": args.quick,
                   "max_seconds": getattr(args, "max_seconds", None),
                   "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s}
