@@ -47,7 +47,8 @@ step bench-transfer 30 "$PY" -m endor bench transfer --size-mib 512 --out "$OUT_
 for offload in cpu disk; do
   step "bench-e2e-$offload" 50 "$PY" -m endor bench e2e --device cuda --offload "$offload" \
     --hidden 4096 --intermediate 11008 --layers 4 --heads 32 --kv-heads 32 --vocab 32000 \
-    --dtype float16 --new-tokens 16 --repeat 3 --workdir "$WORK" --out "$OUT_DIR/e2e-$offload"
+    --dtype float16 --new-tokens 8 --warmup 0 --repeat 2 --max-seconds 25 \
+    --workdir "$WORK" --out "$OUT_DIR/e2e-$offload"
 done
 
 if ((${#failed[@]})); then
