@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from .args import at_least
+
 # Listed first, in this order; any other module of endor.bench exposing add_arguments() and
 # run() is a benchmark too, listed after them by name.
 BENCHMARKS = ("formats", "decode", "transfer", "e2e", "convert")
@@ -31,16 +33,6 @@ def _module(name: str):
     return module if hasattr(module, "add_arguments") and hasattr(module, "run") else None
 
 
-def _count(minimum: int):
-    def count(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    count.__name__ = f"integer >= {minimum}"
-    return count
-
-
 def _add_common(parser) -> None:
     common = parser.add_argument_group("common benchmark options")
     common.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
@@ -48,10 +40,10 @@ def _add_common(parser) -> None:
                              "committed results live in docs/benchmarks)")
     common.add_argument("--quick", action="store_true",
                         help="small sizes, for tests and CI (seconds, not minutes)")
-    common.add_argument("--repeat", type=_count(1), default=None,
+    common.add_argument("--repeat", type=at_least(1), default=None,
                         help="timed runs per case; the median is reported (default 5, "
                              "--quick 2)")
-    common.add_argument("--warmup", type=_count(0), default=1,
+    common.add_argument("--warmup", type=at_least(0), default=1,
                         help="untimed runs before timing (default 1)")
 
 

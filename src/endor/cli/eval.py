@@ -1,19 +1,7 @@
 """`endor eval MODEL [--text FILE]`: perplexity of a model on a text (the shipped evaluation text
 by default), with the protocol of endor.evaluate.perplexity."""
 
-
-def _at_least(minimum: int):
-    def parse(value: str) -> int:
-        import argparse
-
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
-        return number
-    return parse
+from .args import at_least
 
 
 def add_parser(sub):
@@ -24,9 +12,9 @@ def add_parser(sub):
                                  "file, or an alias: smollm2, gemma3-270m")
     p.add_argument("--text", metavar="FILE",
                    help="UTF-8 text file (default: the 1911 Britannica article on Shakespeare)")
-    p.add_argument("--window", type=_at_least(2), default=512,
+    p.add_argument("--window", type=at_least(2), default=512,
                    help="tokens per window (default 512)")
-    p.add_argument("--max-windows", type=_at_least(1), default=None, metavar="N",
+    p.add_argument("--max-windows", type=at_least(1), default=None, metavar="N",
                    help="score only the first N windows")
     p.add_argument("--bos", choices=("auto", "yes", "no"), default="auto",
                    help="BOS in front of every window (default: as the tokenizer does)")

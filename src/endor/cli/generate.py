@@ -2,19 +2,7 @@
 streamed as it is generated, then prefill time, decode tokens/s, bytes moved per token and the
 time split of the stream."""
 
-
-def _at_least(minimum: int):
-    def parse(value: str) -> int:
-        import argparse
-
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
-        return number
-    return parse
+from .args import at_least
 
 
 def add_parser(sub):
@@ -22,7 +10,7 @@ def add_parser(sub):
                        description=__doc__)
     p.add_argument("model", help="a converted checkpoint directory (endor convert)")
     p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--max-new-tokens", type=_at_least(1), default=32, metavar="N",
+    p.add_argument("--max-new-tokens", type=at_least(1), default=32, metavar="N",
                    help="tokens to generate (default 32)")
     p.add_argument("--device", default="cpu", help="where it computes: cpu or cuda (default cpu)")
     p.add_argument("--offload", choices=("disk", "cpu"), default="disk",
@@ -31,7 +19,7 @@ def add_parser(sub):
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="bytes for resident weights, e.g. 500MB or 2GiB; 0 streams every "
                         "decoder layer (default: no limit, nothing streams)")
-    p.add_argument("--prefetch", type=_at_least(0), default=1, metavar="N",
+    p.add_argument("--prefetch", type=at_least(0), default=1, metavar="N",
                    help="layers loading ahead of the one computing (default 1)")
     p.add_argument("--backend", default="auto", help="decoder backend (default auto)")
     p.add_argument("--json", action="store_true",
