@@ -58,6 +58,15 @@ def test_every_layer_streamed_is_token_identical(tiny, arch, weights, offload):
     assert stats["held_host_bytes"] >= (streamed_bytes if offload == "cpu" else 0)
 
 
+@pytest.mark.parametrize("weights", ["endor", "dense"])
+def test_buffered_io_is_token_identical(tiny, weights):
+    path, _, want = tiny("llama", weights)
+    with open_model(path, max_memory=0, direct_io=False) as model:
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+        stats = model.endor_stats()
+    assert stats["direct_io"] is False and stats["direct_io_fallback"] == "disabled"
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_some_layers_resident_is_token_identical(tiny, arch, prefetch):

@@ -81,6 +81,26 @@ def test_direct_disabled_reads_buffered():
     assert not r.direct and r.fallback_reason == "disabled"
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_buffered_reads_leave_nothing_in_the_page_cache(tmp_path, monkeypatch, direct):
+    path = tmp_path / "shard.bin"
+    data = os.urandom(3 * ALIGN + 5)
+    path.write_bytes(data)
+    advice = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(reader_module.os, "posix_fadvise",
+                        lambda fd, off, n, how: advice.append(how) or real(fd, off, n, how))
+    r = ShardReader(direct=direct)
+    buf = aligned_buffer(len(data))
+    assert r.read_into(path, buf, len(data)) == len(data)
+    assert bytes(buf[:len(data)].numpy()) == data
+    if r.direct:  # O_DIRECT never fills the cache: nothing to drop
+        assert os.POSIX_FADV_DONTNEED not in advice
+    else:  # buffered (chosen, or the filesystem refused O_DIRECT): evicted once read
+        assert advice[-1] == os.POSIX_FADV_DONTNEED
+    r.close()
+
+
 @pytest.mark.parametrize("depth", [1, 3])
 def test_requests_in_flight_read_the_same_bytes(tmp_path, monkeypatch, depth):
     import threading

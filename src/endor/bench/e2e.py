@@ -64,6 +64,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                         default="bfloat16", help="weight and compute dtype (default bfloat16)")
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--io", choices=("direct", "buffered"), default="direct",
+                        help="how our pipeline reads shards: O_DIRECT (default) or buffered reads "
+                             "evicted from the page cache right after (cold either way)")
     parser.add_argument("--budget-fraction", type=float, default=0.1,
                         help="max_memory as a fraction of the model's bytes (default 0.1)")
     parser.add_argument("--new-tokens", type=int, default=None,
@@ -370,7 +373,8 @@ def run(args) -> dict:
                     prefetch = args.prefetch if system == "dense" or \
                         args.endor_prefetch is None else args.endor_prefetch
                     model = load_model(paths[system], device=device, max_memory=budget,
-                                       offload=args.offload, prefetch=prefetch)
+                                       offload=args.offload, prefetch=prefetch,
+                                       direct_io=args.io == "direct")
                     files = endor_files if system == "endor" else dense_files
                 else:
                     model = load_accelerate(paths["dense"], device=device, max_memory=budget,
@@ -416,7 +420,7 @@ def run(args) -> dict:
                   "model_bytes": model_bytes, "budget_bytes": budget, "budget_least": least,
                   "budget_fraction": args.budget_fraction, "new_tokens": args.new_tokens,
                   "prompt_len": args.prompt_len, "prefetch": args.prefetch,
-                  "endor_prefetch": args.endor_prefetch,
+                  "endor_prefetch": args.endor_prefetch, "io": args.io,
                   "repeat": args.repeat, "warmup": args.warmup, "quick": args.quick,
                   "max_seconds": getattr(args, "max_seconds", None),
                   "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s}

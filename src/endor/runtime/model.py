@@ -73,7 +73,8 @@ def thread_split(device: torch.device, streaming: bool,
 
 
 def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, prefetch: int = 1,
-               backend: str = "auto", compute_threads: int | None = None):
+               backend: str = "auto", compute_threads: int | None = None,
+               direct_io: bool = True):
     """Load a converted checkpoint (weights "endor" or "dense") for offloaded inference.
 
     device: where it computes ("cpu", "cuda"). offload: where streamed layers live between
@@ -84,6 +85,8 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     dense slot (the largest decoded layer; dense weights are used in place, in the read slots).
     prefetch: layers loading ahead of the one computing. backend: decoder (see endor.decompress).
     compute_threads: torch threads during the model's forward (default: see thread_split).
+    direct_io: read shards with O_DIRECT (default); False reads them buffered and evicts them
+    from the page cache right after (cold reads either way; faster on some virtual disks).
 
     Returns the model (generate() works) with endor_stats(), endor_reset_stats() and
     endor_close() attached; or use `with endor.runtime.open_model(...) as model:`."""
@@ -116,7 +119,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                             backend=backend)
 
     metrics = Metrics()
-    reader = ShardReader()
+    reader = ShardReader(direct=direct_io)
     stream = None
     threads, decode_threads = thread_split(device, bool(memory.streamed), compute_threads)
     if memory.streamed:
