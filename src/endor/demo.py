@@ -59,7 +59,7 @@ def generate_offloaded(path: Path, prompt: str, *, new_tokens: int, max_memory: 
     """Greedy generation from disk, cold page cache; returns tokens and the runtime's stats."""
     import torch
 
-    from .bench.harness import evict_page_cache
+    from .bench.harness import evict_files
     from .loading import load_tokenizer
     from .runtime import open_model
     tokenizer = load_tokenizer(path)
@@ -67,8 +67,7 @@ def generate_offloaded(path: Path, prompt: str, *, new_tokens: int, max_memory: 
     with open_model(path, device="cpu", offload="disk", max_memory=max_memory,
                     prefetch=prefetch) as model, torch.no_grad():
         model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up: threads, buffers
-        for f in _layer_files(path):
-            evict_page_cache(f)
+        evict_files(_layer_files(path))
         model.endor_reset_stats()
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False)

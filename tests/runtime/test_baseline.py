@@ -1,6 +1,7 @@
 import pytest
 
-from endor.runtime.baseline import evict, evict_on_read, load_accelerate
+from endor.bench.harness import evict_files
+from endor.runtime.baseline import evict_on_read, load_accelerate
 from tests.runtime.checkpoints import greedy
 from tests.runtime.conftest import NEW_TOKENS, PROMPT
 
@@ -9,7 +10,7 @@ from tests.runtime.conftest import NEW_TOKENS, PROMPT
 def test_accelerate_disk_offload_matches_the_reference(tiny, arch):
     path, _, want = tiny(arch, "dense")
     model = load_accelerate(path, max_memory=0)
-    assert evict(model.endor_files)
+    assert evict_files(model.endor_files)
     evict_on_read(model)
     assert greedy(model, PROMPT, NEW_TOKENS) == want
     stats = model.endor_stats()

@@ -138,10 +138,6 @@ def _copy_files(files: list[Path], dest: Path) -> None:
                 dst.write(view[:n])
 
 
-def _evict(files) -> bool:
-    return all([harness.evict_page_cache(f) for f in files])
-
-
 def _gb(n) -> float | None:
     return None if n is None else round(n / 1e9, 4)
 
@@ -171,7 +167,7 @@ def run(args) -> dict:
             _copy_files(files, work / "copy")
         copy_stats = harness.measure(copy, warmup=getattr(args, "warmup", 0),
                                      repeat=getattr(args, "repeat", 1) or 1,
-                                     setup=lambda: _evict(files))
+                                     setup=lambda: harness.evict_files(files))
         shutil.rmtree(work / "copy", ignore_errors=True)
         results.append({"case": "copy (read + write, cold)", "source_gb": _gb(source_bytes),
                         "seconds": copy_stats.median_s, "gbps": copy_stats.gbps(source_bytes),
@@ -186,7 +182,7 @@ def run(args) -> dict:
         for k in range(args.conversions):
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
-            cold = _evict(files)
+            cold = harness.evict_files(files)
             load = harness.system_load()
             argv = [sys.executable, "-m", "endor", "convert", str(src), str(out),
                     "--method", args.method, "--sparsity", str(args.sparsity),

@@ -177,10 +177,6 @@ def _shards(path) -> tuple[list[Path], Path]:
     return [Path(f.path) for f in layers], Path(rest.path)
 
 
-def _evict(files) -> bool:
-    return all([harness.evict_page_cache(f) for f in files])
-
-
 def _generate(model, prompt, new_tokens: int) -> list[int]:
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -204,7 +200,7 @@ def _time(models: dict, prompt, args) -> dict:
             break
         last = now
         for name, (model, files) in models.items():
-            cold[name] &= _evict(files)
+            cold[name] &= harness.evict_files(files)
             model.endor_reset_stats()
             tokens = _generate(model, prompt, args.new_tokens)
             if i >= args.warmup:
@@ -252,7 +248,7 @@ def _disk_row(files, args) -> dict:
 
     try:
         t = harness.measure(read_all, warmup=args.warmup, repeat=args.repeat,
-                            setup=lambda: _evict(files))
+                            setup=lambda: harness.evict_files(files))
     finally:
         reader.close()
     return {"system": "disk", "s_per_token": t.median_s, "min_s": t.min_s, "max_s": t.max_s,

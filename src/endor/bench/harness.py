@@ -73,6 +73,11 @@ def evict_page_cache(path) -> bool:
         os.close(fd)
 
 
+def evict_files(paths) -> bool:
+    """evict_page_cache for each path (all of them, even after a failure); True if all went."""
+    return all([evict_page_cache(p) for p in paths])
+
+
 def machine_info() -> dict:
     info = {
         "platform": platform.platform(),

@@ -126,11 +126,6 @@ def load_accelerate(path, *, device="cpu", offload: str = "disk", max_memory=Non
     return model
 
 
-def evict(paths) -> bool:
-    """Drop `paths` from the page cache; False if the OS offers no way (reads may be warm)."""
-    return all([evict_page_cache(p) for p in paths])
-
-
 def evict_on_read(model) -> None:
     """Before each offloaded layer runs (and Accelerate reads its weights), drop its shard from
     the page cache: every read is cold, as with a checkpoint larger than RAM."""
