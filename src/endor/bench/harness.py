@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.reader import evict_page_cache  # noqa: F401  (benchmarks use it from here)
+
 SCHEMA = "endor-bench/1"
 
 
@@ -58,19 +60,6 @@ def measure(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, devic
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return Stats(statistics.median(times), min(times), max(times), len(times))
-
-
-def evict_page_cache(path) -> bool:
-    """Drop `path`'s pages from the OS page cache so the next read is cold. Returns False where the
-    OS offers no way (then reads may be warm: callers record it)."""
-    if not hasattr(os, "posix_fadvise"):
-        return False
-    fd = os.open(os.fspath(path), os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return True
-    finally:
-        os.close(fd)
 
 
 def evict_files(paths) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench.harness import evict_page_cache
+from .reader import evict_page_cache
 from ..checkpoint import Checkpoint
 from .metrics import Metrics
 from .model import _check_device, _install_metric_hooks

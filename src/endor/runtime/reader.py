@@ -163,10 +163,23 @@ class ShardReader:
         return self.start(path, buf, nbytes).result()
 
 
-def _drop_cached(fd: int) -> None:
-    """Evict a buffered read's pages: the next read of the file is cold again."""
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+def _drop_cached(fd: int) -> bool:
+    """Evict a file's pages from the page cache: the next read of it is cold again. False where
+    the OS offers no way."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return True
+
+
+def evict_page_cache(path) -> bool:
+    """Drop `path`'s pages from the OS page cache so the next read is cold. Returns False where the
+    OS offers no way (then reads may be warm: callers record it)."""
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        return _drop_cached(fd)
+    finally:
+        os.close(fd)
 
 
 def _timed_range(fd, view, start, stop, nbytes, pending: PendingRead) -> int:
