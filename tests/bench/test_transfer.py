@@ -11,6 +11,7 @@ import pytest
 
 from endor.bench import transfer
 from endor.cli import build_parser
+from endor.runtime.reader import host_region
 
 MIB = transfer.MIB
 
@@ -19,12 +20,12 @@ def _address(buffer) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buffer))
 
 
-def test_aligned_buffer_is_aligned_and_large_enough():
+def test_read_buffers_are_aligned_and_large_enough():
     for nbytes in (1, 4096, 4097, 3 * MIB + 5):
-        buffer = transfer.aligned_buffer(nbytes)
-        assert _address(buffer) % transfer.ALIGN == 0
-        assert len(buffer) >= nbytes and len(buffer) % transfer.ALIGN == 0
-        buffer.close()
+        for huge_pages in (True, False):
+            buffer = host_region(nbytes, huge_pages=huge_pages)
+            assert _address(buffer) % 4096 == 0
+            assert len(buffer) >= nbytes and len(buffer) % 4096 == 0
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def data_file(tmp_path):
 def _open(path) -> int:
     """O_DIRECT where this filesystem takes it (the tests then check aligned reads), else
     buffered."""
-    if transfer.direct_io_works(path, transfer.aligned_buffer(4096)):
+    if transfer.direct_io_works(path, host_region(4096)):
         return os.open(path, os.O_RDONLY | os.O_DIRECT)
     return os.open(path, os.O_RDONLY)
 
@@ -47,7 +48,7 @@ def _open(path) -> int:
 def test_stream_file_reads_every_byte(data_file):
     path, data = data_file
     block = 65536
-    buffer = transfer.aligned_buffer(block)
+    buffer = host_region(block)
     fd = _open(path)
     try:
         assert transfer.stream_file(fd, buffer, block) == len(data)
@@ -59,7 +60,7 @@ def test_stream_file_reads_every_byte(data_file):
 
 def test_pread_into_reads_a_given_range(data_file):
     path, data = data_file
-    buffer = transfer.aligned_buffer(65536)
+    buffer = host_region(65536)
     fd = _open(path)
     try:
         assert transfer.pread_into(fd, memoryview(buffer)[:8192], 65536) == 8192
@@ -72,7 +73,7 @@ def test_pread_into_reads_a_given_range(data_file):
 def test_parallel_stream_reads_every_block_once(data_file):
     path, data = data_file
     block, depth = 65536, 3
-    buffer = transfer.aligned_buffer(block * depth)
+    buffer = host_region(block * depth)
     fd = _open(path)
     with ThreadPoolExecutor(depth) as pool:
         try:
@@ -104,7 +105,8 @@ def test_run_reports_every_mode_and_block_size(tmp_path):
     doc = transfer.run(_args(tmp_path))
     disk = [r for r in doc["results"] if r["link"] == "disk"]
     assert {(r["mode"], r["block_mib"]) for r in disk} == {
-        (m, b) for m in ("direct", "direct_qd2", "buffered_cold", "buffered_warm")
+        (m, b) for m in ("direct", "direct_small_pages", "direct_qd2", "buffered_cold",
+                         "buffered_warm")
         for b in (1, 2)}
     for r in disk:
         assert r["gbps"] > 0 and r["size_mib"] == 4 and r["n"] == 1
@@ -127,7 +129,7 @@ def test_run_falls_back_and_says_so_where_o_direct_is_refused(tmp_path, monkeypa
     doc = transfer.run(_args(tmp_path, "--queue-depth", "1"))
     assert doc["params"]["o_direct"] is False
     assert {r["mode"] for r in doc["results"] if r["link"] == "disk"} == {
-        "direct", "buffered_cold", "buffered_warm"}
+        "direct", "direct_small_pages", "buffered_cold", "buffered_warm"}
     assert not any(r.get("o_direct") for r in doc["results"])
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from endor.runtime import reader as reader_module
-from endor.runtime.reader import ALIGN, ShardReader, aligned_buffer, round_up
+from endor.runtime.reader import (ALIGN, HUGE_PAGE, ShardReader, aligned_buffer, host_region,
+                                  round_up)
 
 
 @pytest.fixture
@@ -27,6 +28,50 @@ def test_whole_file_read_is_exact(tmp_path, monkeypatch, reader, nbytes):
     assert r.read_into(path, buf, nbytes) == nbytes
     assert bytes(buf[:nbytes].numpy()) == data
     assert r.direct or r.fallback_reason  # either direct, or it says why not
+
+
+def _mapping_flags(address: int) -> dict:
+    """The /proc/self/smaps fields of the mapping that holds `address`."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    fields, inside = {}, False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside:
+            key, _, value = line.partition(":")
+            fields[key] = value.strip()
+    return fields
+
+
+@pytest.mark.parametrize("nbytes", [1, 4097, 5 * HUGE_PAGE + 3])
+def test_read_buffers_start_on_a_huge_page_and_are_private(nbytes):
+    region = host_region(nbytes)
+    assert region.ctypes.data % HUGE_PAGE == 0 and region.size == round_up(nbytes)
+    region[:] = 7  # writable, and every byte belongs to it
+    assert int(region.sum()) == 7 * region.size
+    buf = aligned_buffer(nbytes)
+    assert buf.data_ptr() % HUGE_PAGE == 0 and buf.numel() == round_up(nbytes)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux /proc only")
+def test_read_buffers_are_eligible_for_transparent_huge_pages():
+    """What makes O_DIRECT reads fast: a private mapping advised MADV_HUGEPAGE (a shared anonymous
+    mapping would be shmem, which THP leaves alone by default)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            thp = f.read()
+    except OSError:
+        pytest.skip("no transparent huge pages on this kernel")
+    if "[never]" in thp:
+        pytest.skip("transparent huge pages are off on this machine")
+    huge = aligned_buffer(4 * HUGE_PAGE)
+    small = aligned_buffer(4 * HUGE_PAGE, huge_pages=False)
+    assert _mapping_flags(huge.data_ptr()).get("THPeligible") == "1"
+    if "[madvise]" in thp:  # without the advice, no huge pages
+        assert _mapping_flags(small.data_ptr()).get("THPeligible") == "0"
 
 
 def test_reused_buffer_holds_the_newest_file(tmp_path, reader):

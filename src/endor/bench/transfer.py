@@ -4,12 +4,13 @@ file's pages (cold) and buffered from the page cache (warm), at several block si
 on one and on all threads; on CUDA, pinned vs pageable host<->device copies.
 
 Each read streams the whole file through one block-sized buffer, as a streaming runtime does with
-its staging buffer. GB/s is bytes moved per second (1e9), median after warm-up."""
+its staging buffer: the runtime's kind (runtime.reader.host_region, huge pages), and for
+comparison ordinary 4 KiB pages (mode direct_small_pages).
+GB/s is bytes moved per second (1e9), median after warm-up."""
 
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import shutil
 import tempfile
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from ..runtime.reader import host_region
 from . import harness
 
 NAME = "transfer"
 MIB = 1 << 20
-ALIGN = 4096  # O_DIRECT wants buffer, offset and length aligned to the logical block size
 DEFAULT_SIZE_MIB, QUICK_SIZE_MIB = 1024, 64
 DEFAULT_BLOCKS_MIB, QUICK_BLOCKS_MIB = [1, 4, 16], [1, 4]
 DEFAULT_COPY_MIB, QUICK_COPY_MIB = [64, 256, 1024], [16, 64]
@@ -47,11 +48,6 @@ def add_arguments(parser) -> None:
 
 # --- reading a file with the page cache bypassed -------------------------------------------------
 
-def aligned_buffer(nbytes: int) -> mmap.mmap:
-    """A page-aligned anonymous buffer of at least `nbytes`, usable for O_DIRECT reads."""
-    return mmap.mmap(-1, max(ALIGN, -(-nbytes // ALIGN) * ALIGN))
-
-
 def open_direct(path) -> int | None:
     """A file descriptor that reads `path` with O_DIRECT, or None where the OS or filesystem
     refuses it (tmpfs, macOS): callers fall back to buffered reads and say so."""
@@ -67,7 +63,7 @@ def open_direct(path) -> int | None:
 
 def pread_into(fd: int, view: memoryview, offset: int) -> int:
     """Fill `view` from `offset`, looping over short reads; returns the bytes read (fewer only
-    at end of file). With O_DIRECT, `view` and `offset` must be ALIGN-aligned."""
+    at end of file). With O_DIRECT, `view` and `offset` must be block-aligned (4096)."""
     done = 0
     while done < len(view):
         n = os.preadv(fd, [view[done:]], offset + done)
@@ -106,7 +102,7 @@ def direct_io_works(path, buffer) -> bool:
     if fd is None:
         return False
     try:
-        pread_into(fd, memoryview(buffer)[:ALIGN], 0)
+        pread_into(fd, memoryview(buffer)[:4096], 0)
         return True
     except OSError as e:
         if e.errno == errno.EINVAL:
@@ -135,18 +131,20 @@ def write_test_file(path: Path, nbytes: int, *, seed: int = 0) -> None:
 def _disk_rows(path: Path, size: int, blocks_mib: list[int], depth: int, *, warmup: int,
                repeat: int) -> list:
     from concurrent.futures import ThreadPoolExecutor
-    buffer = aligned_buffer(max(blocks_mib) * MIB * max(1, depth))
+    # Huge pages as the runtime's read buffers have, and 4 KiB pages to show what they are worth.
+    buffer = host_region(max(blocks_mib) * MIB * max(1, depth))
+    small_pages = host_region(max(blocks_mib) * MIB, huge_pages=False)
     direct = direct_io_works(path, buffer)
     pool = ThreadPoolExecutor(depth) if depth > 1 else None
     rows = []
     for block_mib in blocks_mib:
         block = block_mib * MIB
 
-        def read(flags: int, parallel: bool = False) -> None:
+        def read(flags: int, parallel: bool = False, into=buffer) -> None:
             fd = os.open(path, os.O_RDONLY | flags)
             try:
-                got = (stream_file_parallel(fd, buffer, block, pool, depth) if parallel
-                       else stream_file(fd, buffer, block))
+                got = (stream_file_parallel(fd, into, block, pool, depth) if parallel
+                       else stream_file(fd, into, block))
             finally:
                 os.close(fd)
             assert got == size, (got, size)
@@ -156,6 +154,8 @@ def _disk_rows(path: Path, size: int, blocks_mib: list[int], depth: int, *, warm
         cases = [
             # O_DIRECT skips the page cache; evicting too keeps the fallback honest.
             ("direct", lambda: read(os.O_DIRECT if direct else 0), evict),
+            ("direct_small_pages", lambda: read(os.O_DIRECT if direct else 0, into=small_pages),
+             evict),
             *([(f"direct_qd{depth}", lambda: read(os.O_DIRECT if direct else 0, True), evict)]
               if pool else []),
             ("buffered_cold", lambda: read(0), evict),
@@ -172,7 +172,6 @@ def _disk_rows(path: Path, size: int, blocks_mib: list[int], depth: int, *, warm
                          "gbps": stats.gbps(size), **stats.as_dict()})
     if pool:
         pool.shutdown()
-    buffer.close()
     return rows
 
 
