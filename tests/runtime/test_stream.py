@@ -8,7 +8,7 @@ import endor
 from endor.runtime.metrics import Metrics
 from endor.runtime.plan import LayerPlan, Part, TensorPlan
 from endor.runtime.reader import ShardReader
-from endor.runtime.stream import LayerStream, decode_layer
+from endor.runtime.stream import LayerStream, decode_layer, read_slot_count
 from endor.runtime.weights import check_streamed
 from tests.helpers import bit_equal, sparse_tensor
 
@@ -68,6 +68,27 @@ def streamed_llama(tiny):
     return plans, model
 
 
+def _sized(n_layers: int, weight_bytes: int) -> list:
+    return [LayerPlan(i, Path(f"l{i}"), 0, (), 0, weight_bytes) for i in range(n_layers)]
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3, 7])
+def test_read_slots_of_dense_sized_shards_are_prefetch_plus_one(prefetch):
+    layers = _sized(12, 100)
+    assert read_slot_count(layers, prefetch, 0, 100) == prefetch + 1
+    assert read_slot_count(layers, prefetch, 100, 100) == prefetch + 1  # never fewer
+
+
+def test_smaller_shards_read_further_ahead_in_the_same_memory():
+    layers = _sized(12, 90)
+    # (3+1) dense layers' memory, less one dense slot: 270 bytes hold five 51-byte shards
+    assert read_slot_count(layers, 3, 90, 51) == 5
+    assert 5 * 51 + 90 <= 4 * 90
+    assert read_slot_count(layers, 3, 0, 30) == 12  # capped at the layers there are
+    assert read_slot_count(layers, 0, 90, 10) == 1  # prefetch 0: no read-ahead at all
+    assert read_slot_count(_sized(3, 90), 7, 90, 10) == 3
+
+
 @pytest.mark.parametrize("held", [False, True])
 @pytest.mark.parametrize("prefetch, dense_slots", [(0, 1), (1, 1), (3, 1), (7, 1), (3, 2)])
 def test_cyclic_schedule_serves_every_layer_in_any_order(streamed_llama, monkeypatch, held,
@@ -81,8 +102,14 @@ def test_cyclic_schedule_serves_every_layer_in_any_order(streamed_llama, monkeyp
     stream = LayerStream(plans, device=torch.device("cpu"), prefetch=prefetch, backend="auto",
                          reader=None if held else reader, digests=digests, held=images,
                          metrics=Metrics())
-    assert len(stream.read_slots) == min(prefetch + 1, len(plans))
-    assert len(stream.dense_slots) == min(dense_slots, len(stream.read_slots))
+    n_dense = min(dense_slots, prefetch + 1)
+    assert len(stream.dense_slots) == n_dense
+    if held:  # nothing is read: no reason for more than prefetch+1
+        assert len(stream.read_slots) == min(prefetch + 1, len(plans))
+    else:
+        assert len(stream.read_slots) == read_slot_count(
+            plans, prefetch, n_dense * max(p.dense_buffer_bytes for p in plans),
+            max(p.file_size for p in plans))
     order = [0, 1, 2, 3] * 3 + [2, 3, 0, 1, 1, 0, 3]  # in order, then jumps (restarts)
     for i in order:
         views = stream.acquire(i)

@@ -81,9 +81,10 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     uses, "disk" (read with O_DIRECT for every forward) or "cpu" (their compressed bytes held in
     host memory). max_memory: bytes for resident weights (int, "500MB", "2GiB", {"cuda": ...});
     None keeps every layer resident, 0 streams every layer. Streaming buffers come on top and
-    are reported by model.endor_stats(): prefetch+1 read slots (the largest shard each) and one
-    dense slot (the largest decoded layer; dense weights are used in place, in the read slots).
-    prefetch: layers loading ahead of the one computing. backend: decoder (see endor.decompress).
+    are reported by model.endor_stats(): read slots (the largest shard each) and one dense slot
+    (the largest decoded layer; dense weights are used in place, in the read slots).
+    prefetch: layers loading ahead of the one computing: prefetch+1 read slots, or as many
+    compressed shards as fit in the memory of prefetch+1 dense layers (stream.read_slot_count). backend: decoder (see endor.decompress).
     compute_threads: torch threads during the model's forward (default: see thread_split).
     direct_io: read shards with O_DIRECT (default); False reads them buffered and evicts them
     from the page cache right after (cold reads either way; faster on some virtual disks).
