@@ -12,7 +12,8 @@ from endor.bench import harness
 from endor.cli import bench as bench_cli
 from endor.cli import build_parser, main
 
-ENVELOPE = {"schema", "benchmark", "command", "date", "machine", "params", "results"}
+ENVELOPE = {"schema", "benchmark", "command", "date", "machine", "load_avg_at_end", "params",
+            "results"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -25,6 +26,7 @@ def _run(name, tmp_path, *extra):
     assert png[:8] == PNG_MAGIC and len(png) > 5000
     assert ENVELOPE <= set(doc) and doc["schema"] == harness.SCHEMA
     assert doc["benchmark"] == name and doc["results"]
+    assert doc["command"].startswith(f"endor bench {name} ")  # rerunnable as written
     assert doc["params"]["quick"] is True and doc["params"]["repeat"] == 1
     assert set(doc["params"]["load_avg"]) == {"before", "after"}  # contention, recorded
     return doc

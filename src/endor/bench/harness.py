@@ -103,9 +103,10 @@ def envelope(benchmark: str, params: dict, results: list[dict], **extra) -> dict
         "schema": SCHEMA,
         "benchmark": benchmark,
         "command": " ".join(["endor", *sys.argv[1:]]) if sys.argv[0].endswith("endor")
-        else " ".join(sys.argv),
+        else " ".join(sys.argv),  # the CLI puts the exact command here
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
+        "load_avg_at_end": system_load(),  # how contended the machine was, for every benchmark
         "params": params,
         "results": results,
         **extra,

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for the records
     from ..errors import FormatError  # noqa: F401  (a ValueError, named for readers)
     try:
         return args.run(args) or 0

@@ -3,6 +3,7 @@ and <out>/<name>.png, print a table."""
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from .args import at_least
@@ -76,6 +77,8 @@ def run(args) -> int:
     except ValueError as e:  # a bad option value that argparse could not see alone
         print(f"endor bench {name}: error: {e}", file=sys.stderr)
         return 2
+    if getattr(args, "argv", None) is not None:
+        doc["command"] = shlex.join(["endor", *args.argv])  # the command that reruns it
     out = Path(args.out)
     json_path = harness.write_json(doc, out / f"{name}.json")
     png_path = plot.draw(name, doc, out / f"{name}.png")
