@@ -21,9 +21,11 @@ def add_parser(sub):
                         "decoder layer (default: no limit, nothing streams)")
     p.add_argument("--buffered-io", action="store_true",
                    help="read shards buffered and evict them right after, instead of O_DIRECT "
-                        "(cold reads either way; faster on some virtual disks)")
+                        "(cold reads either way; faster on some virtual disks where "
+                        "transparent huge pages are off)")
     p.add_argument("--prefetch", type=at_least(0), default=1, metavar="N",
-                   help="layers loading ahead of the one computing (default 1)")
+                   help="layers loading ahead of the one computing, in dense layers' memory: "
+                        "compressed shards read further ahead in it (default 1)")
     p.add_argument("--backend", default="auto", help="decoder backend (default auto)")
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON object (tokens, text, speed, split) instead")

@@ -84,10 +84,12 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     are reported by model.endor_stats(): read slots (the largest shard each) and one dense slot
     (the largest decoded layer; dense weights are used in place, in the read slots).
     prefetch: layers loading ahead of the one computing: prefetch+1 read slots, or as many
-    compressed shards as fit in the memory of prefetch+1 dense layers (stream.read_slot_count). backend: decoder (see endor.decompress).
+    compressed shards as fit in the memory of prefetch+1 dense layers (stream.read_slot_count).
+    backend: decoder (see endor.decompress).
     compute_threads: torch threads during the model's forward (default: see thread_split).
     direct_io: read shards with O_DIRECT (default); False reads them buffered and evicts them
-    from the page cache right after (cold reads either way; faster on some virtual disks).
+    from the page cache right after (cold reads either way; faster on some virtual disks where
+    transparent huge pages are off: see reader.py).
 
     Returns the model (generate() works) with endor_stats(), endor_reset_stats() and
     endor_close() attached; or use `with endor.runtime.open_model(...) as model:`."""
