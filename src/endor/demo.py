@@ -77,7 +77,7 @@ def generate_offloaded(path: Path, prompt: str, *, new_tokens: int, max_memory: 
             "stats": stats}
 
 
-def run(out: Path, *, method="wanda", sparsity=0.5, new_tokens=32, budget_fraction=0.25,
+def run(out: Path, *, method="wanda", sparsity=0.5, new_tokens=64, budget_fraction=0.25,
         window=512, max_windows=16, prefetch=2) -> dict:
     from .data.models import embedded_model_dir
     t0 = time.perf_counter()
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
     p.add_argument("--sparsity", type=float, default=0.5)
-    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--budget-fraction", type=float, default=0.25,
                    help="RAM budget for resident layers, as a fraction of the dense model")
     p.add_argument("--max-windows", type=int, default=16)
