@@ -24,9 +24,10 @@ FlexGen's loop, one layer at a time:
     release(j)  its buffers are free again: start loading the next layers into them
 
 Buffers come in two pools: read slots (a shard image; prefetch+1 of them, more for compressed
-shards read from disk: read_slot_count) and dense slots (a decoded layer; DENSE_SLOTS). A decoded layer gives its read slot back at once, so with Endor
-weights the reads of the next layers go on while a decoded layer waits for its turn to compute;
-a dense layer's weights are views of its image, which it keeps until it has computed.
+shards read from disk: read_slot_count) and dense slots (a decoded layer; DENSE_SLOTS). A decoded
+layer gives its read slot back at once, so with Endor weights the reads of the next layers go on
+while a decoded layer waits for its turn to compute; a dense layer's weights are views of its
+image, which it keeps until it has computed.
 
 The schedule is cyclic: after the last streamed layer come the first ones of the next forward,
 so they load while the resident layers, the LM head and sampling run. A worker error (I/O
