@@ -57,6 +57,9 @@ class CheckpointWriter:
         return self.path(i).is_file()
 
     def write(self, i: int, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> Path:
+        """Write shard i. save_file writes under a temporary name and renames the file into place
+        (a shard under its final name is complete: resume relies on it), with its metadata
+        sorted (identical conversions give byte-identical shards)."""
         meta = {"endor.group": self.shards[i].group, **(metadata or {})}
         save_file(tensors, self.path(i), metadata=meta)
         return self.path(i)

@@ -7,6 +7,7 @@ from safetensors import safe_open
 from torch import nn
 
 import endor
+from endor import checkpoint
 from endor.checkpoint import Checkpoint
 from endor.convert import calibrate, convert, outdir
 from endor.convert.outdir import SettingsMismatch, bit_equal
@@ -284,7 +285,7 @@ def test_verification_catches_an_encoder_fault(model_dirs, tmp_path, monkeypatch
 @pytest.mark.parametrize("weights", ["dense", "endor"])
 def test_verification_catches_a_disk_fault_and_removes_the_shard(model_dirs, tmp_path,
                                                                  monkeypatch, weights):
-    real = outdir.save_file
+    real = checkpoint.save_file
 
     def save_then_flip_a_byte(tensors, path, metadata=None):
         real(tensors, path, metadata=metadata)
@@ -292,7 +293,7 @@ def test_verification_catches_a_disk_fault_and_removes_the_shard(model_dirs, tmp
             data = bytearray(path.read_bytes())
             data[-3] ^= 0x40
             path.write_bytes(bytes(data))
-    monkeypatch.setattr(outdir, "save_file", save_then_flip_a_byte)
+    monkeypatch.setattr(checkpoint, "save_file", save_then_flip_a_byte)
     with pytest.raises(endor.FormatError, match="verification failed.*disk"):
         convert(model_dirs("llama", torch.float32), tmp_path / "out", method="magnitude",
                 weights=weights, progress=False)

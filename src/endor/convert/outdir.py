@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoint import INDEX, MANIFEST, CheckpointWriter
 from ..errors import FormatError
-from ..format import EndorTensor, open_file, save_file, spec
+from ..format import EndorTensor, open_file, spec
 from .source import TORCH_DTYPES as _SAFETENSORS_DTYPES
 from .summary import read_shard_metadata
 
@@ -109,15 +109,6 @@ def copy_side_files(src: Path, out: Path) -> list[str]:
             os.replace(tmp, dest)
         copied.append(p.name)
     return copied
-
-
-def write_shard(writer: CheckpointWriter, i: int, tensors: dict, metadata: dict) -> Path:
-    """Write shard i. `save_file` writes under a temporary name and renames the file into place
-    (a shard under its final name is complete: resume relies on it), with its metadata sorted
-    (identical conversions give byte-identical shards)."""
-    final = writer.path(i)
-    save_file(tensors, final, metadata={"endor.group": writer.shards[i].group, **metadata})
-    return final
 
 
 def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

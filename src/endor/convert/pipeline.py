@@ -120,7 +120,7 @@ class _Conversion:
         """Write the shard of `group` ({name: tensor or EndorTensor}), then read it back."""
         i = self.groups[group]
         nnz = {n: self.nnz.pop(n) for n in stored if n in self.nnz}
-        path = outdir.write_shard(self.writer, i, stored, shard_metadata(self.settings, nnz))
+        path = self.writer.write(i, stored, shard_metadata(self.settings, nnz))
         if self.verify:
             outdir.verify_shard(path, stored)
         stored.clear()
