@@ -39,7 +39,9 @@ step gpu-tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu \
 step bench-decode 45 "$PY" -m endor bench decode --device cuda --shape 4096,14336 \
   --dtypes bf16,fp16 --sparsities 0.5,0.7 --numpy none --out "$OUT_DIR"
 # The link: pinned vs pageable host-to-device, disk with and without the page cache.
-step bench-transfer 30 "$PY" -m endor bench transfer --size-mib 512 --out "$OUT_DIR"
+# Two block sizes, 3 timed reads each: five read modes fit the step's limit on a slow disk too.
+step bench-transfer 30 "$PY" -m endor bench transfer --size-mib 512 --blocks-mib 4,16 \
+  --repeat 3 --out "$OUT_DIR"
 # End to end on 7B-shaped layers (hidden 4096, MLP 11008, 32 heads; 4 layers so the synthetic
 # checkpoints build in seconds): Endor vs dense through the same pipeline vs Accelerate, weights
 # in CPU RAM, then on disk (the checkpoints are built once, by the first run). Per-layer time is
