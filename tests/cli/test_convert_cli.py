@@ -12,12 +12,7 @@ def src(tmp_path_factory):
     return make_model_dir(tmp_path_factory.mktemp("src"), "llama", dtype=torch.float16)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def parse(*argv):

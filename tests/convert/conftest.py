@@ -98,10 +98,5 @@ def model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These models are tiny: extra threads only add synchronisation (badly so on a busy
-    machine), never speed. Restored afterwards for the rest of the session."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _tiny_models_on_one_thread(one_torch_thread):
+    """These models are tiny: extra threads only add synchronisation, never speed."""

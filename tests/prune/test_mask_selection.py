@@ -11,13 +11,7 @@ from tests.helpers import DTYPES, INT_VIEW
 SHAPES = [(1, 1), (7, 13), (33, 130), (3, 1), (830, 545)]
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The torch selection on a busy 2-core machine is several times faster on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def scores_of(shape, dtype, kind, seed=0):
