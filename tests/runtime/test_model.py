@@ -35,7 +35,7 @@ def values_offset(path):
     """Absolute offset of the middle of the first Endor values part in a shard."""
     with endor.open_file(path) as f:
         name = next(n for n in f.keys() if f.is_compressed(n))
-        _, (start, end), _ = f.byte_ranges(name)
+        start, end = f.part_ranges(name)["values"]
     return (start + end) // 2
 
 

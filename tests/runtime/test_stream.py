@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import endor
+from endor.format.validate import Entry
 from endor.runtime.metrics import Metrics
 from endor.runtime.plan import LayerPlan, Part, TensorPlan
 from endor.runtime.reader import ShardReader
@@ -35,7 +36,9 @@ def test_decode_layer_stages_unaligned_parts_and_casts():
     tensors = (
         TensorPlan("w", w.shape, torch.float16,
                    (Part(*b, torch.uint8), Part(*v, torch.float16, staging=0),
-                    Part(*t, torch.int64, staging=256)), True, et.checksum, 512),
+                    Part(*t, torch.int64, staging=256)), True, et.checksum, 512,
+                   Entry(et.shape, et.dtype, et.nnz, et.checksum, "raw", {}),
+                   ("bitmap", "values", "tiles")),
         TensorPlan("bias", bias32.shape, torch.float16, (Part(*d, torch.float32, staging=768),),
                    False, None, 896),
         TensorPlan("norm", norm.shape, torch.float16, (Part(*n, torch.float16),), False, None,

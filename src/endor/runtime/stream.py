@@ -46,10 +46,11 @@ import torch
 import xxhash
 
 from ..errors import FormatError
+from ..format.io import endor_tensor
 from ..format.tensor import EndorTensor
 from ..kernels import decompress
 from .metrics import LoadTimes, Metrics
-from .plan import LayerPlan, Part
+from .plan import LayerPlan, Part, TensorPlan
 from .reader import PendingRead, ShardReader, aligned_buffer
 
 _WORKER_POLL_S = 0.5
@@ -371,6 +372,11 @@ def part_view(image: torch.Tensor, dense: torch.Tensor, part: Part) -> torch.Ten
     return raw.view(part.dtype)
 
 
+def planned_tensor(tp: TensorPlan, parts: list[torch.Tensor]) -> EndorTensor:
+    """The EndorTensor of a planned compressed tensor, from views of its parts (any codec)."""
+    return endor_tensor(tp.entry, dict(zip(tp.suffixes, parts)), tp.version)
+
+
 def decode_layer(plan: LayerPlan, image: torch.Tensor, dense: torch.Tensor,
                  backend: str) -> dict:
     """Every tensor of one layer, dense, from its shard image: Endor tensors decoded into
@@ -382,8 +388,7 @@ def decode_layer(plan: LayerPlan, image: torch.Tensor, dense: torch.Tensor,
         if tp.out is not None:
             out = dense[tp.out:tp.out + tp.nbytes].view(tp.dtype)
         if tp.compressed:
-            bitmap, values, tiles = parts
-            et = EndorTensor(tp.shape, values.dtype, bitmap, values, tiles, tp.checksum)
+            et = planned_tensor(tp, parts)
             try:
                 decompress(et, out=out, backend=backend)
             except FormatError as e:
