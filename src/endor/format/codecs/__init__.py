@@ -80,6 +80,7 @@ def check_values_entry(entry, dtype: torch.dtype) -> tuple[str, dict]:
     return codec.name, codec.check_params(params, dtype)
 
 
+from . import exp as _exp  # noqa: E402,F401  registers "exp"
 from . import raw as _raw  # noqa: E402,F401  registers "raw"
 
 __all__ = ["ValueCodec", "check_values_entry", "codec_names", "get_codec", "register_codec"]
