@@ -12,6 +12,7 @@ bit planes of 64 values, so a SIMD decoder turns one 64-bit word per plane into 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ...errors import FormatError
@@ -22,6 +23,8 @@ CODE_BITS = 3
 ESCAPE = (1 << CODE_BITS) - 1  # code 7
 WINDOW = ESCAPE  # exponents base .. base + 6 are coded directly
 GROUP = 64  # values per bit-plane word
+_CHUNK_TILES = 32  # the numpy encoder's unit of work: at most 128K values
+_CHUNK_GROUPS = 2048
 
 # dtype -> (exponent bits, mantissa bits, whole bytes of sign+mantissa, extra plane bits)
 LAYOUT = {torch.bfloat16: (8, 7, 1, 0), torch.float16: (5, 10, 1, 3), torch.float32: (8, 23, 3, 0)}
@@ -67,6 +70,8 @@ class ExpCodec(ValueCodec):
     def encode(self, values, tiles, **options):
         if options:
             raise ValueError(f"the exp codec takes no options, got {sorted(options)}")
+        if values.device.type == "cpu" and tiles.device.type == "cpu":
+            return encode_numpy(values, tiles)
         return encode(values, tiles)
 
     def decode_values(self, params, parts, tiles, dtype):
@@ -151,6 +156,63 @@ def encode(values: torch.Tensor, tiles: torch.Tensor):
     parts = {SIGNMANT: signmant, CODES: _pack_planes(q, planes(dtype)), BASES: bases,
              ESCIDX: escidx, ESCAPES: escapes}
     return {"escapes": escapes.numel()}, parts
+
+
+def encode_numpy(values: torch.Tensor, tiles: torch.Tensor):
+    """`encode` for CPU tensors, the same output: numpy, a chunk of tiles at a time so the
+    temporaries stay in cache (the torch `encode` above is the specification)."""
+    dtype = values.dtype
+    if dtype not in LAYOUT:
+        raise ValueError(f"the exp codec codes {', '.join(map(str, LAYOUT))}, not {dtype}")
+    e_bits, m_bits, n_bytes, extra_bits = LAYOUT[dtype]
+    width = 8 * dtype.itemsize
+    unsigned = {16: np.uint16, 32: np.uint32}[width]
+    ints = values.contiguous().view(spec.INT_VIEW[dtype]).numpy().view(unsigned)
+    starts = tiles.numpy()
+    ntiles, nnz = starts.size - 1, ints.size
+    levels, top = 1 << e_bits, max_base(dtype)
+    bases = np.zeros(ntiles, dtype=np.uint8)
+    escidx = np.zeros(ntiles + 1, dtype=np.int64)
+    signmant = np.empty((nnz, n_bytes), dtype=np.uint8)
+    groups = -(-nnz // GROUP)
+    q = np.zeros(groups * GROUP, dtype=np.uint8)
+    escapes = []
+    n_escapes = 0
+    for t0 in range(0, ntiles, _CHUNK_TILES):
+        t1 = min(t0 + _CHUNK_TILES, ntiles)
+        lo, hi = int(starts[t0]), int(starts[t1])
+        chunk = ints[lo:hi]
+        counts = np.diff(starts[t0:t1 + 1])
+        tile = np.repeat(np.arange(t1 - t0, dtype=np.int32), counts)
+        exponent = ((chunk >> m_bits) & (levels - 1)).astype(np.int32)
+        hist = np.bincount(tile * levels + exponent, minlength=(t1 - t0) * levels)
+        csum = np.pad(hist.reshape(t1 - t0, levels).cumsum(1), ((0, 0), (1, 0)))
+        chunk_bases = (csum[:, WINDOW:WINDOW + top + 1] - csum[:, :top + 1]).argmax(1)
+        bases[t0:t1] = chunk_bases
+        code = exponent - chunk_bases.astype(np.int32)[tile]
+        escaped = (code < 0) | (code >= WINDOW)
+        code[escaped] = ESCAPE
+        escapes.append(exponent[escaped].astype(np.uint8))
+        per_tile = np.bincount(tile[escaped], minlength=t1 - t0)
+        escidx[t0 + 1:t1 + 1] = n_escapes + np.cumsum(per_tile)
+        n_escapes += int(per_tile.sum())
+        r = ((chunk >> (width - 1)).astype(np.uint32) << m_bits) | (chunk & ((1 << m_bits) - 1))
+        for b in range(n_bytes):
+            signmant[lo:hi, b] = r >> (8 * b)
+        if extra_bits:
+            code |= (r >> (8 * n_bytes)).astype(np.int32) << CODE_BITS
+        q[lo:hi] = code
+    codes = np.empty((groups, planes(dtype), 8), dtype=np.uint8)
+    q = q.reshape(groups, GROUP)
+    for g0 in range(0, groups, _CHUNK_GROUPS):
+        block = q[g0:g0 + _CHUNK_GROUPS]
+        for p in range(planes(dtype)):
+            codes[g0:g0 + _CHUNK_GROUPS, p, :] = np.packbits((block >> p) & 1, axis=1,
+                                                             bitorder="little")
+    escapes = np.concatenate(escapes) if escapes else np.zeros(0, dtype=np.uint8)
+    parts = {SIGNMANT: signmant.reshape(-1), CODES: codes.reshape(-1), BASES: bases,
+             ESCIDX: escidx, ESCAPES: escapes}
+    return {"escapes": n_escapes}, {k: torch.from_numpy(v) for k, v in parts.items()}
 
 
 def _check_index(index: torch.Tensor, total: int, limits: torch.Tensor, what: str) -> None:
