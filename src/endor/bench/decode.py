@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 
+from ..format.equal import bit_equal
 from . import harness
 
 NAME = "decode"
@@ -58,13 +59,6 @@ def numpy_decoder(et):
     return decode
 
 
-def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    from ..format import spec
-    view = spec.INT_VIEW[a.dtype]
-    return a.shape == b.shape and torch.equal(a.contiguous().view(view).cpu(),
-                                              b.contiguous().view(view).cpu())
-
-
 def _devices(choice: str) -> list[torch.device]:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device here")
@@ -106,11 +100,11 @@ def _case(tensor, et, device, backend_names, *, with_numpy, hbm_gbps, warmup, re
             ("copy", "out", timed(lambda: reused.copy_(dense)), 2 * dense_bytes)]
     if with_numpy and device.type == "cpu":
         decode = numpy_decoder(et)
-        if not _bit_equal(decode(), tensor):
+        if not bit_equal(decode(), tensor):
             raise RuntimeError("the numpy baseline did not decode bit-exactly")
         rows.append(("numpy", "fresh", timed(decode), read_bytes + dense_bytes))
     for name in backend_names:
-        if not _bit_equal(endor.decompress(et, backend=name), tensor):
+        if not bit_equal(endor.decompress(et, backend=name), tensor):
             raise RuntimeError(f"backend {name!r} did not decode bit-exactly on {device}")
         rows.append((name, "fresh", timed(lambda: endor.decompress(et, backend=name)),
                      read_bytes + dense_bytes))

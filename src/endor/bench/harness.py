@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.reader import evict_page_cache  # noqa: F401  (benchmarks use it from here)
+from ..runtime.reader import evict_files, evict_page_cache  # noqa: F401  (re-exported)
 
 SCHEMA = "endor-bench/1"
 
@@ -60,11 +60,6 @@ def measure(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, devic
         synchronize(device)
         times.append(time.perf_counter() - t0)
     return Stats(statistics.median(times), min(times), max(times), len(times))
-
-
-def evict_files(paths) -> bool:
-    """evict_page_cache for each path (all of them, even after a failure); True if all went."""
-    return all([evict_page_cache(p) for p in paths])
 
 
 def machine_info() -> dict:

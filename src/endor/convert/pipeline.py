@@ -29,9 +29,10 @@ from ..checkpoint import CheckpointWriter
 from ..errors import FormatError
 from ..format import compress, load_file
 from ..kernels import decompress
-from ..format.spec import DTYPES
+from ..format.equal import bit_equal
+from ..format.spec import DTYPES, INT_OF_SIZE
 from . import calibrate, outdir
-from .source import open_source
+from .endor_source import open_source
 from .structure import ModelLayout, build_layout, load_config
 from .summary import format_summary, shard_metadata, summarize
 
@@ -54,7 +55,7 @@ def resolve_source(src) -> Path:
 
 def _count_nonzero(t: torch.Tensor) -> int:
     """Non-zero elements in the format's sense: any bit set (-0.0 counts)."""
-    return int(np.count_nonzero(t.contiguous().view(outdir._INT_OF_SIZE[t.element_size()])
+    return int(np.count_nonzero(t.contiguous().view(INT_OF_SIZE[t.element_size()])
                                 .numpy()))
 
 
@@ -111,7 +112,7 @@ class _Conversion:
             return t
         et = compress(t)
         self.nnz[name] = et.nnz
-        if self.verify and not outdir.bit_equal(decompress(et), t):
+        if self.verify and not bit_equal(decompress(et), t):
             raise FormatError("verification failed: the compressed tensor does not decode to "
                               "the pruned weight (encoder fault)", tensor=name)
         return et
@@ -145,7 +146,7 @@ class _Conversion:
         for target, origin in self.layout.tied.items():
             # transformers ties these on load (and only if equal): storing both would duplicate
             if target in tensors and origin in tensors and \
-                    outdir.bit_equal(tensors[target], tensors[origin]):
+                    bit_equal(tensors[target], tensors[origin]):
                 del tensors[target]
         self._finish_shard(REST, tensors)
 

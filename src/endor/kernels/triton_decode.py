@@ -47,6 +47,7 @@ import torch
 
 from ..errors import FormatError
 from ..format import spec
+from ..format.decompress import Backend, register
 from ..format.tensor import EndorTensor
 
 TILE_BYTES = spec.TILE_BITMAP_BYTES
@@ -243,9 +244,4 @@ def validate_tiles(et: EndorTensor) -> torch.Tensor:
     return ok
 
 
-def _register() -> None:
-    from .registry import Backend, register
-    register(Backend("triton", ("cuda", "cpu"), decode, available))
-
-
-_register()
+register(Backend("triton", ("cuda", "cpu"), decode, available))

@@ -207,6 +207,11 @@ def evict_page_cache(path) -> bool:
         os.close(fd)
 
 
+def evict_files(paths) -> bool:
+    """evict_page_cache for each path (all of them, even after a failure); True if all went."""
+    return all([evict_page_cache(p) for p in paths])
+
+
 def _timed_range(fd, view, start, stop, nbytes, pending: PendingRead) -> int:
     t0 = time.perf_counter()
     done = _read_range(fd, view, start, stop, nbytes)

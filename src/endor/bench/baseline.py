@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .reader import evict_page_cache
 from ..checkpoint import Checkpoint
-from .metrics import Metrics
-from .model import _check_device, _install_metric_hooks
-from .plan import parse_size, plan_memory, stored_nbytes
-from .weights import layer_files
+from ..runtime.metrics import Metrics
+from ..runtime.model import check_device, install_metric_hooks
+from ..runtime.plan import parse_size, plan_memory, stored_nbytes
+from ..runtime.reader import evict_page_cache
+from ..runtime.weights import layer_files
 
 
 def _layer_path(names: list[str], index: int, file) -> str:
@@ -80,7 +80,7 @@ def load_accelerate(path, *, device="cpu", offload: str = "disk", max_memory=Non
     endor_close(). compute_threads: torch threads during each forward (default: unchanged)."""
     from transformers import AutoModelForCausalLM
 
-    device = _check_device(device)
+    device = check_device(device)
     if offload not in ("disk", "cpu"):
         raise ValueError(f"offload must be 'disk' or 'cpu', got {offload!r}")
     if offload == "cpu" and device.type == "cpu":
@@ -106,7 +106,7 @@ def load_accelerate(path, *, device="cpu", offload: str = "disk", max_memory=Non
                                                      offload_folder=folder, dtype="auto")
     model.eval()
     metrics = Metrics()
-    _install_metric_hooks(model, metrics, compute_threads, device)
+    install_metric_hooks(model, metrics, compute_threads, device)
     streamed = [files[i].path for i in memory.streamed]
 
     def endor_stats() -> dict:
