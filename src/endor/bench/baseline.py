@@ -40,6 +40,7 @@ def _layer_path(names: list[str], index: int, file) -> str:
 
 def _tensor_modules(path) -> list[str]:
     """The modules owning a parameter or buffer in the model config.json describes."""
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -53,6 +54,7 @@ def _tensor_modules(path) -> list[str]:
 @contextlib.contextmanager
 def _quiet_transformers():
     """No progress bar or "parameters are on the meta device" notice while loading."""
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from transformers.utils import logging
 
     level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
@@ -78,6 +80,7 @@ def load_accelerate(path, *, device="cpu", offload: str = "disk", max_memory=Non
     Returns the transformers model with endor_stats() (the same metrics as load_model: prefill
     time, decode tokens/s), endor_files (the shards Accelerate reads each forward) and
     endor_close(). compute_threads: torch threads during each forward (default: unchanged)."""
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from transformers import AutoModelForCausalLM
 
     device = check_device(device)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..format import compress
 from ..format.equal import bit_equal
-from ..kernels import choose
+from ..kernels import choose, decompress
 from . import harness, peers
 
 NAME = "formats"
@@ -49,15 +50,14 @@ class Codec:
 
 
 def codecs() -> list[Codec]:
-    import endor
     auto = choose("auto", torch.device("cpu")).name
     found = [
         Codec("dense", "dense copy (torch clone): the memcpy baseline", lambda t: t,
               lambda t: t.clone(), lambda t: t.numel() * t.element_size()),
-        Codec("endor", f"endor.decompress backend auto ({auto})", endor.compress,
-              endor.decompress, lambda et: et.nbytes),
-        Codec("endor-reference", "endor.decompress backend reference", endor.compress,
-              lambda et: endor.decompress(et, backend="reference"), lambda et: et.nbytes),
+        Codec("endor", f"endor.decompress backend auto ({auto})", compress,
+              decompress, lambda et: et.nbytes),
+        Codec("endor-reference", "endor.decompress backend reference", compress,
+              lambda et: decompress(et, backend="reference"), lambda et: et.nbytes),
     ]
     for p in peers.available_peers().values():
         found.append(Codec(p.name, p.description, p.encode, p.decode, p.nbytes))

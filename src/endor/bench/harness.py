@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 from ..runtime.reader import evict_files, evict_page_cache  # noqa: F401  (re-exported)
@@ -79,11 +80,7 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    try:
-        import psutil
-        info["ram_gb"] = round(psutil.virtual_memory().total / 1e9, 1)
-    except ImportError:
-        pass
+    info["ram_gb"] = round(psutil.virtual_memory().total / 1e9, 1)
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info["gpu"] = p.name

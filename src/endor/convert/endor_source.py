@@ -22,6 +22,7 @@ from ..format import EndorTensor, spec
 from ..format.header import StoredTensor
 from ..format.io import check_compressed
 from ..format.spec import SAFETENSORS_DTYPES
+from ..kernels import decompress
 from .source import SourceCheckpoint, fingerprint, read_stored
 
 _PRUNING_KEYS = ("method", "sparsity", "nm", "calibration")
@@ -107,8 +108,6 @@ class EndorSource:
 
     def read(self, name: str) -> torch.Tensor:
         """A new dense CPU tensor holding `name` (decompressed, checksum verified)."""
-        from ..kernels import decompress
-
         entry = self._get(name)
         path = self.path / entry.file
         parts = [read_stored(path, part, name) for part in entry.parts]

@@ -24,13 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointWriter
+from ..data.text import calibration_text
 from ..errors import FormatError
 from ..format import compress, load_file
-from ..kernels import decompress
 from ..format.equal import bit_equal
 from ..format.spec import DTYPES, INT_OF_SIZE
+from ..kernels import decompress
+from ..prune import METHODS, needs_calibration, needs_hessian, prune_weight
+from ..prune.nm import check_nm
 from . import calibrate, outdir
 from .endor_source import open_source
 from .structure import ModelLayout, build_layout, load_config
@@ -133,7 +137,6 @@ class _Conversion:
         self.progress.update(1)
 
     def _prune(self, name: str, weight: torch.Tensor, stats=None) -> torch.Tensor:
-        from ..prune import prune_weight
         s = self.settings
         try:
             return prune_weight(weight, method=s["method"], sparsity=s["sparsity"] or 0.0,
@@ -221,7 +224,6 @@ class _Conversion:
 
 
 def _settings(source, method, sparsity, nm, weights, patterns, calib_text, samples, seqlen):
-    from ..prune import needs_calibration
     calibration = None
     if needs_calibration(method):
         calibration = {"text_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
@@ -267,11 +269,6 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     checkpoint directory, read decompressed: `convert(A, B, method="none", weights="dense")`
     makes the dense twin of the pruned checkpoint A without pruning again (B's manifest lists
     A's pruning under "prior_pruning")."""
-    from tqdm.auto import tqdm
-
-    from ..prune import METHODS, needs_calibration, needs_hessian
-    from ..prune.nm import check_nm
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if weights not in ("endor", "dense"):
@@ -284,7 +281,6 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
             raise ValueError("N:M sparsity needs a pruning method (magnitude, wanda, sparsegpt)")
         nm = check_nm(nm)
     if needs_calibration(method) and calib_text is None:
-        from ..data.text import calibration_text
         calib_text = calibration_text()
     patterns = list(dense_patterns or [])
     src_dir = resolve_source(src)

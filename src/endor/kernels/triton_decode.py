@@ -123,6 +123,7 @@ def available() -> bool:
 @functools.cache
 def _kernel(interpret: bool):
     global tl
+    # lazy: triton is heavy and optional; kernels compile on first use
     import triton.language
 
     tl = triton.language

@@ -45,6 +45,7 @@ def check_device(device) -> torch.device:
 def _empty_model(path, dtype: torch.dtype):
     """The architecture of config.json with every parameter on the meta device; buffers (e.g.
     the rotary inv_freq, which no checkpoint holds) are computed for real."""
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 

@@ -21,6 +21,7 @@ import mmap
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -168,7 +169,6 @@ class ShardReader:
     def _submit(self, fd: int, view: memoryview, nbytes: int, pending: PendingRead) -> list:
         with self._lock:
             if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
                 self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="endor-io")
             pool = self._pool
         end = round_up(nbytes)
