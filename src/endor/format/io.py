@@ -14,6 +14,7 @@ from safetensors.torch import save_file as _st_save_file
 
 from ..errors import FormatError
 from . import spec
+from .decompress import decompress
 from .header import read_header
 from .tensor import EndorTensor
 from .checksum import dense_checksum
@@ -45,11 +46,11 @@ def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None)
                 flat[spec.part_name(name, suffix)] = part.detach().cpu().contiguous()
         elif isinstance(t, torch.Tensor):
             data = t.detach().cpu().contiguous()
-            if data.dtype not in spec.ST_DTYPE_NAMES:
+            if data.dtype not in spec.SAFETENSORS_NAMES:
                 raise ValueError(f"tensor {name!r} has dtype {data.dtype}, which safetensors "
                                  "cannot store")
             flat[name] = data
-            dense[name] = {"checksum": dense_checksum(spec.ST_DTYPE_NAMES[data.dtype],
+            dense[name] = {"checksum": dense_checksum(spec.SAFETENSORS_NAMES[data.dtype],
                                                       data.shape, data)}
         else:
             raise TypeError(f"tensor {name!r} is a {type(t).__name__}, expected a torch.Tensor "
@@ -220,7 +221,6 @@ class EndorFile:
         """One tensor, dense (decompressed if stored compressed), its checksum verified."""
         self._require(name)
         if name in self._entries:
-            from ..kernels import decompress
             try:
                 return decompress(self.get_compressed(name), device=device, backend=backend)
             except FormatError as e:

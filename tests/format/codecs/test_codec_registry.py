@@ -8,8 +8,9 @@ import torch
 import endor
 from endor.format import codecs
 from endor.format.codecs import ValueCodec, get_codec, register_codec
-from endor.kernels.registry import choose
-from tests.helpers import DTYPES, INT_VIEW, bit_equal, sparse_tensor
+from endor.format.decompress import choose
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, INT_VIEW, sparse_tensor
 
 
 class XorCodec(ValueCodec):

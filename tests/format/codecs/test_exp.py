@@ -11,7 +11,8 @@ from endor.format.codecs import exp as X
 from endor.format.encode import tile_offsets
 from endor.kernels.cpu import decode as cpu_decode
 from endor.kernels.cpu import supported_isas
-from tests.helpers import DTYPES, INT_VIEW, bit_equal, sparse_tensor
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, INT_VIEW, sparse_tensor
 
 SHAPES = [(1, 1), (7, 13), (830, 545), (3, 4097)]
 SPARSITIES = [0.0, 0.5, 0.9, 1.0]

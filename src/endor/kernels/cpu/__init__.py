@@ -15,6 +15,7 @@ from ...errors import FormatError
 from ...format import spec
 from ...format.codecs import exp as exp_codec
 from ...format.codecs import get_codec
+from ...format.decompress import Backend, register
 from ...format.tensor import EndorTensor
 
 try:
@@ -158,9 +159,4 @@ def decode(et: EndorTensor, out: torch.Tensor, *, isa: str | None = None,
         _raise_for(err, tile, et)
 
 
-def _register() -> None:
-    from ..registry import Backend, register
-    register(Backend("cpu", ("cpu",), decode, available, codecs=CODECS))
-
-
-_register()
+register(Backend("cpu", ("cpu",), decode, available, codecs=CODECS))
