@@ -9,6 +9,7 @@ import torch
 import endor
 from endor.format.codecs import exp as X
 from endor.format.encode import tile_offsets
+from endor.format.decompress import backends
 from endor.kernels.cpu import decode as cpu_decode
 from endor.kernels.cpu import supported_isas
 from endor.format.equal import bit_equal
@@ -34,10 +35,16 @@ def with_extremes(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def triton_ready() -> bool:
+    return backends()["triton"].available()
+
+
 def decoders():
     found = [("reference", lambda et, out: endor.decompress(et, out=out, backend="reference"))]
     for isa in supported_isas():
         found.append((f"cpu-{isa}", lambda et, out, isa=isa: cpu_decode(et, out.view(-1), isa=isa)))
+    if triton_ready():  # under TRITON_INTERPRET=1 (make test) or on a GPU
+        found.append(("triton", lambda et, out: endor.decompress(et, out=out, backend="triton")))
     return found
 
 
@@ -104,6 +111,11 @@ def broken(edit, dtype=torch.float16, shape=(70, 130)):
 
 def assert_rejected(et, tmp_path, words):
     for name, run in decoders():
+        if name == "triton":  # the GPU decoder flags, never raises or reads out of bounds
+            from endor.kernels import triton_exp
+            ok = triton_exp.decode_and_validate(et, torch.empty(et.numel, dtype=et.dtype))
+            assert not bool(ok)
+            continue
         with pytest.raises(endor.FormatError, match=words):
             run(et, torch.empty(et.shape, dtype=et.dtype))
     path = tmp_path / "x.safetensors"
