@@ -13,8 +13,8 @@ def test_save_and_load_mixed_file(tmp_path):
     dense = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     tensors = {f"w.{str(d)[6:]}": sparse_tensor((33, 17), d, 0.5) for d in DTYPES}
     path = tmp_path / "m.safetensors"
-    endor.save_file({**{k: endor.compress(v) for k, v in tensors.items()}, "bias": dense,
-                     "empty": endor.compress(torch.zeros(0, 5))}, path, metadata={"who": "me"})
+    endor.save_file({**{k: endor.compress(v, values="raw") for k, v in tensors.items()}, "bias": dense,
+                     "empty": endor.compress(torch.zeros(0, 5), values="raw")}, path, metadata={"who": "me"})
     loaded = endor.load_file(path)
     assert set(loaded) == {*tensors, "bias", "empty"}
     for k, v in tensors.items():
@@ -31,7 +31,7 @@ def test_save_and_load_mixed_file(tmp_path):
 def test_any_safetensors_reader_opens_the_file(tmp_path):
     path = tmp_path / "m.safetensors"
     t = sparse_tensor((10, 10), torch.float16, 0.5)
-    endor.save_file({"w": endor.compress(t)}, path)
+    endor.save_file({"w": endor.compress(t, values="raw")}, path)
     with safe_open(str(path), "pt") as f:
         assert sorted(f.keys()) == ["w.endor.bitmap", "w.endor.tiles", "w.endor.values"]
         meta = json.loads(f.metadata()["endor"])
@@ -41,7 +41,7 @@ def test_any_safetensors_reader_opens_the_file(tmp_path):
 def test_byte_ranges_point_at_the_stored_bytes(tmp_path):
     path = tmp_path / "m.safetensors"
     t = sparse_tensor((50, 50), torch.bfloat16, 0.5)
-    et = endor.compress(t)
+    et = endor.compress(t, values="raw")
     endor.save_file({"w": et}, path)
     data = path.read_bytes()
     with endor.open_file(path) as f:
@@ -78,7 +78,7 @@ def test_missing_file_and_missing_tensor(tmp_path):
 
 
 def test_identical_inputs_give_identical_files(tmp_path):
-    tensors = {"w": endor.compress(sparse_tensor((9, 9), torch.float16, 0.5)), "b": torch.ones(3)}
+    tensors = {"w": endor.compress(sparse_tensor((9, 9), torch.float16, 0.5), values="raw"), "b": torch.ones(3)}
     meta = {f"key{i}": str(i) for i in range(20)}
     endor.save_file(tensors, tmp_path / "a.safetensors", metadata=meta)
     endor.save_file(tensors, tmp_path / "b.safetensors", metadata=meta)

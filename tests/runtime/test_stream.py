@@ -25,7 +25,7 @@ def test_decode_layer_stages_unaligned_parts_and_casts():
     """Parts at odd offsets (no typed view possible) are staged into the dense buffer; a dense
     tensor stored in another dtype is cast; an aligned one in the model dtype is a view."""
     w = sparse_tensor((7, 13), torch.float16, 0.5)
-    et = endor.compress(w)
+    et = endor.compress(w, values="raw")
     bias32 = torch.randn(13)
     norm = torch.randn(5, dtype=torch.float16)
     image = bytearray(4096)
