@@ -44,8 +44,24 @@ def decoders():
     for isa in supported_isas():
         found.append((f"cpu-{isa}", lambda et, out, isa=isa: cpu_decode(et, out.view(-1), isa=isa)))
     if triton_ready():  # under TRITON_INTERPRET=1 (make test) or on a GPU
-        found.append(("triton", lambda et, out: endor.decompress(et, out=out, backend="triton")))
+        found.append(("triton", lambda et, out: out.copy_(
+            endor.decompress(et.to(GPU), backend="triton").cpu())))
     return found
+
+
+GPU = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_exp_on_the_gpu(dtype):
+    t = with_extremes(sparse_tensor((830, 545), dtype, 0.5))
+    et = endor.compress(t, values="exp").to("cuda")
+    from endor.kernels import triton_exp
+    out = torch.empty(et.numel, dtype=dtype, device="cuda")
+    assert bool(triton_exp.decode_and_validate(et, out))
+    assert bit_equal(out.view(t.shape).cpu(), t)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -113,7 +129,8 @@ def assert_rejected(et, tmp_path, words):
     for name, run in decoders():
         if name == "triton":  # the GPU decoder flags, never raises or reads out of bounds
             from endor.kernels import triton_exp
-            ok = triton_exp.decode_and_validate(et, torch.empty(et.numel, dtype=et.dtype))
+            ok = triton_exp.decode_and_validate(et.to(GPU), torch.empty(et.numel, dtype=et.dtype,
+                                                                         device=GPU))
             assert not bool(ok)
             continue
         with pytest.raises(endor.FormatError, match=words):
