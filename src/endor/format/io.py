@@ -15,6 +15,7 @@ from safetensors.torch import save_file as _st_save_file
 from ..errors import FormatError
 from . import spec
 from .header import read_header
+from .read import read_stored
 from .tensor import EndorTensor
 from .validate import check_entry, check_tiles, expected_parts, parse_metadata
 
@@ -84,7 +85,10 @@ class EndorFile:
             raise FileNotFoundError(f"no such Endor/safetensors file: {self.path}")
         self.header = read_header(self.path)
         try:
-            self._st = safe_open(str(self.path), framework="pt")
+            # The library's own layout checks (no overlaps, no holes); its memory map is dropped
+            # at once: tensors are read with positioned reads (_read), never through a map.
+            with safe_open(str(self.path), framework="pt"):
+                pass
         except (SafetensorError, OSError, ValueError) as e:
             raise FormatError(f"not a valid safetensors file: {e}", path=self.path) from None
         try:
@@ -120,7 +124,7 @@ class EndorFile:
         self.close()
 
     def close(self) -> None:
-        self._st = None
+        """Nothing to release: no file stays open or mapped between reads."""
 
     def keys(self) -> list[str]:
         return sorted([*self.dense_names, *self._entries])
@@ -152,10 +156,9 @@ class EndorFile:
             raise KeyError(f"{name!r} is not in {self.path}")
 
     def _read(self, name: str) -> torch.Tensor:
-        try:
-            return self._st.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise FormatError(f"cannot read part: {e}", path=self.path, tensor=name) from None
+        """A copy in memory this process owns: a later change to the file cannot alter it, and
+        a file that shrank since open is a FormatError, never a SIGBUS."""
+        return read_stored(self.path, self.header.tensors[name], name)
 
     def get_compressed(self, name: str, *, verify: bool = True) -> EndorTensor:
         """One Endor tensor, compressed, on the CPU; checks rules 5 and 7 (unless verify=False,
