@@ -53,10 +53,31 @@ def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None)
     try:
         _st_save_file(flat, str(tmp), metadata=user_meta or None)
         _sort_metadata(tmp)
+        chmod_as_created(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it (os.umask can only swap, racing threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_as_created(path) -> None:
+    """Give a file the safetensors library wrote (it creates them 0600) the mode open() gives:
+    0666 less the umask, so a checkpoint can be shared between users as any other file."""
+    os.chmod(path, 0o666 & ~process_umask())
 
 
 def _sort_metadata(path: Path) -> None:
