@@ -22,5 +22,5 @@ def test_inspect_file(tmp_path, capsys):
 def test_inspect_corrupt_file_is_a_clear_error(tmp_path, capsys):
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
-    assert main(["inspect", str(path)]) == 2
-    assert "endor: error" in capsys.readouterr().err
+    assert main(["inspect", str(path)]) == 1
+    assert "endor inspect: error" in capsys.readouterr().err

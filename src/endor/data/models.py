@@ -134,6 +134,12 @@ def dequantize_gguf(gguf_file, out_dir=None) -> Path:
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"no such GGUF file: {gguf_file}")
+    with open(gguf_file, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        from ..errors import FormatError
+        raise FormatError(f"not a GGUF file (it starts with {magic!r}, not b'GGUF'"
+                          f"{'; the file is empty' if not magic else ''})", path=gguf_file)
     if out_dir is None:
         name = _embedded_file_name(gguf_file) or f"{gguf_file.stem}-{_file_digest(gguf_file)}"
         out_dir = cache_dir() / "models" / name
