@@ -15,7 +15,7 @@ import signal
 import sys
 
 SUBCOMMANDS = ["bench", "convert", "eval", "generate", "inspect"]
-EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 DEBUG_HELP = "print the Python traceback of a failure (also: ENDOR_DEBUG=1)"
 
 
@@ -79,6 +79,10 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt this
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `endor inspect ... | head`: the reader left; say nothing more
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush is silent too
+        return EXIT_BROKEN_PIPE
     except Exception as e:
         if debug:
             import traceback

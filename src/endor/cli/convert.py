@@ -79,7 +79,8 @@ def run(args) -> int:
     if args.calib is not None:
         calib = Path(args.calib)
         if not calib.is_file():
-            raise FileNotFoundError(f"--calib {calib}: no such file (a UTF-8 text file)")
+            what = "is a directory" if calib.is_dir() else "no such file"
+            raise FileNotFoundError(f"--calib {calib}: {what}; give a UTF-8 text file")
         try:
             calib_text = calib.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
