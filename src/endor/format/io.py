@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,13 +52,26 @@ def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None)
             {"format": spec.FORMAT_NAME, "version": spec.VERSION, "tensors": entries})
     tmp = path.with_name(path.name + ".tmp")
     try:
-        _st_save_file(flat, str(tmp), metadata=user_meta or None)
+        try:
+            _st_save_file(flat, str(tmp), metadata=user_meta or None)
+        except SafetensorError as e:
+            raise _as_os_error(e, path) from None
         _sort_metadata(tmp)
         chmod_as_created(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _as_os_error(e: SafetensorError, path) -> Exception:
+    """The library reports a full or failing disk as a SafetensorError; callers (and the CLI)
+    expect the OSError it is, with its errno and the file's name."""
+    found = re.search(r"os error (\d+)", str(e))
+    if found is None:
+        return e
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def process_umask() -> int:
