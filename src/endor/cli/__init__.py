@@ -66,7 +66,8 @@ def _expected(e: BaseException) -> bool:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    prog = "endor"
+    # Named before parsing: a Ctrl-C may come while the parser's imports still run.
+    prog = " ".join(["endor", *[a for a in argv if a in SUBCOMMANDS][:1]])
     debug = os.environ.get("ENDOR_DEBUG", "") not in ("", "0")
     try:
         args = build_parser().parse_args(argv)
