@@ -45,3 +45,14 @@ def test_failures_exit_1_usage_errors_2(checkpoint, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", str(checkpoint / "ckpt"), "--window", "1"])
     assert e.value.code == 2
+
+
+def test_json_still_shows_progress_on_stderr(checkpoint, capsys):
+    argv = ["eval", str(checkpoint / "ckpt"), "--text", str(checkpoint / "text.txt"),
+            "--window", "16", "--max-windows", "2", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout: one JSON document, nothing else
+    assert "perplexity" in captured.err and "batch" in captured.err
+    assert main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
