@@ -153,7 +153,10 @@ def dequantize_gguf(gguf_file, out_dir=None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         _dequantize_into(gguf_file, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        from ..format.io import chmod_as_created, process_umask
+        tmp.chmod(0o777 & ~process_umask())  # mkdtemp makes it 0700
+        for written in tmp.iterdir():  # safetensors writes 0600: a shared cache must be readable
+            chmod_as_created(written)
         try:
             os.rename(tmp, out_dir)
         except OSError:

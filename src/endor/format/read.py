@@ -2,7 +2,7 @@
 
 A tensor read here is a copy: rewriting or truncating its file later cannot change it, and a
 file that shrank between parsing its header and reading is a clean error, not the SIGBUS a
-memory map faults with (docs/FORMAT.md, "Reading")."""
+memory map faults with."""
 
 from __future__ import annotations
 
