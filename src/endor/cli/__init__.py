@@ -1,7 +1,8 @@
 """`endor` command line: parses arguments and calls the library, nothing else.
 
-Each subcommand lives in its own module exposing `add_parser(subparsers)`; the handler it sets
-with `set_defaults(run=...)` imports the library lazily so `endor --help` stays fast.
+Each subcommand lives in its own module exposing `add_parser(subparsers)` and the handler it sets
+with `set_defaults(run=...)`. The heavy libraries (transformers, accelerate, triton, matplotlib)
+load on first use inside the library, so `endor --help` costs little more than `import torch`.
 
 One error contract, kept here for every command (errors.py says what each exit code means): an
 expected failure prints one line `endor <cmd>: error: ...` naming the path or option and exits
@@ -13,6 +14,8 @@ import importlib
 import os
 import signal
 import sys
+
+from ..errors import FormatError
 
 SUBCOMMANDS = ["bench", "convert", "eval", "generate", "inspect"]
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
@@ -60,7 +63,6 @@ def describe_error(e: BaseException) -> str:
 def _expected(e: BaseException) -> bool:
     """Failures a user can meet and fix (bad input, full or read-only disk, missing file): one
     line, exit 1. Anything else is a bug: still one line without --debug, said so."""
-    from ..errors import FormatError
     return isinstance(e, (FormatError, ValueError, OSError, ImportError))
 
 

@@ -2,6 +2,14 @@
 streamed as it is generated, then prefill time, decode tokens/s, bytes moved per token and the
 time split of the stream."""
 
+import json
+import sys
+
+import torch
+
+from ..checkpoint import require_checkpoint
+from ..loading import load_tokenizer
+from ..runtime import load_model
 from .args import at_least, non_empty
 
 
@@ -46,16 +54,6 @@ def _report(stats: dict) -> str:
 
 
 def run(args) -> int:
-    import json
-    import sys
-
-    import torch
-
-    from ..loading import load_tokenizer
-    from ..runtime import load_model
-
-    from ..checkpoint import require_checkpoint
-
     tokenizer = load_tokenizer(require_checkpoint(args.model))
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model} holds no tokenizer; copy the source model's "
@@ -70,6 +68,7 @@ def run(args) -> int:
         ids = prompt_ids.to(model.device)
         streamer = None
         if not args.json:
+            # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
             from transformers import TextStreamer
 
             print(args.prompt, end="", flush=True)

@@ -1,5 +1,5 @@
-"""A HuggingFace checkpoint directory read tensor by tensor, never whole (`open_source` also
-opens Endor checkpoint directories, through endor_source.EndorSource).
+"""A HuggingFace checkpoint directory read tensor by tensor, never whole
+(`endor_source.open_source` tells it apart from an Endor checkpoint directory).
 
 Tensors are read with explicit positioned reads (`os.preadv`) into a fresh buffer instead of
 through safetensors' mmap: pages of a mapped file count in the process's RSS for as long as the
@@ -18,7 +18,8 @@ import torch
 
 from ..errors import FormatError
 from ..format.header import StoredTensor, read_header
-from ..format.read import TORCH_DTYPES, read_stored  # noqa: F401  (both used by endor_source)
+from ..format.read import read_stored  # noqa: F401  (also endor_source's)
+from ..format.spec import SAFETENSORS_DTYPES
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -84,7 +85,7 @@ class SourceCheckpoint:
                 if name in self._where:
                     raise FormatError(f"tensor is stored twice (in {self._where[name][0].name} "
                                       f"and {file})", path=self.path, tensor=name)
-                if stored.dtype not in TORCH_DTYPES:
+                if stored.dtype not in SAFETENSORS_DTYPES:
                     raise FormatError(f"dtype {stored.dtype} is not supported",
                                       path=self.path / file, tensor=name)
                 self._where[name] = (self.path / file, stored)
@@ -100,7 +101,7 @@ class SourceCheckpoint:
         return name in self._where
 
     def dtype(self, name: str) -> torch.dtype:
-        return TORCH_DTYPES[self._stored(name).dtype]
+        return SAFETENSORS_DTYPES[self._stored(name).dtype]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._stored(name).shape
@@ -150,13 +151,3 @@ def fingerprint(root: Path, tensors, files: list[str], extra_files=("config.json
             f.seek(max(0, size - _FINGERPRINT_BYTES))
             h.update(f.read(_FINGERPRINT_BYTES))
     return "sha256:" + h.hexdigest()
-
-
-def open_source(path):
-    """The reader for a conversion source: an Endor checkpoint directory (it has endor.json)
-    as an EndorSource, decompressing on read; any other directory as an HF checkpoint."""
-    path = Path(path)
-    if (path / "endor.json").is_file():
-        from .endor_source import EndorSource
-        return EndorSource(path)
-    return SourceCheckpoint(path)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file as _st_save_file
 
 from ..errors import FormatError
 from . import spec
+from .decompress import decompress
 from .header import read_header
 from .read import read_stored
 from .tensor import EndorTensor
@@ -209,7 +210,6 @@ class EndorFile:
         """One tensor, dense (decompressed if stored compressed)."""
         self._require(name)
         if name in self._entries:
-            from ..kernels import decompress
             try:
                 return decompress(self.get_compressed(name), device=device, backend=backend)
             except FormatError as e:

@@ -12,20 +12,15 @@ import torch
 
 from ..errors import FormatError
 from .header import StoredTensor
+from .spec import SAFETENSORS_DTYPES
 
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 _READ_CHUNK = 1 << 28  # Linux reads at most ~2 GiB per call; stay well below
 
 
 def read_stored(path, stored: StoredTensor, name: str) -> torch.Tensor:
     """A new CPU tensor holding one safetensors entry of `path` (its byte range from the parsed,
     bounded header), read with positioned reads into a fresh buffer (no mmap)."""
-    out = torch.empty(stored.shape, dtype=TORCH_DTYPES[stored.dtype])
+    out = torch.empty(stored.shape, dtype=SAFETENSORS_DTYPES[stored.dtype])
     size = stored.end - stored.start
     if size == 0:
         return out
