@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint
 from .format import EndorFile
+from .format.spec import SAFETENSORS_DTYPES
 
 
 def describe_file(path, *, verify: bool = False) -> list[dict]:
@@ -21,7 +22,8 @@ def describe_file(path, *, verify: bool = False) -> list[dict]:
                 numel = math.prod(shape)
             else:
                 st = f.header.tensors[name]
-                shape, dtype, numel, nnz = list(st.shape), st.dtype, math.prod(st.shape), None
+                shape, numel, nnz = list(st.shape), math.prod(st.shape), None
+                dtype = SAFETENSORS_DTYPES[st.dtype]  # torch's names for every row, not "BF16"
                 stored, codec = st.end - st.start, None
             if verify:
                 f.get_tensor(name)  # checks the checksum (and rules 5-6, decoding)

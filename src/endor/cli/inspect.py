@@ -19,11 +19,13 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
+    print(f"{'tensor':<60} {'shape':<16} {'dtype':<9} {'values':<6} {'sparsity':>8} "
+          f"{'bytes':>12}")
     for r in rows:
         sparsity = "" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
         kind = r["values_codec"] or "dense"
         print(f"{r['name']:<60} {str(r['shape']):<16} {r['dtype']:<9} "
-              f"{kind:<6} {sparsity:>6} {r['stored_bytes']:>12}")
+              f"{kind:<6} {sparsity:>8} {r['stored_bytes']:>12}")
     for line in codec_summary(rows):
         print(line)
     stored = sum(r["stored_bytes"] for r in rows)
