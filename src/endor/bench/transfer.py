@@ -201,9 +201,8 @@ def _host_device_rows(sizes_mib: list[int], *, warmup: int, repeat: int) -> list
         for memory in ("pageable", "pinned"):
             host = torch.empty(size, dtype=torch.uint8, pin_memory=memory == "pinned")
             host.fill_(7)
-            for direction, fn in (("h2d", lambda: on_device.copy_(host, non_blocking=True)),
-                                  ("d2h", lambda: host.copy_(on_device, non_blocking=True))):
-                stats = harness.measure(fn, warmup=warmup, repeat=repeat, device=device)
+            for direction, stats in _copy_stats(on_device, host, warmup=warmup,
+                                                repeat=repeat).items():
                 if memory == "pageable":
                     pageable_s[direction] = stats.median_s
                 rows.append({"link": "host_device", "mode": f"{direction} {memory}",
@@ -211,9 +210,20 @@ def _host_device_rows(sizes_mib: list[int], *, warmup: int, repeat: int) -> list
                              "gbps": stats.gbps(size),
                              "vs_pageable": pageable_s[direction] / stats.median_s,
                              **stats.as_dict()})
-            del host
+            del host  # freed before the next (pinned) buffer is allocated
         del on_device
     return rows
+
+
+def _copy_stats(on_device: torch.Tensor, host: torch.Tensor, *, warmup: int,
+                repeat: int) -> dict:
+    """{"h2d": stats, "d2h": stats}: copies between two same-size buffers. The buffers are
+    parameters here, not names the caller deletes after building these closures."""
+    copies = {"h2d": lambda: on_device.copy_(host, non_blocking=True),
+              "d2h": lambda: host.copy_(on_device, non_blocking=True)}
+    return {direction: harness.measure(fn, warmup=warmup, repeat=repeat,
+                                       device=on_device.device)
+            for direction, fn in copies.items()}
 
 
 def run(args) -> dict:
