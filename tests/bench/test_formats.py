@@ -28,7 +28,6 @@ def test_peer_round_trips_bit_exactly(name, dtype):
             dense = harness.random_sparse(shape, dtype, sparsity, seed=3)
             encoded = peer.encode(dense)
             assert bit_equal(peer.decode(encoded), dense), (name, shape, dtype, sparsity)
-            assert peer.nbytes(encoded) >= 0
 
 
 SPECIAL = [-0.0, float("nan"), float("inf"), -float("inf"), 1e-40, 0.0, 2.5]
@@ -59,7 +58,7 @@ def test_ct_bitmask_turns_negative_zero_into_positive_zero():
 def test_stored_sizes_are_what_each_format_must_store(dtype):
     rows, cols, s = 64, 96, 0.75
     dense = harness.random_sparse((rows, cols), dtype, s, seed=1)
-    n, nnz, b = rows * cols, round((1 - s) * rows * cols), BITS[dtype] // 8
+    nnz, b = round((1 - s) * rows * cols), BITS[dtype] // 8
     sizes = {name: p.nbytes(p.encode(dense)) for name, p in peers.available_peers().items()}
     assert sizes["csr"] == nnz * (b + 4) + (rows + 1) * 4
     assert sizes["coo"] == nnz * (b + 2 * 8)
