@@ -342,7 +342,7 @@ def test_corrupt_sources_are_clear_errors(tmp_path, llama_dir):
 
 def test_bad_arguments(llama_dir, tmp_path):
     out = tmp_path / "o"
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="unknown pruning method"):
         convert(llama_dir, out, method="random")
     with pytest.raises(ValueError, match="sparsity"):
         convert(llama_dir, out, method="magnitude", sparsity=1.5)

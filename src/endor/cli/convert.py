@@ -5,9 +5,7 @@ import sys
 from pathlib import Path
 
 from ..convert import convert, format_summary
-from ..prune import parse_nm
-
-METHODS = ("none", "magnitude", "wanda", "sparsegpt")
+from ..prune import METHODS, check_sparsity, parse_nm
 
 
 def nm_argument(text: str):
@@ -19,13 +17,15 @@ def nm_argument(text: str):
 
 
 def sparsity_argument(text: str) -> float:
+    """argparse type for --sparsity: the library's check (endor.prune), as a usage error."""
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"sparsity must be a fraction in [0, 1), got {text!r}")
-    return value
+        value = text  # not a number: the check says what a sparsity must be
+    try:
+        return check_sparsity(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def positive_int(text: str) -> int:

@@ -33,8 +33,7 @@ from ..format import compress, load_file
 from ..format.equal import bit_equal
 from ..format.spec import DTYPES, INT_OF_SIZE
 from ..kernels import decompress
-from ..prune import METHODS, needs_calibration, needs_hessian, prune_weight
-from ..prune.nm import check_nm
+from ..prune import check_settings, needs_calibration, needs_hessian, prune_weight
 from . import calibrate, outdir
 from .endor_source import open_source
 from .structure import ModelLayout, build_layout, load_config
@@ -269,17 +268,9 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     checkpoint directory, read decompressed: `convert(A, B, method="none", weights="dense")`
     makes the dense twin of the pruned checkpoint A without pruning again (B's manifest lists
     A's pruning under "prior_pruning")."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    method, sparsity, nm = check_settings(method, sparsity, nm)
     if weights not in ("endor", "dense"):
         raise ValueError(f"weights must be 'endor' or 'dense', got {weights!r}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
-            or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r}")
-    if nm is not None:
-        if method == "none":
-            raise ValueError("N:M sparsity needs a pruning method (magnitude, wanda, sparsegpt)")
-        nm = check_nm(nm)
     if needs_calibration(method) and calib_text is None:
         calib_text = calibration_text()
     patterns = list(dense_patterns or [])
