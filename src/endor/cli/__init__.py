@@ -17,13 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="endor", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"endor.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"endor.cli.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"endor.cli.{name}").add_parser(sub)
     return parser
 
 

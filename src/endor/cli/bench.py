@@ -23,14 +23,9 @@ def benchmark_names() -> list[str]:
 
 
 def _module(name: str):
-    """The benchmark's module, or None while nobody has written it yet (or when the module is a
-    helper such as harness or plot, not a benchmark)."""
-    try:
-        module = importlib.import_module(f"endor.bench.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"endor.bench.{name}":
-            raise
-        return None
+    """The benchmark's module, or None when the module is a helper (harness, plot...), not a
+    benchmark."""
+    module = importlib.import_module(f"endor.bench.{name}")
     return module if hasattr(module, "add_arguments") and hasattr(module, "run") else None
 
 

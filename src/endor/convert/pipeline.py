@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointWriter
+from ..data.models import resolve_model
 from ..data.text import calibration_text
 from ..errors import FormatError
 from ..format import compress, load_file
@@ -48,11 +49,6 @@ def resolve_source(src) -> Path:
     path = Path(src)
     if path.is_dir():
         return path
-    try:
-        from ..data.models import resolve_model
-    except ImportError:
-        raise FileNotFoundError(f"{src} is not a model directory (GGUF files and aliases need "
-                                "endor.data.models)") from None
     return Path(resolve_model(str(src)))
 
 
