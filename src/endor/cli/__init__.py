@@ -21,14 +21,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prog(args) -> str:
+    """'endor generate', 'endor bench e2e': the command a message is about."""
+    return " ".join(["endor", args.command, *filter(None, [getattr(args, "benchmark", None)])])
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for the records
     try:
         return args.run(args) or 0
     except (FormatError, FileNotFoundError, ValueError) as e:  # user errors: no traceback
-        print(f"endor: error: {e}", file=sys.stderr)
+        # The one place user errors are printed; the commands raise them.
+        print(f"{_prog(args)}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("endor: interrupted", file=sys.stderr)
+        print(f"{_prog(args)}: interrupted", file=sys.stderr)
         return 130

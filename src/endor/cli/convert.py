@@ -1,7 +1,6 @@
 """`endor convert SRC OUT`: prune and compress a HuggingFace model into an Endor checkpoint."""
 
 import argparse
-import sys
 from pathlib import Path
 
 from ..convert import convert, format_summary
@@ -78,14 +77,10 @@ def run(args) -> int:
         calib_text = Path(args.calib).read_text(encoding="utf-8")
     extra = {k: v for k, v in (("calib_samples", args.calib_samples),
                                 ("calib_seqlen", args.calib_seqlen)) if v is not None}
-    try:
-        summary = convert(args.src, args.out, method=args.method, sparsity=args.sparsity,
-                          nm=args.nm, calib_text=calib_text, weights=args.weights,
-                          dense_patterns=args.keep_dense, resume=not args.overwrite,
-                          verify=args.verify, progress=not args.quiet, **extra)
-    except ValueError as e:  # FormatError included: bad input, named in the message
-        print(f"endor: error: {e}", file=sys.stderr)
-        return 2
+    summary = convert(args.src, args.out, method=args.method, sparsity=args.sparsity,
+                      nm=args.nm, calib_text=calib_text, weights=args.weights,
+                      dense_patterns=args.keep_dense, resume=not args.overwrite,
+                      verify=args.verify, progress=not args.quiet, **extra)
     run_info = summary["run"]
     print(format_summary(summary))
     print(f"wrote {run_info['out']} in {run_info['seconds']:.1f} s "

@@ -2,7 +2,6 @@
 by default), with the protocol of endor.evaluate.perplexity."""
 
 import json
-import sys
 from pathlib import Path
 
 from ..data.text import evaluation_text
@@ -37,12 +36,8 @@ def run(args) -> int:
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model} holds no tokenizer; perplexity needs one")
     add_bos = {"auto": None, "yes": True, "no": False}[args.bos]
-    try:
-        result = perplexity(model, tokenizer, text, window=args.window, add_bos=add_bos,
-                            max_windows=args.max_windows, progress=not args.json)
-    except ValueError as e:  # a text too short to score, a tokenizer without BOS
-        print(f"endor: error: {e}", file=sys.stderr)
-        return 2
+    result = perplexity(model, tokenizer, text, window=args.window, add_bos=add_bos,
+                        max_windows=args.max_windows, progress=not args.json)
     result = {"model": str(args.model), "text": args.text or "evaluation_text", **result}
     if args.json:
         print(json.dumps(result))

@@ -57,14 +57,9 @@ def run(args) -> int:
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model} holds no tokenizer; copy the source model's "
                                 "tokenizer files into it")
-    try:
-        model = load_model(args.model, device=args.device, offload=args.offload,
-                           max_memory=args.max_memory, prefetch=args.prefetch,
-                           direct_io=not args.buffered_io,
-                           backend=args.backend)
-    except ValueError as e:  # a budget too small, an unknown device or backend
-        print(f"endor generate: error: {e}", file=sys.stderr)
-        return 2
+    model = load_model(args.model, device=args.device, offload=args.offload,
+                       max_memory=args.max_memory, prefetch=args.prefetch,
+                       direct_io=not args.buffered_io, backend=args.backend)
     try:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(model.device)
         streamer = None
