@@ -220,11 +220,11 @@ def test_worker_error_reaches_the_caller(tiny, monkeypatch):
     path, _, _ = tiny("llama", "endor")
 
     def broken(*args, **kwargs):
-        raise RuntimeError("decoder exploded")
+        raise RuntimeError("decompressor exploded")
 
     with open_model(path, max_memory=0) as model:
         monkeypatch.setattr(stream, "decompress", broken)
-        with pytest.raises(RuntimeError, match="decoder exploded"):
+        with pytest.raises(RuntimeError, match="decompressor exploded"):
             greedy(model, PROMPT, NEW_TOKENS)
 
 
@@ -262,12 +262,12 @@ def test_cuda_streaming_is_token_identical(tiny, weights, offload):
     assert stats["split_s_per_token"]["transfer"] > 0
 
 
-def test_thread_split_gives_the_decoder_a_core():
+def test_thread_split_gives_the_decompressor_a_core():
     from endor.runtime.model import thread_split
 
     cpu = torch.device("cpu")
-    compute, decode = thread_split(cpu, True)
-    assert decode >= 1 and compute >= 1
+    compute, decompress = thread_split(cpu, True)
+    assert decompress >= 1 and compute >= 1
     assert thread_split(cpu, False) == (None, None)  # nothing streams: torch's setting stands
     assert thread_split(cpu, True, 3)[0] == 3
 

@@ -8,7 +8,7 @@ import endor
 from endor.runtime.metrics import Metrics
 from endor.runtime.plan import LayerPlan, Part, TensorPlan
 from endor.runtime.reader import ShardReader
-from endor.runtime.stream import LayerStream, decode_layer, read_slot_count
+from endor.runtime.stream import LayerStream, decompress_layer, read_slot_count
 from endor.runtime.weights import check_streamed
 from endor.format.equal import bit_equal
 from tests.helpers import sparse_tensor
@@ -45,7 +45,7 @@ def test_decode_layer_stages_unaligned_parts_and_casts():
     plan = LayerPlan(0, Path("x"), len(image), tensors, 1024, 0)
     image_t = torch.frombuffer(image, dtype=torch.uint8)
     dense = torch.zeros(1024, dtype=torch.uint8)
-    views = decode_layer(plan, image_t, dense, "auto")
+    views = decompress_layer(plan, image_t, dense, "auto")
     assert bit_equal(views["w"], w)
     assert bit_equal(views["bias"], bias32.to(torch.float16))
     assert bit_equal(views["norm"], norm)

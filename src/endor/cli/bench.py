@@ -12,7 +12,9 @@ from .args import at_least
 
 # Listed first, in this order; any other module of endor.bench exposing add_arguments() and
 # run() is a benchmark too, listed after them by name.
-BENCHMARKS = ("formats", "decode", "transfer", "e2e", "convert")
+BENCHMARKS = ("formats", "decompress", "transfer", "e2e", "convert")
+# Former names still accepted on the command line (results are written under the new name).
+ALIASES = {"decompress": ["decode"]}
 DEFAULT_OUT = "bench-results"
 
 
@@ -51,11 +53,12 @@ def add_parser(subparsers) -> None:
         if module is None:
             continue
         doc = (module.__doc__ or "").strip()
-        sub = benchmarks.add_parser(name, help=doc.splitlines()[0] if doc else None,
-                                        description=doc or None)
+        sub = benchmarks.add_parser(name, aliases=ALIASES.get(name, []),
+                                    help=doc.splitlines()[0] if doc else None,
+                                    description=doc or None)
         _add_common(sub)
         module.add_arguments(sub)
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, benchmark=name)  # the name, even when called by an alias
 
 
 def run(args) -> int:

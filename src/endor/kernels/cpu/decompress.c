@@ -363,7 +363,7 @@ static int decode_job(const job_t *job, int threads, int huge_pages, int64_t *ba
 }
 
 PyDoc_STRVAR(decode_doc,
-"decode(bitmap_addr, values_addr, nnz, tiles_addr, out_addr, numel, elem_size, isa, threads,\n"
+"decompress(bitmap_addr, values_addr, nnz, tiles_addr, out_addr, numel, elem_size, isa, threads,\n"
 "       huge_pages) -> (error_code, bad_tile)\n\n"
 "Decode one Endor tensor from raw addresses into a flat output of numel elements of elem_size\n"
 "(2 or 4) bytes. The caller guarantees the buffer sizes: bitmap ceil(numel/8) bytes, values nnz\n"
@@ -409,18 +409,19 @@ static PyObject *py_supported(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"decode", py_decode, METH_VARARGS, decode_doc},
+    {"decompress", py_decode, METH_VARARGS, decode_doc},
     {"supported", py_supported, METH_NOARGS,
      "supported() -> int: bit i set iff ISA i (0 scalar, 1 avx2, 2 avx512) runs on this CPU."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_decode", "Endor's CPU decoder (see decode.c).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_decompress", "Endor's CPU decompressor (see decompress.c).", -1,
+    methods,
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__decode(void) {
+PyMODINIT_FUNC PyInit__decompress(void) {
     build_tables();
     supported_isas = detect_isas();
     return PyModule_Create(&module);

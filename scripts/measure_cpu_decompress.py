@@ -1,6 +1,6 @@
-"""Measure the CPU decoder against a dense copy and the numpy baseline (the targets of the CPU
+"""Measure the CPU decompressor against a dense copy and the numpy baseline (the targets of the CPU
 backend): a 64M-element fp16 tensor at 50% random sparsity by default. Prints medians after
-warm-up. Usage: .venv/bin/python scripts/measure_cpu_decode.py [--numel N] [--isa avx512]"""
+warm-up. Usage: .venv/bin/python scripts/measure_cpu_decompress.py [--numel N] [--isa avx512]"""
 
 import argparse
 import json
@@ -37,11 +37,11 @@ def main() -> None:
 
     def decode_fresh():
         out = torch.empty(et.numel, dtype=et.dtype)
-        cpu.decode(et, out, isa=args.isa, threads=args.threads, huge_pages=huge)
+        cpu.decompress(et, out, isa=args.isa, threads=args.threads, huge_pages=huge)
         return out
 
     def decode_out():
-        cpu.decode(et, reused, isa=args.isa, threads=args.threads, huge_pages=huge)
+        cpu.decompress(et, reused, isa=args.isa, threads=args.threads, huge_pages=huge)
 
     ints = np.dtype(np.int16 if dense.element_size() == 2 else np.int32)
     bitmap_np = et.bitmap.numpy()

@@ -1,10 +1,10 @@
-"""`endor bench decode`: GB/s of every available Endor decoder against a copy of the dense tensor
-measured in the same run (fresh output, and into a reused buffer), and against the naive numpy
-decoder (unpackbits + boolean-mask assignment). On CUDA also (bytes read + written) / time
-against the HBM peak and a device-to-device copy.
+"""`endor bench decompress`: GB/s of every available Endor decompressor against a copy of the
+dense tensor measured in the same run (fresh output, and into a reused buffer), and against the
+naive numpy decompressor (unpackbits + boolean-mask assignment). On CUDA also (bytes read +
+written) / time against the HBM peak and a device-to-device copy.
 
-GB/s is dense bytes produced per second; `ratio_vs_copy` is decode time / copy time with the same
-kind of output (fresh with fresh, `out=` with the reused buffer)."""
+GB/s is dense bytes produced per second; `ratio_vs_copy` is decompress time / copy time with the
+same kind of output (fresh with fresh, `out=` with the reused buffer)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from ..format.equal import bit_equal
 from ..kernels import backends, decompress
 from . import harness
 
-NAME = "decode"
+NAME = "decompress"
 DEFAULT_SHAPE = [8192, 8192]
 QUICK_SHAPE = [1024, 1024]
 HEADLINE = (torch.float16, 0.5)
@@ -33,7 +33,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtypes", type=harness.dtype_list, default="fp16,bf16,fp32")
     parser.add_argument("--sparsities", type=harness.float_list, default="0.5,0.7,0.9")
     parser.add_argument("--backends", default=None,
-                        help="comma-separated decoder backends (default: every available one)")
+                        help="comma-separated decompressor backends (default: every available "
+                             "one)")
     parser.add_argument("--numpy", choices=("headline", "all", "none"), default="headline",
                         help="where to time the numpy baseline: only float16 at 50%% "
                              "(default), every case, or nowhere")
@@ -44,20 +45,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def numpy_decoder(et):
-    """The naive CPU decoder users write first: numpy unpackbits + boolean-mask assignment.
+def numpy_decompressor(et):
+    """The naive CPU decompressor users write first: numpy unpackbits + boolean-mask assignment.
     Returns a no-argument function producing the dense tensor."""
     int_dtype = spec.INT_VIEW[et.dtype]
     bitmap = et.bitmap.cpu().numpy()
     values = et.values.cpu().view(int_dtype).numpy()
     numel, shape = et.numel, et.shape
 
-    def decode() -> torch.Tensor:
+    def numpy_decompress() -> torch.Tensor:
         mask = np.unpackbits(bitmap, count=numel, bitorder="little").view(bool)
         out = np.zeros(numel, dtype=values.dtype)
         out[mask] = values
         return torch.from_numpy(out).view(et.dtype).view(shape)
-    return decode
+    return numpy_decompress
 
 
 def _devices(choice: str) -> list[torch.device]:
@@ -98,13 +99,13 @@ def _case(tensor, et, device, backend_names, *, with_numpy, hbm_gbps, warmup, re
     rows = [("copy", "fresh", timed(lambda: torch.empty_like(dense).copy_(dense)), 2 * dense_bytes),
             ("copy", "out", timed(lambda: reused.copy_(dense)), 2 * dense_bytes)]
     if with_numpy and device.type == "cpu":
-        decode = numpy_decoder(et)
-        if not bit_equal(decode(), tensor):
-            raise RuntimeError("the numpy baseline did not decode bit-exactly")
-        rows.append(("numpy", "fresh", timed(decode), read_bytes + dense_bytes))
+        numpy_decompress = numpy_decompressor(et)
+        if not bit_equal(numpy_decompress(), tensor):
+            raise RuntimeError("the numpy baseline did not decompress bit-exactly")
+        rows.append(("numpy", "fresh", timed(numpy_decompress), read_bytes + dense_bytes))
     for name in backend_names:
         if not bit_equal(decompress(et, backend=name), tensor):
-            raise RuntimeError(f"backend {name!r} did not decode bit-exactly on {device}")
+            raise RuntimeError(f"backend {name!r} did not decompress bit-exactly on {device}")
         rows.append((name, "fresh", timed(lambda: decompress(et, backend=name)),
                      read_bytes + dense_bytes))
         rows.append((name, "out", timed(lambda: decompress(et, backend=name, out=reused)),
