@@ -1,5 +1,5 @@
 """Describe an Endor file or converted checkpoint: tensors, sparsity, stored vs dense bytes, and
-(optionally) a full verification that every tensor decodes under the format's rules."""
+(optionally) a full verification that every tensor decompresses under the format's rules."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def describe_file(path, *, verify: bool = False) -> list[dict]:
                 stored = sum(end - start for start, end in f.byte_ranges(name))
                 numel = math.prod(shape)
                 if verify:
-                    f.get_tensor(name)  # checks rules 5-7 and decodes
+                    f.get_tensor(name)  # checks rules 5-7 and decompresses
             else:
                 st = f.header.tensors[name]
                 shape, dtype, numel, nnz = list(st.shape), st.dtype, math.prod(st.shape), None

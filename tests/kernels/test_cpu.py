@@ -192,7 +192,7 @@ def test_huge_page_advice_keeps_results(huge_pages):
 
 
 def test_without_extension_auto_falls_back_to_reference(monkeypatch):
-    monkeypatch.setattr(cpu, "_decode", None)
+    monkeypatch.setattr(cpu, "_decompress", None)
     assert not cpu.available() and cpu.supported_isas() == ()
     assert choose("auto", torch.device("cpu")).name == "reference"
     dense, et = compressed((7, 13), torch.float32, 0.5)

@@ -69,7 +69,7 @@ def fenced_values(et, margin=5000):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
-def test_decode_is_bit_exact(shape, dtype, sparsity):
+def test_decompress_is_bit_exact(shape, dtype, sparsity):
     dense = sparse_tensor(shape, dtype, sparsity, seed=len(shape) * 1000 + int(sparsity * 100))
     et = endor.compress(dense)
     out = garbage_like(et)
@@ -214,7 +214,7 @@ def test_popcount_mismatch_in_one_tile_is_flagged():
     assert not bool(triton_decompress.validate_tiles(crafted))
 
 
-def test_set_padding_bits_are_flagged_and_not_decoded():
+def test_set_padding_bits_are_flagged_and_not_decompressed():
     dense = sparse_tensor((4096 + 11,), torch.float16, 0.5, seed=8)
     et = endor.compress(dense)
     bitmap = et.bitmap.clone()
@@ -331,7 +331,7 @@ def test_cuda_crafted_tile_index_never_reads_out_of_bounds(case):
 
 
 @pytest.mark.gpu
-def test_cuda_decode_and_checks_need_no_host_sync():
+def test_cuda_decompress_and_checks_need_no_host_sync():
     """Captured in a CUDA graph (which fails on any host sync), on a side stream."""
     dense = sparse_tensor((1000, 1003), torch.bfloat16, 0.5, seed=15).cuda()
     et = endor.compress(dense)

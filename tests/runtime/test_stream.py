@@ -20,7 +20,7 @@ def _place(image: bytearray, offset: int, t: torch.Tensor) -> tuple[int, int]:
     return offset, offset + len(raw)
 
 
-def test_decode_layer_stages_unaligned_parts_and_casts():
+def test_decompress_layer_stages_unaligned_parts_and_casts():
     """Parts at odd offsets (no typed view possible) are staged into the dense buffer; a dense
     tensor stored in another dtype is cast; an aligned one in the model dtype is a view."""
     w = sparse_tensor((7, 13), torch.float16, 0.5)

@@ -7,7 +7,7 @@ least possible, when the non-layer weights exceed it) keeps only the non-layer w
 resident, so every decoder layer is read from disk for every token. Timed, in the same run,
 each after evicting the checkpoint from the page cache:
 
-  endor            our pipeline, Endor weights (O_DIRECT reads, prefetch, decode into buffers)
+  endor            our pipeline, Endor weights (O_DIRECT reads, prefetch, decompress into buffers)
   dense            our pipeline, dense weights: only the format differs
   accelerate-cold  HF Accelerate disk offload of the dense checkpoint, every layer's shard
                    evicted right before Accelerate reads it (a model larger than RAM)

@@ -1,9 +1,10 @@
-"""`endor bench formats`: bits per element and decode GB/s of Endor against the formats people use
-(CSR, COO, compressed-tensors sparse-bitmask, zstd, lz4), on random tensors pruned to exact
-sparsities, with the (1-s)*b+1 bound and a dense copy measured in the same run as the baseline.
+"""`endor bench formats`: bits per element and decompression GB/s of Endor against the formats
+people use (CSR, COO, compressed-tensors sparse-bitmask, zstd, lz4), on random tensors pruned to
+exact sparsities, with the (1-s)*b+1 bound and a dense copy measured in the same run as the
+baseline.
 
-Decode GB/s is dense bytes produced per second (median after warm-up); every format's round trip
-is checked bit-exact before it is timed, otherwise the comparison would mean nothing."""
+Decompression GB/s is dense bytes produced per second (median after warm-up); every format's round
+trip is checked bit-exact before it is timed, otherwise the comparison would mean nothing."""
 
 from __future__ import annotations
 

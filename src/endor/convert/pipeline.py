@@ -70,7 +70,7 @@ def _return_free_memory() -> None:
 @contextmanager
 def _one_torch_thread():
     """Pruning and encoding run single-threaded (numpy). torch's few whole-tensor ops there
-    (argument checks, the decoder's verification) lose more at thread barriers than they gain
+    (argument checks, the decompressor's verification) lose more at thread barriers than they gain
     on a small, busy machine: a 187 MB model converted in 3.5 s with 2 threads, 1.0 s with 1
     (2 cores shared, load 5). Reading the next tensor on a thread did not help either."""
     before = torch.get_num_threads()
@@ -104,7 +104,7 @@ class _Conversion:
     # -- one shard -----------------------------------------------------------------------
     def _encode(self, name: str, t: torch.Tensor):
         """What shard files hold for `name`: an EndorTensor for a pruned Linear weight of an
-        Endor checkpoint (checked to decode back to `t` when verifying), else `t` itself."""
+        Endor checkpoint (checked to decompress back to `t` when verifying), else `t` itself."""
         if name not in self.sparse or self.writer.weights != "endor":
             if name in self.layout.linear_weights:
                 self.nnz[name] = _count_nonzero(t)
@@ -112,7 +112,7 @@ class _Conversion:
         et = compress(t)
         self.nnz[name] = et.nnz
         if self.verify and not bit_equal(decompress(et), t):
-            raise FormatError("verification failed: the compressed tensor does not decode to "
+            raise FormatError("verification failed: the compressed tensor does not decompress to "
                               "the pruned weight (encoder fault)", tensor=name)
         return et
 
