@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from ..checkpoint import WEIGHT_KINDS
 from ..convert.synthetic import write_synthetic_checkpoint
 from . import harness
 
@@ -47,7 +48,8 @@ def add_arguments(parser) -> None:
                         help="pruning method (calibrated methods need a tokenizer; default "
                              "magnitude)")
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--format", dest="weights", choices=("endor", "dense"), default="endor")
+    parser.add_argument("--weights", choices=WEIGHT_KINDS, default="endor",
+                        help="how the converted weights are stored (default endor)")
     parser.add_argument("--conversions", type=int, default=1,
                         help="cold conversions to time (default 1)")
     parser.add_argument("--workdir", default=None,
@@ -187,7 +189,7 @@ def run(args) -> dict:
             load = harness.system_load()
             argv = [sys.executable, "-m", "endor", "convert", str(src), str(out),
                     "--method", args.method, "--sparsity", str(args.sparsity),
-                    "--format", args.weights, "--quiet"]
+                    "--weights", args.weights, "--quiet"]
             child = run_child(argv, work / f"convert{k}.log")
             if child["returncode"] != 0:
                 raise RuntimeError(f"endor convert failed ({child['returncode']}):\n"

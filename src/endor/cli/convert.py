@@ -3,6 +3,7 @@
 import argparse
 from pathlib import Path
 
+from ..checkpoint import WEIGHT_KINDS
 from ..convert import convert, format_summary
 from ..prune import METHODS, check_sparsity, parse_nm
 
@@ -41,7 +42,7 @@ def add_parser(sub):
                     "resumable: rerunning an interrupted command continues where it stopped.")
     p.add_argument("src", help="a HuggingFace model directory, a .gguf file, an alias "
                                "(smollm2, gemma3-270m), or an Endor checkpoint directory (read "
-                               "decompressed: '--format dense' writes its dense twin)")
+                               "decompressed: '--weights dense' writes its dense twin)")
     p.add_argument("out", help="the checkpoint directory to write")
     p.add_argument("--method", choices=METHODS, default="none",
                    help="pruning method; 'none' keeps the weights (and their zeros) as they are "
@@ -57,9 +58,11 @@ def add_parser(sub):
                    help="calibration segments (default: 64)")
     p.add_argument("--calib-seqlen", type=positive_int, default=None, metavar="L",
                    help="tokens per calibration segment (default: 256)")
-    p.add_argument("--format", choices=("endor", "dense"), default="endor", dest="weights",
-                   help="'dense' writes the pruned weights uncompressed, loadable by "
-                        "transformers' from_pretrained (default: endor)")
+    p.add_argument("--weights", choices=WEIGHT_KINDS, default="endor",
+                   help="how the weights are stored: 'dense' writes the pruned weights "
+                        "uncompressed, loadable by transformers' from_pretrained (default: endor)")
+    # The option's former name, still accepted; not shown in --help.
+    p.add_argument("--format", choices=WEIGHT_KINDS, dest="weights", help=argparse.SUPPRESS)
     p.add_argument("--keep-dense", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="leave decoder Linear weights whose name matches a glob pattern unpruned "
                         "and uncompressed, e.g. '*.mlp.down_proj.weight'")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointWriter
+from ..checkpoint import WEIGHT_KINDS, CheckpointWriter
 from ..data.models import resolve_model
 from ..data.text import calibration_text
 from ..errors import FormatError
@@ -265,8 +265,8 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     makes the dense twin of the pruned checkpoint A without pruning again (B's manifest lists
     A's pruning under "prior_pruning")."""
     method, sparsity, nm = check_settings(method, sparsity, nm)
-    if weights not in ("endor", "dense"):
-        raise ValueError(f"weights must be 'endor' or 'dense', got {weights!r}")
+    if weights not in WEIGHT_KINDS:
+        raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
     if needs_calibration(method) and calib_text is None:
         calib_text = calibration_text()
     patterns = list(dense_patterns or [])
