@@ -19,7 +19,7 @@ LAYERS = [
     ["errors", "data"],           # typed user errors; embedded models and texts (no endor import)
     ["format"],                   # the file format and the decompressor contract
     ["kernels", "checkpoint", "prune"],  # fast decompressors; checkpoint directories; pruning maths
-    ["convert", "runtime", "loading", "inspect"],  # write checkpoints; run them; reference loader
+    ["convert", "runtime", "reference_loader", "inspect"],  # write; run; in-memory reference; list
     ["evaluate"],                 # perplexity
     ["bench"],                    # benchmarks and the Accelerate baseline
     ["demo"],                     # `make demo`

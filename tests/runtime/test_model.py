@@ -93,9 +93,9 @@ def test_no_budget_keeps_everything_resident(tiny):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_reference_is_what_load_in_memory_gives(tiny, arch):
-    """The pruned model the fixtures compare against generates what endor.loading's in-memory
+    """The pruned model the fixtures compare against generates what endor.reference_loader's in-memory
     reference of the same checkpoint generates."""
-    from endor.loading import load_in_memory
+    from endor.reference_loader import load_in_memory
 
     path, _, want = tiny(arch, "endor")
     reference, _ = load_in_memory(path)
@@ -251,7 +251,7 @@ def test_streaming_buffers_are_reported_and_sized_from_the_largest_layer(tiny, w
 @pytest.mark.parametrize("weights", ["endor", "dense"])
 @pytest.mark.parametrize("offload", ["disk", "cpu"])
 def test_cuda_streaming_is_token_identical(tiny, weights, offload):
-    from endor.loading import load_in_memory
+    from endor.reference_loader import load_in_memory
 
     path, _, _ = tiny("llama", weights)
     reference, _ = load_in_memory(path, device="cuda")  # GPU numerics differ from the CPU's

@@ -25,7 +25,7 @@ from ..convert import convert
 from ..data.models import resolve_model
 from ..data.text import calibration_text, evaluation_text
 from ..evaluate import perplexity
-from ..loading import load_in_memory
+from ..reference_loader import load_in_memory
 from . import harness
 
 NAME = "quality"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..data.text import evaluation_text
 from ..evaluate import perplexity
-from ..loading import load_in_memory
+from ..reference_loader import load_in_memory
 from .args import at_least
 
 

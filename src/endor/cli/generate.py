@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from ..loading import load_tokenizer
+from ..reference_loader import load_tokenizer
 from ..runtime import load_model
 from .args import at_least
 
