@@ -8,6 +8,7 @@ import torch
 import endor
 from endor.bench import decompress, harness
 from endor.cli import build_parser
+from endor.cli.bench import benchmark_params
 from endor.kernels import backends
 from endor.format.equal import bit_equal
 from tests.helpers import DTYPES
@@ -29,14 +30,13 @@ def test_numpy_baseline_keeps_special_values():
 
 
 def _args(*extra):
-    args = build_parser().parse_args(["bench", "decompress", "--quick", "--device", "cpu", *extra])
-    args.repeat = 1
-    return args
+    return benchmark_params(build_parser().parse_args(["bench", "decompress", "--quick", "--device",
+                                                       "cpu", "--repeat", "1", *extra]))
 
 
 @pytest.fixture(scope="module")
 def doc():
-    return decompress.run(_args("--shape", "96,130", "--dtypes", "fp16,bf16",
+    return decompress.run(**_args("--shape", "96,130", "--dtypes", "fp16,bf16",
                             "--sparsities", "0.5,0.9", "--warmup", "0"))
 
 
@@ -81,22 +81,21 @@ def test_ratios_are_against_the_same_case(doc):
 
 
 def test_backend_choice_and_errors():
-    d = decompress.run(_args("--shape", "16,16", "--dtypes", "fp32", "--sparsities", "0.5",
+    d = decompress.run(**_args("--shape", "16,16", "--dtypes", "fp32", "--sparsities", "0.5",
                          "--backends", "reference", "--numpy", "none", "--warmup", "0"))
     assert {r["method"] for r in d["results"]} == {"copy", "reference"}
     with pytest.raises(ValueError, match="unknown backend"):
-        decompress.run(_args("--shape", "8,8", "--backends", "simd9000"))
+        decompress.run(**_args("--shape", "8,8", "--backends", "simd9000"))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA"):
-            decompress.run(_args("--shape", "8,8", "--device", "cuda"))
+            decompress.run(**_args("--shape", "8,8", "--device", "cuda"))
 
 
 @pytest.mark.gpu
 def test_cuda_rows_report_hbm_and_device_copy():
     args = build_parser().parse_args(["bench", "decompress", "--quick", "--device", "cuda",
-                                      "--dtypes", "bf16", "--sparsities", "0.5"])
-    args.repeat = 2
-    rows = decompress.run(args)["results"]
+                                      "--dtypes", "bf16", "--sparsities", "0.5", "--repeat", "2"])
+    rows = decompress.run(**benchmark_params(args))["results"]
     assert {r["device"] for r in rows} == {"cuda"}
     assert all(r["pct_of_hbm"] > 0 for r in rows)
     assert {("copy", "fresh"), ("copy", "out")} <= {(r["method"], r["output"]) for r in rows}

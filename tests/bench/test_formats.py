@@ -9,6 +9,7 @@ import torch
 
 from endor.bench import formats, harness, peers
 from endor.cli import build_parser
+from endor.cli.bench import benchmark_params
 from endor.format.equal import bit_equal
 from tests.helpers import DTYPES
 
@@ -92,14 +93,13 @@ def test_a_lossy_codec_is_refused_not_timed():
 
 
 def _args(*extra):
-    args = build_parser().parse_args(["bench", "formats", "--quick", *extra])
-    args.repeat = 1
-    return args
+    return benchmark_params(build_parser().parse_args(["bench", "formats", "--quick", "--repeat",
+                                                       "1", *extra]))
 
 
 @pytest.fixture(scope="module")
 def doc():
-    return formats.run(_args("--shape", "256,512", "--sparsities", "0.5,0.7", "--warmup", "0"))
+    return formats.run(**_args("--shape", "256,512", "--sparsities", "0.5,0.7", "--warmup", "0"))
 
 
 def test_run_reports_every_format_dtype_and_sparsity(doc):
@@ -124,10 +124,10 @@ def test_endor_bits_sit_just_above_the_bound(doc):
 
 
 def test_formats_option_keeps_the_copy_baseline():
-    d = formats.run(_args("--shape", "32,32", "--dtypes", "fp16", "--sparsities", "0.5",
+    d = formats.run(**_args("--shape", "32,32", "--dtypes", "fp16", "--sparsities", "0.5",
                           "--formats", "endor,zstd", "--warmup", "0"))
     assert [r["format"] for r in d["results"]] == ["dense", "endor", "zstd"]
     with pytest.raises(ValueError, match="unknown format"):
-        formats.run(_args("--shape", "8,8", "--formats", "gzip"))
+        formats.run(**_args("--shape", "8,8", "--formats", "gzip"))
     with pytest.raises(ValueError, match="no elements"):
-        formats.run(_args("--shape", "0,8"))
+        formats.run(**_args("--shape", "0,8"))

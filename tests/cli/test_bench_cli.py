@@ -102,8 +102,9 @@ def test_another_engineers_benchmark_gets_the_common_options_and_outputs(tmp_pat
     module = types.ModuleType("endor.bench.e2e")
     module.__doc__ = "End to end tokens/s."
     module.add_arguments = lambda p: p.add_argument("--model", default="smollm2")
-    module.run = lambda args: harness.envelope(
-        "e2e", {"model": args.model, "quick": args.quick, "repeat": args.repeat},
+    # run() takes its options as keyword arguments, nothing of the command line.
+    module.run = lambda *, model, quick, repeat, warmup: harness.envelope(
+        "e2e", {"model": model, "quick": quick, "repeat": repeat},
         [{"pipeline": "endor", "tokens_per_s": 4.0}, {"pipeline": "dense", "tokens_per_s": 3.0}])
     monkeypatch.setitem(sys.modules, "endor.bench.e2e", module)
     assert main(["bench", "e2e", "--quick", "--out", str(tmp_path), "--model", "x"]) == 0

@@ -128,31 +128,32 @@ def _case(tensor, et, device, backend_names, *, with_numpy, hbm_gbps, warmup, re
     return results
 
 
-def run(args) -> dict:
+def run(*, shape, backends, device, dtypes, sparsities, seed, numpy, hbm_gbps, quick, warmup,
+        repeat) -> dict:
     load_before = harness.system_load()
-    shape = args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)
+    shape = shape or (QUICK_SHAPE if quick else DEFAULT_SHAPE)
     if math.prod(shape) == 0:
         raise ValueError(f"--shape {shape} has no elements")
-    wanted = [x.strip() for x in args.backends.split(",")] if args.backends else None
-    devices = _devices(args.device)
+    wanted = [x.strip() for x in backends.split(",")] if backends else None
+    devices = _devices(device)
     per_device = {d.type: _backends(d, wanted) for d in devices}
     results = []
-    for dtype in args.dtypes:
-        for sparsity in args.sparsities:
-            tensor = harness.random_sparse(shape, dtype, sparsity, seed=args.seed)
+    for dtype in dtypes:
+        for sparsity in sparsities:
+            tensor = harness.random_sparse(shape, dtype, sparsity, seed=seed)
             et = compress(tensor)
-            with_numpy = args.numpy == "all" or (args.numpy == "headline"
-                                                 and (dtype, sparsity) == HEADLINE)
+            with_numpy = numpy == "all" or (numpy == "headline"
+                                            and (dtype, sparsity) == HEADLINE)
             for device in devices:
                 for row in _case(tensor, et, device, per_device[device.type],
-                                 with_numpy=with_numpy, hbm_gbps=args.hbm_gbps,
-                                 warmup=args.warmup, repeat=args.repeat):
+                                 with_numpy=with_numpy, hbm_gbps=hbm_gbps,
+                                 warmup=warmup, repeat=repeat):
                     results.append({"dtype": harness.dtype_name(dtype), "sparsity": sparsity,
                                     "numel": tensor.numel(), **row})
             del tensor, et
     params = {"load_avg": {"before": load_before, "after": harness.system_load()},
-              "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
-              "sparsities": list(args.sparsities), "backends": per_device,
-              "numpy": args.numpy, "hbm_gbps": args.hbm_gbps, "seed": args.seed,
-              "quick": args.quick, "warmup": args.warmup, "repeat": args.repeat}
+              "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in dtypes],
+              "sparsities": list(sparsities), "backends": per_device,
+              "numpy": numpy, "hbm_gbps": hbm_gbps, "seed": seed,
+              "quick": quick, "warmup": warmup, "repeat": repeat}
     return harness.envelope(NAME, params, results, table_columns=TABLE_COLUMNS)

@@ -94,25 +94,25 @@ def measure_codec(codec: Codec, tensor: torch.Tensor, *, warmup: int, repeat: in
     }
 
 
-def run(args) -> dict:
+def run(*, shape, formats, dtypes, sparsities, seed, quick, warmup, repeat) -> dict:
     load_before = harness.system_load()
-    shape = args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)
+    shape = shape or (QUICK_SHAPE if quick else DEFAULT_SHAPE)
     numel = math.prod(shape)
     if numel == 0:
         raise ValueError(f"--shape {shape} has no elements")
     chosen = codecs()
-    if args.formats:
-        wanted = [x.strip() for x in args.formats.split(",") if x.strip()]
+    if formats:
+        wanted = [x.strip() for x in formats.split(",") if x.strip()]
         unknown = sorted(set(wanted) - set(format_names()))
         if unknown:
             raise ValueError(f"unknown format(s) {unknown}; choose from {format_names()}")
         # The dense copy stays: every GB/s is reported against it.
         chosen = [c for c in chosen if c.name in wanted or c.name == "dense"]
     results = []
-    for dtype in args.dtypes:
-        for sparsity in args.sparsities:
-            tensor = harness.random_sparse(shape, dtype, sparsity, seed=args.seed)
-            rows = [measure_codec(c, tensor, warmup=args.warmup, repeat=args.repeat)
+    for dtype in dtypes:
+        for sparsity in sparsities:
+            tensor = harness.random_sparse(shape, dtype, sparsity, seed=seed)
+            rows = [measure_codec(c, tensor, warmup=warmup, repeat=repeat)
                     for c in chosen]
             copy_gbps = rows[0]["decode_gbps"]
             bits = dtype.itemsize * 8
@@ -124,9 +124,9 @@ def run(args) -> dict:
             results.extend(rows)
             del tensor
     params = {"load_avg": {"before": load_before, "after": harness.system_load()},
-              "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
-              "sparsities": list(args.sparsities), "seed": args.seed, "quick": args.quick,
-              "warmup": args.warmup, "repeat": args.repeat,
+              "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in dtypes],
+              "sparsities": list(sparsities), "seed": seed, "quick": quick,
+              "warmup": warmup, "repeat": repeat,
               "formats": {c.name: c.description for c in chosen}}
     if "ct-bitmask" in params["formats"]:
         params["ct_bitmask_code"] = peers.ct_origin()

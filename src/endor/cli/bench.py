@@ -16,6 +16,8 @@ BENCHMARKS = ("formats", "decompress", "transfer", "e2e", "convert")
 # Former names still accepted on the command line (results are written under the new name).
 ALIASES = {"decompress": ["decode"]}
 DEFAULT_OUT = "bench-results"
+# Namespace entries that belong to the command line, not to a benchmark's run().
+CLI_KEYS = frozenset({"command", "benchmark", "run", "argv", "out", "debug"})
 
 
 def benchmark_names() -> list[str]:
@@ -61,11 +63,18 @@ def add_parser(subparsers) -> None:
         sub.set_defaults(run=run, benchmark=name)  # the name, even when called by an alias
 
 
+def benchmark_params(args) -> dict:
+    """The keyword arguments of the benchmark's run(): its options as parsed, with the default
+    --repeat resolved."""
+    params = {k: v for k, v in vars(args).items() if k not in CLI_KEYS}
+    if params["repeat"] is None:
+        params["repeat"] = 2 if params["quick"] else 5
+    return params
+
+
 def run(args) -> int:
     name = args.benchmark
-    if args.repeat is None:
-        args.repeat = 2 if args.quick else 5
-    doc = _module(name).run(args)
+    doc = _module(name).run(**benchmark_params(args))
     if getattr(args, "argv", None) is not None:
         doc["command"] = shlex.join(["endor", *args.argv])  # the command that reruns it
     out = Path(args.out)
