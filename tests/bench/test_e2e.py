@@ -79,8 +79,7 @@ def test_embeddings_above_the_budget_stream_every_layer(tmp_path):
     10% of the model, so the budget becomes the least possible instead of an error."""
     args = _args("--workdir", str(tmp_path), "--systems", "endor", "--vocab", "16384",
                  "--new-tokens", "2", "--max-seconds", "1e-9")
-    args.repeat = 3
-    doc = e2e.run(**args)
+    doc = e2e.run(**args | {"repeat": 3})
     assert doc["params"]["budget_least"] and doc["params"]["budget_bytes"] == 0
     (endor,) = [r for r in doc["results"] if r["system"] == "endor"]
     assert endor["streamed_layers"] == 4 and endor["decode_tokens_per_s"] > 0
