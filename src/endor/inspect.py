@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint
 from .format import EndorFile
+from .format.spec import SAFETENSORS_DTYPES
 
 
 def describe_file(path, *, verify: bool = False) -> list[dict]:
@@ -22,7 +23,8 @@ def describe_file(path, *, verify: bool = False) -> list[dict]:
                     f.get_tensor(name)  # checks rules 5-7 and decompresses
             else:
                 st = f.header.tensors[name]
-                shape, dtype, numel, nnz = list(st.shape), st.dtype, math.prod(st.shape), None
+                shape, numel, nnz = list(st.shape), math.prod(st.shape), None
+                dtype = SAFETENSORS_DTYPES[st.dtype]  # torch's names for every row, not "BF16"
                 stored = st.end - st.start
             itemsize = stored // numel if nnz is None and numel else getattr(dtype, "itemsize", 0)
             rows.append({"file": Path(path).name, "name": name, "shape": list(shape),

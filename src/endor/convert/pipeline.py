@@ -272,8 +272,7 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     patterns = list(dense_patterns or [])
     src_dir = resolve_source(src)
     out = Path(out)
-    if out.exists() and out.resolve() == src_dir.resolve():
-        raise ValueError("OUT must differ from SRC")
+    outdir.check_out(out, src_dir)
     source = open_source(src_dir)
     layout = build_layout(load_config(src_dir))
     sparse = _sparse_names(source, layout, patterns)
@@ -281,25 +280,27 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
                          calib_samples, calib_seqlen)
 
     groups = [f"layers.{i}" for i in range(layout.num_layers)] + [REST]
-    writer = CheckpointWriter(out, groups, weights=weights)
-    done = outdir.prepare(writer, settings, resume=resume)
-    outdir.copy_side_files(src_dir, out)
-    bar = tqdm(total=len(groups), initial=len(done), unit="shard", desc="endor convert",
-               disable=not progress)
-    job = _Conversion(source, layout, writer, settings, sparse, verify=verify, progress=bar)
-    todo = [i for i in range(layout.num_layers) if i not in done]
-    with bar:
-        if len(groups) - 1 not in done:
-            job.rest()
-        if todo and needs_calibration(method):
-            tokens = calibrate.segments(calibrate.tokenize(src_dir, calib_text),
-                                        calib_samples, calib_seqlen)
-            job.calibrated_layers(todo, tokens, needs_hessian(method))
-        else:
-            job.streamed_layers(todo)
-    summary = summarize(out, [s.file for s in writer.shards], layout.layer_type,
-                        layout.layer_of)
-    writer.finish({k: v for k, v in settings.items() if k != "weights"} | {"summary": summary})
+    with outdir.replacing(out, replace=not resume) as work:
+        writer = CheckpointWriter(work, groups, weights=weights)
+        done = outdir.prepare(writer, settings, resume=resume)
+        outdir.copy_side_files(src_dir, work)
+        bar = tqdm(total=len(groups), initial=len(done), unit="shard", desc="endor convert",
+                   disable=not progress)
+        job = _Conversion(source, layout, writer, settings, sparse, verify=verify, progress=bar)
+        todo = [i for i in range(layout.num_layers) if i not in done]
+        with bar:
+            if len(groups) - 1 not in done:
+                job.rest()
+            if todo and needs_calibration(method):
+                tokens = calibrate.segments(calibrate.tokenize(src_dir, calib_text),
+                                            calib_samples, calib_seqlen)
+                job.calibrated_layers(todo, tokens, needs_hessian(method))
+            else:
+                job.streamed_layers(todo)
+        summary = summarize(work, [s.file for s in writer.shards], layout.layer_type,
+                            layout.layer_of)
+        writer.finish({k: v for k, v in settings.items() if k != "weights"}
+                      | {"summary": summary})
     seconds = time.perf_counter() - job.t0
     return {**summary, "run": {
         "out": str(out), "seconds": round(seconds, 3), "source_bytes": source.total_bytes,

@@ -49,8 +49,8 @@ def choose(backend: str, device: torch.device) -> Backend:
         raise ValueError(f"backend {backend!r} runs on {', '.join(b.device_types)}, not on "
                          f"{device.type}")
     if not b.available():
-        raise RuntimeError(f"backend {backend!r} is not available here ({b.name} needs its "
-                           "compiled extension / triton); use backend='auto'")
+        raise ValueError(f"backend {backend!r} is not available here ({b.name} needs its "
+                         "compiled extension / triton); use backend='auto'")
     return b
 
 
