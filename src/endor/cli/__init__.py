@@ -28,7 +28,7 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
                         help=DEBUG_HELP)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
+            for sub in dict.fromkeys(action.choices.values()):  # an alias maps to its parser
                 _add_debug(sub)
 
 
