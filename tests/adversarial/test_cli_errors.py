@@ -95,9 +95,13 @@ def test_expected_failure_is_one_line_exit_1(case, ckpt, tmp_path, capsys, monke
     _, command, argv, make, words = case
     monkeypatch.delenv("ENDOR_DEBUG", raising=False)
     if case[0] == "triton-on-cpu":  # as on a machine without a GPU or TRITON_INTERPRET
+        import importlib
         from dataclasses import replace
 
-        from endor.kernels import registry
+        import endor.kernels  # noqa: F401  registers the fast backends, triton among them
+
+        # the registry module (endor.format re-exports its function of the same name)
+        registry = importlib.import_module("endor.format.decompress")
         triton = registry.backends()["triton"]
         monkeypatch.setitem(registry._BACKENDS, "triton",
                             replace(triton, available=lambda: False))
