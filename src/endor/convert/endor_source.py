@@ -6,7 +6,7 @@ interface as source.SourceCheckpoint, every tensor dense on read.
 
 An Endor tensor is read one at a time: its parts with positioned reads (no mmap, so RSS
 does not grow with the model), rules 5 and 7 checked (tile index, checksum), then decompressed
-(the decoder checks rule 6). The manifest's pruning settings carry over as `prior_pruning`, so
+(the decompressor checks rule 6). The manifest's pruning settings carry over as `prior_pruning`, so
 the converted checkpoint still says how its weights were pruned."""
 
 from __future__ import annotations

@@ -62,16 +62,16 @@ def _empty_model(path, dtype: torch.dtype):
 
 def thread_split(device: torch.device, streaming: bool,
                  compute_threads: int | None = None) -> tuple[int | None, int | None]:
-    """(compute, decode) CPU threads. Computing on the CPU while streaming, the decoder gets a
-    core of its own (two on larger machines) and the model's forward the others: with every core
-    given to torch's OpenMP compute, the decoder thread preempts it in the middle of parallel
-    regions and each of them waits for a time slice (measured 5-9x slower decode tokens/s on 2
-    cores). None leaves torch's setting alone (GPU compute, or nothing streamed)."""
+    """(compute, decompress) CPU threads. Computing on the CPU while streaming, the decompressor
+    gets a core of its own (two on larger machines) and the model's forward the others: with every
+    core given to torch's OpenMP compute, the decompressor thread preempts it in the middle of
+    parallel regions and each of them waits for a time slice (measured 5-9x slower decode tokens/s
+    on 2 cores). None leaves torch's setting alone (GPU compute, or nothing streamed)."""
     if device.type != "cpu" or not streaming:
         return compute_threads, None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    decode = 1 if cores <= 4 else 2
-    return compute_threads or max(1, cores - decode), decode
+    decompress = 1 if cores <= 4 else 2
+    return compute_threads or max(1, cores - decompress), decompress
 
 
 def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, prefetch: int = 1,
@@ -84,10 +84,10 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     host memory). max_memory: bytes for resident weights (int, "500MB", "2GiB", {"cuda": ...});
     None keeps every layer resident, 0 streams every layer. Streaming buffers come on top and
     are reported by model.endor_stats(): read slots (the largest shard each) and one dense slot
-    (the largest decoded layer; dense weights are used in place, in the read slots).
+    (the largest decompressed layer; dense weights are used in place, in the read slots).
     prefetch: layers loading ahead of the one computing: prefetch+1 read slots, or as many
     compressed shards as fit in the memory of prefetch+1 dense layers (stream.read_slot_count).
-    backend: decoder (see endor.decompress).
+    backend: decompressor (see endor.decompress).
     compute_threads: torch threads during the model's forward (default: see thread_split).
     direct_io: read shards with O_DIRECT (default); False reads them buffered and evicts them
     from the page cache right after (cold reads either way; faster on some virtual disks where
@@ -125,7 +125,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     metrics = Metrics()
     reader = ShardReader(direct=direct_io)
     stream = None
-    threads, decode_threads = thread_split(device, bool(memory.streamed), compute_threads)
+    threads, decompress_threads = thread_split(device, bool(memory.streamed), compute_threads)
     if memory.streamed:
         streamed = [plans[i] for i in memory.streamed]
         try:
@@ -135,7 +135,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                 reader.close()  # everything is in RAM now
             stream = LayerStream(streamed, device=device, prefetch=prefetch, backend=backend,
                                  reader=reader if offload == "disk" else None, digests=digests,
-                                 held=held, metrics=metrics, decode_threads=decode_threads)
+                                 held=held, metrics=metrics, decompress_threads=decompress_threads)
         except BaseException:
             reader.close()
             raise
@@ -146,7 +146,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                 {"path": str(ckpt.path), "weights": ckpt.weights, "device": str(device),
                  "offload": offload, "prefetch": prefetch, "backend": backend,
                  "compute_threads": threads or torch.get_num_threads(),
-                 "decode_threads": decode_threads})
+                 "decompress_threads": decompress_threads})
     return model
 
 
