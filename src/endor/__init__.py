@@ -4,12 +4,15 @@
 
 from .errors import FormatError
 from .format import EndorFile, EndorTensor, compress, load_file, open_file, save_file
+from .integrations import lazy_hook as _lazy_hook
 from .kernels import decompress
 
 __version__ = "0.1.0"
 
 __all__ = ["EndorFile", "EndorTensor", "FormatError", "compress", "decompress", "load_file",
            "load_model", "open_file", "save_file"]
+
+_lazy_hook.install()  # from_pretrained on Endor checkpoints, once transformers loads (cheap)
 
 
 def __getattr__(name):
