@@ -7,7 +7,7 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ["bench", "convert", "eval", "generate", "inspect"]
+SUBCOMMANDS = ["bench", "convert", "eval", "export", "generate", "inspect", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
