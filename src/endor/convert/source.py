@@ -193,4 +193,8 @@ def open_source(path):
     if (path / "endor.json").is_file():
         from .endor_source import EndorSource
         return EndorSource(path)
+    from .ct_source import CompressedTensorsSource, compressed_tensors_config
+    qc = compressed_tensors_config(path)
+    if qc is not None:  # llm-compressor's sparse-bitmask / pack-quantized weights, decoded
+        return CompressedTensorsSource(path, qc)
     return SourceCheckpoint(path)
