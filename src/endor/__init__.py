@@ -5,7 +5,8 @@
 from .errors import FormatError
 from .format import EndorFile, EndorTensor, compress, load_file, open_file, save_file
 from .integrations import lazy_hook as _lazy_hook
-from .kernels import decompress
+from .kernels import decompress  # the format's decompress, with the fast backends registered
+from .runtime import load_model
 
 __version__ = "0.1.0"
 
@@ -13,11 +14,3 @@ __all__ = ["EndorFile", "EndorTensor", "FormatError", "compress", "decompress", 
            "load_model", "open_file", "save_file"]
 
 _lazy_hook.install()  # from_pretrained on Endor checkpoints, once transformers loads (cheap)
-
-
-def __getattr__(name):
-    # The runtime pulls in transformers: import it only when asked for.
-    if name == "load_model":
-        from .runtime import load_model
-        return load_model
-    raise AttributeError(f"module 'endor' has no attribute {name!r}")

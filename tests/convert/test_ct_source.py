@@ -11,10 +11,11 @@ from safetensors.torch import save_file
 
 from endor.convert import convert
 from endor.convert.ct_source import CompressedTensorsSource
-from endor.convert.source import open_source
+from endor.convert.endor_source import open_source
 from endor.errors import FormatError
 from endor.format import load_file
-from tests.helpers import DTYPES, bit_equal, sparse_tensor
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, sparse_tensor
 from tests.runtime.checkpoints import pruned_model
 
 BITMASK_QC = {"quant_method": "compressed-tensors", "format": "dense",

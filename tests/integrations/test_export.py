@@ -11,8 +11,8 @@ from safetensors.torch import load_file as st_load
 
 import endor
 from endor.cli import main
+from endor.format.equal import bit_equal
 from endor.integrations.export import export_hf
-from tests.helpers import bit_equal
 from tests.integrations.test_hf_quantizer import WITHOUT_ENDOR
 from tests.runtime.checkpoints import pruned_model, save_char_tokenizer, write_checkpoint
 

@@ -12,8 +12,8 @@ import torch
 
 import endor
 from endor.checkpoint import HF_GUARD_FILE, mark_hf_config
+from endor.format.equal import bit_equal
 from endor.loading import load_in_memory
-from tests.helpers import bit_equal
 from tests.runtime.checkpoints import greedy, pruned_model, write_checkpoint
 
 PROMPT = torch.tensor([[5, 17, 3, 44, 9, 2, 71, 30]])

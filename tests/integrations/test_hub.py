@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from endor.format import load_file
+from endor.format.equal import bit_equal
 from endor.integrations.hub import is_hub_id, resolve
-from tests.helpers import bit_equal
 from tests.runtime.checkpoints import pruned_model
 
 REPO = "tiny-org/tiny-llama"
