@@ -150,10 +150,14 @@ class EndorHfQuantizer(HfQuantizer):
         if self._hide_handle is not None:
             self._hide_handle.remove()
         self.model = None
+        path = self.checkpoint.path
+        for f in self.checkpoint._files.values():  # the model keeps this quantizer: no fds
+            f.close()
+        self.checkpoint = None
         if self.offload is not None:
             del model._keys_to_ignore_on_load_unexpected  # back to the class's own list
             from ..runtime import load_model
-            load_model(self.checkpoint.path, model=model, **self.offload)
+            load_model(path, model=model, **self.offload)
         return model
 
     def is_serializable(self):

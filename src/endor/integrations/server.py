@@ -51,10 +51,12 @@ class _Server:
             raise api.APIError(400, f"the request body is not valid JSON ({e})") from None
 
     def admit(self) -> None:
+        """Refuse when the queue is full (429). Callers count the request in `waiting` only
+        where they also count it out: a stream does both inside its body generator, which
+        never runs at all when the client leaves first."""
         if self.waiting >= self.max_queue:
             raise api.APIError(429, f"{self.waiting} requests are already waiting; retry later",
                                type="rate_limit_error", code="server_busy")
-        self.waiting += 1
 
     def report(self, route: str, result: Result) -> None:
         log.info("%s: %d prompt + %d completion tokens in %.2f s, %.2f tokens/s decode, "
@@ -64,6 +66,7 @@ class _Server:
 
     async def run(self, route: str, req: Request) -> Result:
         loop = asyncio.get_running_loop()
+        self.waiting += 1
         try:
             result = await loop.run_in_executor(self.worker, self.engine.generate, req)
         finally:
@@ -81,6 +84,7 @@ class _Server:
             loop.call_soon_threadsafe(queue.put_nowait, text)
 
         async def events():
+            self.waiting += 1
             future = loop.run_in_executor(self.worker, self.engine.generate, req, on_text,
                                           cancelled)
             future.add_done_callback(lambda f: queue.put_nowait(None))
