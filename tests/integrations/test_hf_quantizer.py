@@ -193,3 +193,25 @@ def test_mark_hf_config_adds_and_removes_the_fields(tmp_path):
     (tmp_path / "config.json").write_text("[1]")
     with pytest.raises(endor.FormatError, match="not a JSON object"):
         mark_hf_config(tmp_path, "endor")
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_in_memory_and_offloaded(checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    path, _ = checkpoints("llama")
+    prompt = PROMPT.cuda()
+    want = greedy(endor.load_model(path, device="cuda"), prompt, NEW_TOKENS)  # GPU arithmetic
+    model = AutoModelForCausalLM.from_pretrained(path, device_map="cuda")
+    assert model.device.type == "cuda" and not hasattr(model, "endor_stats")
+    assert greedy(model, prompt, NEW_TOKENS) == want
+    offloaded = AutoModelForCausalLM.from_pretrained(path, device_map="auto",
+                                                     max_memory={0: 30_000, "cpu": 10**9})
+    stats = offloaded.endor_stats()
+    assert stats["device"].startswith("cuda") and stats["streamed_layers"]
+    assert stats["offload"] == "cpu"  # a CPU budget given: compressed layers held in RAM
+    assert greedy(offloaded, prompt, NEW_TOKENS) == want
+    offloaded.endor_close()
+    runtime = endor.load_model(path, device="cuda", offload="cpu", max_memory=30_000)
+    assert greedy(runtime, prompt, NEW_TOKENS) == want
+    runtime.endor_close()
