@@ -47,7 +47,8 @@ class _TextStream:
     generation at a stop string or when the caller cancels."""
 
     def __init__(self, tokenizer, stop: list[str], on_text, cancelled: threading.Event):
-        self.tokenizer, self.stop, self.on_text, self.cancelled = tokenizer, stop, on_text, cancelled
+        self.tokenizer, self.stop = tokenizer, stop
+        self.on_text, self.cancelled = on_text, cancelled
         self.ids: list[int] = []
         self.sent = 0  # characters of text handed out
         self.text = ""

@@ -10,8 +10,11 @@ load). Two ways to load, decided from the budget transformers hands the quantize
   by a WeightConverter op (its three parts in, the dense weight out): the in-memory model.
 * it does not fit: the quantizer hides the model's state dict from transformers' own loading
   (nothing is read or allocated for it) and afterwards makes the very model object transformers
-  returns the offloaded runtime's model (endor.load_model(..., model=it): resident layers in the budget,
-  the others streamed from disk), as `endor.load_model` builds it.
+  returns the offloaded runtime's model (`endor.load_model(path, model=it, ...)`: as many
+  decoder layers resident as the budget holds, the others streamed), with endor_stats() etc.
+
+The budget is the compute device's max_memory entry: the first GPU given one, else "cpu".
+Several devices in one device_map are refused: the runtime computes on one device.
 """
 
 from __future__ import annotations
@@ -73,9 +76,10 @@ class EndorHfQuantizer(HfQuantizer):
                        for d in device_map.values()}
             if len(devices) > 1 or devices & set(_OFF_DEVICE) - {"cpu"}:
                 raise ValueError(
-                    f"an Endor checkpoint loads on one device (got device_map over {sorted(devices)}"
-                    "); for a memory budget pass device_map='auto' with max_memory={'cpu': "
-                    "'2GB'} (or {0: '8GB'} for a GPU): what does not fit streams from disk")
+                    "an Endor checkpoint loads on one device (got device_map over "
+                    f"{sorted(devices)}); for a memory budget pass device_map='auto' with "
+                    "max_memory={'cpu': '2GB'} (or {0: '8GB'} for a GPU): what does not fit "
+                    "streams from disk")
 
     def update_attn_implementation(self, config):
         # The one hook that sees the config before transformers looks for weight files: drop the
@@ -89,6 +93,7 @@ class EndorHfQuantizer(HfQuantizer):
             raise ValueError("an Endor checkpoint loads from its directory of shards")
         self.checkpoint = Checkpoint(Path(checkpoint_files[0]).parent)  # every header checked
         self.model = model
+
         def hide(module, state_dict, prefix, local_metadata):
             if self.offload is not None:
                 state_dict.clear()
@@ -108,7 +113,13 @@ class EndorHfQuantizer(HfQuantizer):
             if self.model.dtype != self._stored_dtype():
                 raise ValueError(f"streaming from disk runs in the checkpoint's dtype "
                                  f"({self._stored_dtype()}); drop dtype={self.model.dtype}")
-            offload = "cpu" if device.type == "cuda" and "cpu" in max_memory else "disk"
+            # On a GPU, streamed layers wait in host RAM (compressed) when all shards fit in
+            # the "cpu" budget (transformers fills it with the free RAM when not given), else
+            # they are read from disk; on the CPU the budget is RAM itself: disk.
+            shards = sum((self.checkpoint.path / s.file).stat().st_size
+                         for s in self.checkpoint.shards)
+            host = int(max_memory.get("cpu") or 0)
+            offload = "cpu" if device.type == "cuda" and shards <= host else "disk"
             self.offload = {"device": device, "max_memory": budget, "offload": offload}
             # Every checkpoint key is "unexpected" to the hidden state dict: expected here.
             self.model._keys_to_ignore_on_load_unexpected = {r"."}

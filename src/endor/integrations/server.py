@@ -74,7 +74,8 @@ class _Server:
         self.report(route, result)
         return result
 
-    def stream(self, route: str, req: Request, first: list[dict], chunk, final) -> StreamingResponse:
+    def stream(self, route: str, req: Request, first: list[dict], chunk,
+               final) -> StreamingResponse:
         """SSE: `first` chunks, then chunk(text) per piece of text, then final(result) chunks."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
