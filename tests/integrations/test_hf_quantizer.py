@@ -139,7 +139,7 @@ def test_a_corrupt_tensor_fails_the_load(checkpoints, tmp_path):
     shard = broken / "model-00001-of-00005.safetensors"
     with endor.open_file(shard) as f:
         start = f.header.tensors[next(n for n in f.header.tensors
-                                      if n.endswith(".endor.values"))].start
+                                      if n.endswith(".endor.bitmap"))].start
     data = bytearray(shard.read_bytes())
     data[start] ^= 0x40
     shard.write_bytes(bytes(data))

@@ -7,7 +7,7 @@ load). Two ways to load, decided from the budget transformers hands the quantize
 
 * the model fits (no device_map, a single-device device_map, or device_map="auto" with a
   max_memory that holds the dense model): transformers loads it, every Endor tensor decompressed
-  by a WeightConverter op (its three parts in, the dense weight out): the in-memory model.
+  by a WeightConverter op (its parts in, the dense weight out): the in-memory model.
 * it does not fit: the quantizer hides the model's state dict from transformers' own loading
   (nothing is read or allocated for it) and afterwards makes the very model object transformers
   returns the offloaded runtime's model (`endor.load_model(path, model=it, ...)`: as many
@@ -32,10 +32,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..checkpoint import CHECKPOINT_VERSION, HF_GUARD_FILE, HF_QUANT_METHOD, Checkpoint
 from ..errors import FormatError
-from ..format import EndorTensor, spec
-from ..format.io import check_compressed
+from ..format import spec
+from ..format.io import check_compressed, endor_tensor
 
-PART_PATTERNS = [f"weight{suffix}" for suffix in spec.PART_SUFFIXES]
 _OFF_DEVICE = ("cpu", "disk")
 
 
@@ -57,7 +56,7 @@ def _device_of(key) -> torch.device:
 
 class EndorHfQuantizer(HfQuantizer):
     requires_calibration = True  # pre-quantized only: `endor convert` makes Endor checkpoints
-    serialized_names = {"weight": PART_PATTERNS}
+    serialized_names = {"weight": list(spec.part_names("weight"))}  # per checkpoint: below
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
@@ -93,6 +92,13 @@ class EndorHfQuantizer(HfQuantizer):
             raise ValueError("an Endor checkpoint loads from its directory of shards")
         self.checkpoint = Checkpoint(Path(checkpoint_files[0]).parent)  # every header checked
         self.model = model
+        # The parts one Endor tensor may be stored as: bitmap, tiles and its value codec's own
+        # (format v2), gathered from the headers; the WeightConverter collects any of them.
+        suffixes = {s for name in self.checkpoint.weight_map
+                    if (f := self.checkpoint.file_of(name)).is_compressed(name)
+                    for s in f.part_suffixes(name)}
+        self.serialized_names = {"weight": [spec.part_name("weight", s)
+                                            for s in sorted(suffixes)]}
 
         def hide(module, state_dict, prefix, local_metadata):
             if self.offload is not None:
@@ -147,11 +153,12 @@ class EndorHfQuantizer(HfQuantizer):
         op = _decompress_op()
         return {"deserialize": op, "dequantize": op}
 
-    def entry(self, name: str):
-        """(shape, dtype, nnz, checksum) and file of the Endor tensor `name`, from its header."""
+    def file(self, name: str):
+        """The shard (EndorFile) holding Endor tensor `name`."""
         try:
             f = self.checkpoint.file_of(name)
-            return f.entry(name), f.path
+            f.entry(name)
+            return f
         except (KeyError, FormatError):
             raise FormatError("is not an Endor tensor of this checkpoint", tensor=name,
                               path=self.checkpoint.path) from None
@@ -186,7 +193,7 @@ def _decompress_op():
     from transformers.core_model_loading import ConversionOps
 
     class EndorDecompress(ConversionOps):
-        """The three parts of one Endor tensor in, its dense weight out, checked (rules 5 and 7
+        """The parts of one Endor tensor in, its dense weight out, checked (rules 5 and 7
         before, rule 6 while decompressing) and cast to the dtype the model asked for."""
 
         def __init__(self, hf_quantizer):
@@ -198,11 +205,16 @@ def _decompress_op():
         def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
             from ..kernels import decompress
 
-            (shape, dtype, _, checksum), path = self.hf_quantizer.entry(full_layer_name)
-            bitmap, values, tiles = (input_dict[p][0] for p in PART_PATTERNS)
-            et = check_compressed(EndorTensor(torch.Size(shape), dtype, bitmap, values, tiles,
-                                              checksum), name=full_layer_name, path=path)
-            dense = decompress(et, device=values.device)
+            f = self.hf_quantizer.file(full_layer_name)
+            parts = {pattern.rpartition(spec.PART_MARKER)[2]: tensors[0]
+                     for pattern, tensors in input_dict.items()}
+            missing = set(f.part_suffixes(full_layer_name)) - set(parts)
+            if missing:
+                raise FormatError(f"parts {sorted(missing)} did not reach the loader",
+                                  path=f.path, tensor=full_layer_name)
+            et = check_compressed(endor_tensor(f.entry(full_layer_name), parts, f.version or 1),
+                                  name=full_layer_name, path=f.path)
+            dense = decompress(et, device=parts["bitmap"].device)
             target = model.get_parameter(full_layer_name).dtype
             return {full_layer_name: dense.to(target) if dense.dtype != target else dense}
 
