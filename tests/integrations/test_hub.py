@@ -68,10 +68,10 @@ def test_convert_a_hub_id_from_the_local_cache(hf_home, revision, tmp_path):
 
 def test_an_id_missing_from_the_cache_fails_offline_saying_why(hf_home, tmp_path):
     done = _convert(hf_home, "tiny-org/absent", str(tmp_path / "out"), cwd=tmp_path)
-    assert done.returncode == 2
+    assert done.returncode == 1  # a user error (cli.EXIT_FAILURE)
     assert "not in the local Hub cache" in done.stderr and "HF_HUB_OFFLINE" in done.stderr
     done = _convert(hf_home, REPO, str(tmp_path / "out"), "--revision", "v9", cwd=tmp_path)
-    assert done.returncode == 2 and "tiny-org/tiny-llama@v9" in done.stderr
+    assert done.returncode == 1 and "tiny-org/tiny-llama@v9" in done.stderr
 
 
 def test_local_paths_are_not_hub_ids(tmp_path, monkeypatch):
