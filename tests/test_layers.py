@@ -20,7 +20,7 @@ LAYERS = [
     ["format"],                   # the file format and the decompressor contract
     ["kernels", "checkpoint", "prune"],  # fast decompressors; checkpoint directories; pruning maths
     ["convert", "runtime", "reference_loader", "inspect"],  # write; run; in-memory reference; list
-    ["evaluate"],                 # perplexity
+    ["evaluate", "integrations"],  # perplexity; from_pretrained, serve, export, Hub ids
     ["bench"],                    # benchmarks and the Accelerate baseline
     ["demo"],                     # `make demo`
     ["cli"],                      # argument parsing only

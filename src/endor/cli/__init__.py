@@ -17,7 +17,7 @@ import sys
 
 from ..errors import FormatError
 
-SUBCOMMANDS = ["bench", "convert", "eval", "generate", "inspect"]
+SUBCOMMANDS = ["bench", "convert", "eval", "export", "generate", "inspect", "serve"]
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 DEBUG_HELP = "print the Python traceback of a failure (also: ENDOR_DEBUG=1)"
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..checkpoint import WEIGHT_KINDS
 from ..convert import convert, format_summary
+from ..integrations.hub import resolve
 from ..prune import METHODS, check_sparsity, parse_nm
 
 
@@ -40,9 +41,13 @@ def add_parser(sub):
         description="Prune a HuggingFace model's decoder Linear weights and store them in the "
                     "Endor format, one decoder layer at a time (bounded memory), verified, "
                     "resumable: rerunning an interrupted command continues where it stopped.")
-    p.add_argument("src", help="a HuggingFace model directory, a .gguf file, an alias "
-                               "(smollm2, gemma3-270m), or an Endor checkpoint directory (read "
-                               "decompressed: '--weights dense' writes its dense twin)")
+    p.add_argument("src", help="a HuggingFace model directory, a Hub id ORG/NAME (through "
+                               "huggingface_hub: HF_HOME, HF_HUB_OFFLINE, HF_TOKEN), a .gguf "
+                               "file, an alias (smollm2, gemma3-270m), or an Endor checkpoint "
+                               "directory (read decompressed: '--weights dense' writes its dense "
+                               "twin)")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a Hub id (default: main)")
     p.add_argument("out", help="the checkpoint directory to write")
     p.add_argument("--method", choices=METHODS, default="none",
                    help="pruning method; 'none' keeps the weights (and their zeros) as they are "
@@ -94,7 +99,8 @@ def run(args) -> int:
                              f"{e.start})") from None
     extra = {k: v for k, v in (("calib_samples", args.calib_samples),
                                 ("calib_seqlen", args.calib_seqlen)) if v is not None}
-    summary = convert(args.src, args.out, method=args.method, sparsity=args.sparsity,
+    src = resolve(args.src, revision=args.revision)  # a Hub id: its local snapshot
+    summary = convert(src, args.out, method=args.method, sparsity=args.sparsity,
                       nm=args.nm, calib_text=calib_text, weights=args.weights,
                       dense_patterns=args.keep_dense, resume=not args.overwrite,
                       verify=args.verify, progress=not args.quiet, values=args.values, **extra)

@@ -23,6 +23,7 @@ from ..format.header import StoredTensor
 from ..format.io import check_compressed, check_dense, endor_tensor
 from ..format.spec import SAFETENSORS_DTYPES
 from ..kernels import decompress
+from .ct_source import CompressedTensorsSource, compressed_tensors_config
 from .source import SourceCheckpoint, fingerprint, read_stored
 
 _PRUNING_KEYS = ("method", "sparsity", "nm", "calibration")
@@ -144,4 +145,7 @@ def open_source(path):
     path = Path(path)
     if (path / MANIFEST).is_file():
         return EndorSource(path)
+    qc = compressed_tensors_config(path)
+    if qc is not None:  # llm-compressor's sparse-bitmask / pack-quantized weights, decoded
+        return CompressedTensorsSource(path, qc)
     return SourceCheckpoint(path)

@@ -76,7 +76,7 @@ def thread_split(device: torch.device, streaming: bool,
 
 def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, prefetch: int = 1,
                backend: str = "auto", compute_threads: int | None = None,
-               direct_io: bool = True):
+               direct_io: bool = True, model: nn.Module | None = None):
     """Load a converted checkpoint (weights "endor" or "dense") for offloaded inference.
 
     device: where it computes ("cpu", "cuda"). offload: where streamed layers live between
@@ -92,6 +92,9 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     direct_io: read shards with O_DIRECT (default); False reads them buffered and evicts them
     from the page cache right after (cold reads either way; faster on some virtual disks where
     transparent huge pages are off: see reader.py).
+    model: fill this model instead of building one: the architecture of the checkpoint's
+    config.json with its parameters on the meta device and its buffers real (transformers'
+    from_pretrained hands over its own: endor.integrations.hf_quantizer).
 
     Returns the model (generate() works) with endor_stats(), endor_reset_stats() and
     endor_close() attached; or use `with endor.runtime.open_model(...) as model:`."""
@@ -108,7 +111,8 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
 
     ckpt = Checkpoint(path)
     files, rest_file = layer_files(ckpt)
-    model = _empty_model(ckpt.path, model_dtype([rest_file, *files[:1]]))
+    if model is None:
+        model = _empty_model(ckpt.path, model_dtype([rest_file, *files[:1]]))
     layer_path, layers = find_layer_list(model, files[0].keys() if files else [], len(files))
     prefixes = [f"{layer_path}.{i}." for i in range(len(files))]
     plans = []
