@@ -9,7 +9,7 @@ from torch import nn
 import endor
 from endor import checkpoint
 from endor.checkpoint import Checkpoint
-from endor.convert import calibrate, convert, outdir
+from endor.convert import calibrate, convert, outdir, pipeline
 from endor.convert.outdir import SettingsMismatch, bit_equal
 from endor.prune import CalibrationStats, needs_hessian, prune_weight
 from tests.convert.conftest import CALIB_TEXT, SAMPLES, SEQLEN, make_model_dir
@@ -217,14 +217,15 @@ class Killed(BaseException):
 
 
 def kill_after(monkeypatch, shards: int):
-    real, calls = outdir.verify_shard, []
+    """The process "dies" right after the `shards`-th shard is written and verified."""
+    real, calls = pipeline._Conversion._shard_done, []
 
-    def verify_then_maybe_die(path, expected):
-        real(path, expected)
-        calls.append(path)
+    def done_then_maybe_die(self, group):
+        real(self, group)
+        calls.append(group)
         if len(calls) == shards:
             raise Killed
-    monkeypatch.setattr(outdir, "verify_shard", verify_then_maybe_die)
+    monkeypatch.setattr(pipeline._Conversion, "_shard_done", done_then_maybe_die)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])

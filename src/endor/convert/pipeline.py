@@ -31,6 +31,7 @@ from ..format import compress, load_file
 from ..kernels import decompress
 from ..format.spec import DTYPES
 from . import calibrate, outdir
+from .rest_shard import write_rest_shard
 from .source import open_source
 from .structure import ModelLayout, build_layout, load_config
 from .summary import format_summary, shard_metadata, summarize
@@ -124,6 +125,9 @@ class _Conversion:
         if self.verify:
             outdir.verify_shard(path, stored)
         stored.clear()
+        self._shard_done(group)
+
+    def _shard_done(self, group: str) -> None:
         _return_free_memory()
         self.bytes_done += sum(self.source.nbytes(n) for n in self.names[group])
         rate = self.bytes_done / (time.perf_counter() - self.t0)
@@ -141,13 +145,12 @@ class _Conversion:
             raise type(e)(f"{name}: {e}") from None
 
     def rest(self) -> None:
-        tensors = {name: self.source.read(name) for name in self.names[REST]}
-        for target, origin in self.layout.tied.items():
-            # transformers ties these on load (and only if equal): storing both would duplicate
-            if target in tensors and origin in tensors and \
-                    outdir.bit_equal(tensors[target], tensors[origin]):
-                del tensors[target]
-        self._finish_shard(REST, tensors)
+        """Embeddings, final norm, head: streamed in row chunks (rest_shard), never held whole.
+        Tied copies equal to their origin are left out: transformers ties them again on load
+        (and only if equal), so storing both would duplicate them."""
+        write_rest_shard(self.source, self.names[REST], self.layout.tied, self.writer,
+                         self.groups[REST], shard_metadata(self.settings, {}), verify=self.verify)
+        self._shard_done(REST)
 
     def streamed_layers(self, todo: list[int]) -> None:
         """One tensor at a time: read, prune, compress; only the compressed layer is held."""

@@ -128,6 +128,10 @@ class SourceCheckpoint:
         """A new CPU tensor holding `name`, read with positioned reads (no mmap)."""
         return read_stored(self._where[name][0], self._stored(name), name)
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `name` (first dimension), without reading the rest."""
+        return read_stored_rows(self._where[name][0], self._stored(name), name, start, stop)
+
     def fingerprint(self) -> str:
         """Identifies the source cheaply, so a resumed conversion can refuse an OUT made from
         another model."""
@@ -142,10 +146,27 @@ class SourceCheckpoint:
 def read_stored(path: Path, stored: StoredTensor, name: str) -> torch.Tensor:
     """A new CPU tensor holding one safetensors entry of `path`, read with positioned reads
     into a fresh buffer (no mmap)."""
-    out = torch.empty(stored.shape, dtype=TORCH_DTYPES[stored.dtype])
+    return read_stored_rows(path, stored, name, 0, stored.shape[0] if stored.shape else 1)
+
+
+def read_stored_rows(path: Path, stored: StoredTensor, name: str, start: int,
+                     stop: int) -> torch.Tensor:
+    """Rows [start, stop) of one safetensors entry (its first dimension; a 0-d tensor has one
+    "row", itself), read with positioned reads into a fresh buffer: a slice of a tensor larger
+    than memory costs only the slice."""
+    shape = tuple(stored.shape)
+    rows = shape[0] if shape else 1
+    if not 0 <= start <= stop <= rows:
+        raise ValueError(f"rows [{start}, {stop}) are out of range for {name!r} of shape "
+                         f"{list(shape)}")
     size = stored.end - stored.start
+    row_bytes = size // rows if rows else 0
+    out_shape = (stop - start, *shape[1:]) if shape else shape
+    out = torch.empty(out_shape, dtype=TORCH_DTYPES[stored.dtype])
+    size = (stop - start) * row_bytes
     if size == 0:
         return out
+    offset = stored.start + start * row_bytes
     buffer = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
     assert len(buffer) == size
     try:
@@ -155,7 +176,7 @@ def read_stored(path: Path, stored: StoredTensor, name: str) -> torch.Tensor:
     try:
         done = 0
         while done < size:
-            n = os.preadv(fd, [buffer[done:done + _READ_CHUNK]], stored.start + done)
+            n = os.preadv(fd, [buffer[done:done + _READ_CHUNK]], offset + done)
             if n <= 0:
                 raise FormatError(f"the file ended after {done} of {size} bytes of this "
                                   "tensor (truncated?)", path=path, tensor=name)
