@@ -29,6 +29,7 @@ def test_defaults_and_options():
     assert args.nm == (2, 4) and args.sparsity == 0.6 and args.weights == "dense"
     assert args.keep_dense == ["a*", "b*", "c*"] and not args.verify and args.overwrite
     assert (args.calib_samples, args.calib_seqlen) == (8, 32)
+    assert parse().device is None and parse("--device", "cpu").device == "cpu"
 
 
 @pytest.mark.parametrize("value", ["2-4", "2:4:8", "0:4", "5:4", "a:b", "", ":4", "2:"])

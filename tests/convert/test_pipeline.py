@@ -14,7 +14,9 @@ from endor.convert.outdir import SettingsMismatch, bit_equal
 from endor.prune import CalibrationStats, needs_hessian, prune_weight
 from tests.convert.conftest import CALIB_TEXT, SAMPLES, SEQLEN, make_model_dir
 
-CALIB = dict(calib_text=CALIB_TEXT, calib_samples=SAMPLES, calib_seqlen=SEQLEN, progress=False)
+# On the CPU: the references here are computed there, and compared bit for bit.
+CALIB = dict(calib_text=CALIB_TEXT, calib_samples=SAMPLES, calib_seqlen=SEQLEN, progress=False,
+             device="cpu")
 
 
 def source_tensors(src) -> dict:

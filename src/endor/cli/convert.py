@@ -54,6 +54,9 @@ def add_parser(sub):
                    help="calibration segments (default: 64)")
     p.add_argument("--calib-seqlen", type=positive_int, default=None, metavar="L",
                    help="tokens per calibration segment (default: 256)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where wanda and sparsegpt run each layer: cpu, cuda or cuda:N "
+                        "(default: cuda when available, else cpu)")
     p.add_argument("--format", choices=("endor", "dense"), default="endor", dest="weights",
                    help="'dense' writes the pruned weights uncompressed, loadable by "
                         "transformers' from_pretrained (default: endor)")
@@ -83,13 +86,16 @@ def run(args) -> int:
         summary = convert(args.src, args.out, method=args.method, sparsity=args.sparsity,
                           nm=args.nm, calib_text=calib_text, weights=args.weights,
                           dense_patterns=args.keep_dense, resume=not args.overwrite,
-                          verify=args.verify, progress=not args.quiet, **extra)
+                          verify=args.verify, progress=not args.quiet, device=args.device,
+                          **extra)
     except ValueError as e:  # FormatError included: bad input, named in the message
         print(f"endor: error: {e}", file=sys.stderr)
         return 2
     run_info = summary["run"]
     print(format_summary(summary))
+    rate = (f"{run_info['layers_per_s']:.3g} layers/s on {run_info['device']}"
+            if args.method in ("wanda", "sparsegpt") else f"{run_info['gbps']:.3f} GB/s of source")
     print(f"wrote {run_info['out']} in {run_info['seconds']:.1f} s "
-          f"({run_info['gbps']:.3f} GB/s of source; {run_info['shards_written']} shards written, "
+          f"({rate}; {run_info['shards_written']} shards written, "
           f"{run_info['shards_skipped']} already complete)")
     return 0
