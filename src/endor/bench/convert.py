@@ -46,6 +46,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", dest="weights", choices=("endor", "dense"), default="endor")
     parser.add_argument("--conversions", type=int, default=1,
                         help="cold conversions to time (default 1)")
+    scale = parser.add_argument_group(
+        "per-method scale mode (--methods): seconds per billion parameters and peak memory")
+    scale.add_argument("--methods", default=None, type=lambda t: [m for m in t.split(",") if m],
+                       help="comma-separated methods, e.g. magnitude,wanda,sparsegpt: switches to "
+                            "the scale mode")
+    scale.add_argument("--models", default="70b,smollm2,gemma3-270m",
+                       type=lambda t: [m for m in t.split(",") if m],
+                       help="70b (synthetic, 70B layer shapes) and/or embedded model aliases "
+                            "(default 70b,smollm2,gemma3-270m)")
+    scale.add_argument("--layers", type=int, default=2,
+                       help="decoder layers of the 70B-shaped checkpoint (default 2)")
+    scale.add_argument("--device", default=None, help="convert's --device (default: cuda when "
+                                                      "available)")
+    scale.add_argument("--calib-samples", type=int, default=None,
+                       help="calibration segments (default: convert's, 64; --quick 4)")
+    scale.add_argument("--calib-seqlen", type=int, default=None,
+                       help="tokens per segment (default: convert's, 256; --quick 64)")
     parser.add_argument("--workdir", default=None,
                         help="where the synthetic source and the output go, in a temporary "
                              "directory removed afterwards (default: the system's temp dir)")
@@ -142,9 +159,38 @@ def _gb(n) -> float | None:
     return None if n is None else round(n / 1e9, 4)
 
 
+def run_scale(args) -> dict:
+    from ..convert.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQLEN
+    from ..prune import METHODS
+    from .convert_scale import SCALE_COLUMNS, run_scale as measure
+
+    bad = [m for m in args.methods if m not in METHODS or m == "none"]
+    if bad or not args.methods:
+        raise ValueError(f"--methods: choose from magnitude, wanda, sparsegpt; got {bad}")
+    if args.layers < 1:
+        raise ValueError(f"--layers must be at least 1, got {args.layers}")
+    quick = getattr(args, "quick", False)
+    if args.calib_samples is None:
+        args.calib_samples = 4 if quick else DEFAULT_SAMPLES
+    if args.calib_seqlen is None:
+        args.calib_seqlen = 64 if quick else DEFAULT_SEQLEN
+    if args.workdir is not None:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    load_before = harness.system_load()
+    results, sources = measure(args, args.methods, args.models)
+    params = {"mode": "scale", "load_avg": {"before": load_before, "after": harness.system_load()},
+              "methods": args.methods, "models": args.models, "layers_70b": args.layers,
+              "sparsity": args.sparsity, "calib_samples": args.calib_samples,
+              "calib_seqlen": args.calib_seqlen, "sources": sources, "quick": quick}
+    return harness.envelope(NAME, params, results, table_columns=SCALE_COLUMNS)
+
+
 def run(args) -> dict:
     from ..convert.synthetic import write_synthetic_checkpoint
     import torch
+
+    if getattr(args, "methods", None):
+        return run_scale(args)
 
     if args.conversions < 1:
         raise ValueError(f"--conversions must be at least 1, got {args.conversions}")
