@@ -47,9 +47,15 @@ def add_parser(sub):
                    help="fraction of each decoder Linear weight set to zero (default: 0.5)")
     p.add_argument("--nm", type=nm_argument, metavar="N:M",
                    help="N:M semi-structured sparsity, e.g. 2:4 (overrides --sparsity)")
-    p.add_argument("--calib", metavar="FILE",
-                   help="UTF-8 text file for calibration (wanda, sparsegpt); default: Python's "
-                        "pydoc topics")
+    p.add_argument("--calib", metavar="TEXT_OR_DATASET",
+                   help="calibration text (wanda, sparsegpt): a UTF-8 text file, a .json/.jsonl/"
+                        ".csv/.parquet file, a dataset saved with datasets' save_to_disk, or a "
+                        "Hub dataset id such as allenai/c4 or wikitext:wikitext-2-raw-v1 (needs "
+                        "`pip install datasets`); default: Python's pydoc topics")
+    p.add_argument("--calib-split", default="train", metavar="SPLIT",
+                   help="split of a --calib dataset (default: train)")
+    p.add_argument("--calib-column", default="text", metavar="COLUMN",
+                   help="text column of a --calib dataset (default: text)")
     p.add_argument("--calib-samples", type=positive_int, default=None, metavar="N",
                    help="calibration segments (default: 64)")
     p.add_argument("--calib-seqlen", type=positive_int, default=None, metavar="L",
@@ -73,13 +79,18 @@ def add_parser(sub):
 
 def run(args) -> int:
     import sys
-    from pathlib import Path
 
     from ..convert import convert, format_summary
 
     calib_text = None
     if args.calib is not None:
-        calib_text = Path(args.calib).read_text(encoding="utf-8")
+        from ..data.calib import load_calibration_text
+        try:
+            calib_text = load_calibration_text(args.calib, split=args.calib_split,
+                                               column=args.calib_column)
+        except ValueError as e:
+            print(f"endor: error: {e}", file=sys.stderr)
+            return 2
     extra = {k: v for k, v in (("calib_samples", args.calib_samples),
                                 ("calib_seqlen", args.calib_seqlen)) if v is not None}
     try:
