@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from endor.convert import calibrate, convert, pipeline
-from endor.convert.outdir import bit_equal
+from endor.format.equal import bit_equal
 from endor.convert.progress import ConversionProgress
 from tests.convert.conftest import CALIB_TEXT, SAMPLES, SEQLEN
 from tests.convert.test_pipeline import converted

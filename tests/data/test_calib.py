@@ -46,7 +46,7 @@ def test_save_to_disk_dataset_and_dataset_dict(tmp_path):
     with pytest.raises(ValueError, match="no split 'test'"):
         load_calibration_text(str(tmp_path / "dict"), split="test")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(ValueError, match="not a dataset"):
+    with pytest.raises(ValueError, match="is a directory, not a dataset"):
         load_calibration_text(str(tmp_path / "plain"))
 
 

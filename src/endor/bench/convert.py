@@ -24,6 +24,10 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+import torch
+
+from ..convert.synthetic import write_synthetic_checkpoint
 from . import harness
 
 NAME = "convert"
@@ -70,6 +74,7 @@ def add_arguments(parser) -> None:
 
 def synthetic_config(size_gb: float | None, quick: bool):
     """A Llama-shaped config of about `size_gb` GB in fp16 (more layers for more GB)."""
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from transformers import LlamaConfig
 
     if quick and size_gb is None:
@@ -103,7 +108,6 @@ with open(sys.argv[1], "w") as f:
 
 def _rss_poller(pid: int, peaks: dict, stop: threading.Event) -> None:
     """Peaks of RssAnon / RssFile of the launcher's child, from /proc (Linux), every 50 ms."""
-    import psutil
     try:
         launcher = psutil.Process(pid)
     except psutil.Error:
@@ -186,9 +190,6 @@ def run_scale(args) -> dict:
 
 
 def run(args) -> dict:
-    from ..convert.synthetic import write_synthetic_checkpoint
-    import torch
-
     if getattr(args, "methods", None):
         return run_scale(args)
 

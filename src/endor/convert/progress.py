@@ -9,12 +9,12 @@ from __future__ import annotations
 import threading
 import time
 
+from tqdm.auto import tqdm
+
 
 class ConversionProgress:
     def __init__(self, total: int, done: int, *, num_layers: int, calibrated: bool,
                  enabled: bool = True):
-        from tqdm.auto import tqdm
-
         self.num_layers, self.calibrated = num_layers, calibrated
         self.bar = tqdm(total=total, initial=done, unit="shard", desc="endor convert",
                         disable=not enabled, dynamic_ncols=True)

@@ -19,7 +19,7 @@ import xxhash
 
 from ..errors import FormatError
 from ..format import open_file
-from .source import TORCH_DTYPES
+from ..format.spec import SAFETENSORS_DTYPES
 
 CHUNK_BYTES = 64 * 2**20
 
@@ -82,7 +82,7 @@ def verify_streamed(path, digests: dict, entries: dict) -> None:
             for name, digest in digests.items():
                 st = stored[name]
                 dtype, shape = entries[name]
-                if (TORCH_DTYPES.get(st.dtype) != dtype or tuple(st.shape) != tuple(shape)
+                if (SAFETENSORS_DTYPES.get(st.dtype) != dtype or tuple(st.shape) != tuple(shape)
                         or _hash_on_disk(fd, st.start, st.end - st.start, buffer) != digest):
                     raise FormatError("verification failed: the tensor read back differs from "
                                       "the one written (disk fault)", path=path, tensor=name)

@@ -14,6 +14,7 @@ from pathlib import Path
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 DEFAULT_COLUMN = "text"
 DEFAULT_SPLIT = "train"
+_SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
 
 
 def _datasets():
@@ -60,11 +61,14 @@ def load_calibration_text(spec: str, *, split: str = DEFAULT_SPLIT, column: str 
                                      data_files=str(path), split="train")
         return _join(data, column, max_chars, str(path))
     if path.is_dir():
+        if not any((path / f).is_file() for f in _SAVED_DATASET_FILES):
+            raise ValueError(f"--calib {spec}: is a directory, not a dataset saved with "
+                             "save_to_disk; give a UTF-8 text file or a dataset")
         datasets = _datasets()
         try:
             data = datasets.load_from_disk(str(path))
         except FileNotFoundError as e:
-            raise ValueError(f"--calib {spec}: a directory, but not a dataset saved with "
+            raise ValueError(f"--calib {spec}: is a directory, but not a dataset saved with "
                              f"save_to_disk ({e})") from None
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
