@@ -8,9 +8,12 @@ known up front), then each tensor's bytes in chunks, so a tensor larger than the
             writer.write(name, chunk)
     writer.close()                       # checks every byte came, renames into place
 
-The file is byte-identical to what `io.save_file` writes for the same tensors (same data order:
-dtype size descending, then name; same compact JSON header padded with spaces to 8 bytes; metadata
-keys sorted). It is written under a temporary name and renamed into place by `close`."""
+The file is byte-identical to what `io.save_file` writes for the same dense tensors (same data
+order: dtype descending, then name; same compact JSON header padded with spaces to 8 bytes;
+metadata keys sorted; the format's entry with every dense tensor's version-2 checksum). The
+checksums are known only once the bytes have passed: the header is first written with
+placeholders of the same length, then rewritten in place by `close`, which renames the file
+into place (it is written under a temporary name)."""
 
 from __future__ import annotations
 
@@ -22,8 +25,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+import xxhash
 
 from . import spec
+from .checksum import PREFIX, canonical
+from .io import chmod_as_created
 
 # safetensors' dtype names and its data order (the Rust enum's order; the data section is
 # sorted by dtype descending in it, then by name).
@@ -45,28 +51,26 @@ class StreamWriter:
         meta = dict(metadata or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise ValueError("metadata must map str to str (as safetensors requires)")
+        if spec.METADATA_KEY in meta:
+            raise ValueError(f"metadata key {spec.METADATA_KEY!r} is reserved for the format")
         for name, (dtype, shape) in entries.items():
             if not isinstance(name, str) or not name or name == "__metadata__":
                 raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
             if dtype not in _NAME_OF:
                 raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
         self.order = sorted(entries, key=lambda n: (-_RANK_OF[entries[n][0]], n))
-        header, offset = {}, 0
-        if meta:
-            header["__metadata__"] = dict(sorted(meta.items()))
-        self._sizes = {}
-        for name in self.order:
-            dtype, shape = entries[name]
-            size = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": _NAME_OF[dtype], "shape": [int(d) for d in shape],
-                            "data_offsets": [offset, offset + size]}
-            self._sizes[name] = size
-            offset += size
-        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        self._entries = {n: (dtype, [int(d) for d in shape]) for n, (dtype, shape) in
+                         entries.items()}
+        self._meta = meta
+        self._hashes = {n: xxhash.xxh3_64(canonical({"dtype": _NAME_OF[dtype], "shape": shape}))
+                        for n, (dtype, shape) in self._entries.items()}
+        self._sizes = {n: math.prod(shape) * dtype.itemsize
+                       for n, (dtype, shape) in self._entries.items()}
+        raw = self._header(PREFIX + "0" * 16 for _ in self._entries)
         if len(raw) > spec.MAX_HEADER_BYTES:
             raise ValueError(f"the header would be {len(raw)} bytes, over the format's "
                              f"{spec.MAX_HEADER_BYTES}-byte limit")
-        raw = raw.ljust(-(-len(raw) // 8) * 8, b" ")
+        self._header_length = len(raw)
         self._dtypes = {n: entries[n][0] for n in self.order}
         self._next = 0  # index into order of the tensor being written
         self._written = 0  # bytes of that tensor so far
@@ -76,6 +80,23 @@ class StreamWriter:
         except BaseException:
             self.abort()
             raise
+
+    def _header(self, checksums) -> bytes:
+        """The header with these dense checksums (in the order of `entries`), padded as
+        safetensors pads it."""
+        dense = {n: {"checksum": c} for n, c in zip(self._entries, checksums)}
+        meta = {**self._meta, spec.METADATA_KEY: json.dumps(
+            {"format": spec.FORMAT_NAME, "version": spec.VERSION, "tensors": {},
+             "dense": dense})}
+        header, offset = {"__metadata__": dict(sorted(meta.items()))}, 0
+        for name in self.order:
+            dtype, shape = self._entries[name]
+            size = self._sizes[name]
+            header[name] = {"dtype": _NAME_OF[dtype], "shape": shape,
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        return raw.ljust(-(-len(raw) // 8) * 8, b" ")
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
         """The next bytes of `name` (a chunk of its C-order elements, any shape)."""
@@ -96,6 +117,7 @@ class StreamWriter:
         if self._written + data.size > self._sizes[name]:
             raise ValueError(f"{self.path}: more bytes for {name!r} than its shape holds")
         self._file.write(memoryview(data))
+        self._hashes[name].update(memoryview(data))
         self._written += data.size
 
     def close(self) -> Path:
@@ -109,8 +131,13 @@ class StreamWriter:
             self.abort()
             raise ValueError(f"{self.path}: tensor {missing!r} was not written whole")
         try:
+            raw = self._header(PREFIX + self._hashes[n].hexdigest() for n in self._entries)
+            assert len(raw) == self._header_length, "checksums have a fixed length"
+            self._file.seek(8)
+            self._file.write(raw)
             self._file.close()
             self._file = None
+            chmod_as_created(self._tmp)
             os.replace(self._tmp, self.path)
         finally:
             self.abort()
