@@ -71,6 +71,14 @@ class CheckpointWriter:
         save_file(tensors, self.path(i), metadata=meta)
         return self.path(i)
 
+    def stream(self, i: int, entries: Mapping, metadata: Mapping[str, str] | None = None):
+        """A StreamWriter for shard i ({name: (dtype, shape)}), for tensors too large to hold
+        whole: the caller writes their bytes in chunks, in the writer's order, then closes it
+        (which renames the shard into place, as `write` does)."""
+        from .format.stream_writer import StreamWriter
+        meta = {"endor.group": self.shards[i].group, **(metadata or {})}
+        return StreamWriter(self.path(i), entries, meta)
+
     def finish(self, manifest: Mapping) -> Path:
         mark_hf_config(self.out_dir, self.weights)
         weight_map, total = {}, 0

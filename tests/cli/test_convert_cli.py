@@ -32,6 +32,7 @@ def test_defaults_and_options():
     assert parse("--format", "dense").weights == "dense"  # the option's former name
     assert "--format" not in build_parser()._subparsers._group_actions[0].choices[
         "convert"].format_help()
+    assert parse().device is None and parse("--device", "cpu").device == "cpu"
 
 
 @pytest.mark.parametrize("value", ["2-4", "2:4:8", "0:4", "5:4", "a:b", "", ":4", "2:"])
@@ -94,3 +95,20 @@ def test_errors_are_reported_not_raised(src, tmp_path, capsys):
                  "--overwrite", "--quiet"]) == 0
     assert main(["convert", str(tmp_path / "missing"), str(out), "--quiet"]) == 1
     assert "endor convert: error" in capsys.readouterr().err
+
+
+def test_calibration_from_a_local_data_file(src, tmp_path, capsys):
+    pytest.importorskip("datasets")
+    records = tmp_path / "calib.jsonl"
+    records.write_text("\n".join(json.dumps({"text": line}) for line in
+                                 CALIB_TEXT.split(". ")) + "\n")
+    out = tmp_path / "out"
+    assert main(["convert", str(src), str(out), "--method", "wanda", "--calib", str(records),
+                 "--calib-samples", "4", "--calib-seqlen", "16", "--device", "cpu",
+                 "--quiet"]) == 0
+    assert "layers/s on cpu" in capsys.readouterr().out
+    manifest = json.loads((out / "endor.json").read_text())
+    assert manifest["calibration"]["samples"] == 4
+    assert main(["convert", str(src), str(tmp_path / "o2"), "--method", "wanda", "--calib",
+                 str(records), "--calib-column", "body", "--quiet"]) != 0
+    assert "--calib-column" in capsys.readouterr().err

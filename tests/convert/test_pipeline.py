@@ -9,13 +9,15 @@ from torch import nn
 import endor
 from endor import checkpoint
 from endor.checkpoint import Checkpoint
-from endor.convert import calibrate, convert, outdir
+from endor.convert import calibrate, convert, outdir, pipeline
 from endor.convert.outdir import SettingsMismatch
 from endor.format.equal import bit_equal
 from endor.prune import CalibrationStats, needs_hessian, prune_weight
 from tests.convert.conftest import CALIB_TEXT, SAMPLES, SEQLEN, make_model_dir
 
-CALIB = dict(calib_text=CALIB_TEXT, calib_samples=SAMPLES, calib_seqlen=SEQLEN, progress=False)
+# On the CPU: the references here are computed there, and compared bit for bit.
+CALIB = dict(calib_text=CALIB_TEXT, calib_samples=SAMPLES, calib_seqlen=SEQLEN, progress=False,
+             device="cpu")
 
 
 def source_tensors(src) -> dict:
@@ -223,14 +225,15 @@ class Killed(BaseException):
 
 
 def kill_after(monkeypatch, shards: int):
-    real, calls = outdir.verify_shard, []
+    """The process "dies" right after the `shards`-th shard is written and verified."""
+    real, calls = pipeline._Conversion._shard_done, []
 
-    def verify_then_maybe_die(path, expected):
-        real(path, expected)
-        calls.append(path)
+    def done_then_maybe_die(self, group):
+        real(self, group)
+        calls.append(group)
         if len(calls) == shards:
             raise Killed
-    monkeypatch.setattr(outdir, "verify_shard", verify_then_maybe_die)
+    monkeypatch.setattr(pipeline._Conversion, "_shard_done", done_then_maybe_die)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 import threading
 import time
 from pathlib import Path
@@ -53,6 +54,23 @@ def add_arguments(parser) -> None:
                         help="how the converted weights are stored (default endor)")
     parser.add_argument("--conversions", type=int, default=1,
                         help="cold conversions to time (default 1)")
+    scale = parser.add_argument_group(
+        "per-method scale mode (--methods): seconds per billion parameters and peak memory")
+    scale.add_argument("--methods", default=None, type=lambda t: [m for m in t.split(",") if m],
+                       help="comma-separated methods, e.g. magnitude,wanda,sparsegpt: switches to "
+                            "the scale mode")
+    scale.add_argument("--models", default="70b,smollm2,gemma3-270m",
+                       type=lambda t: [m for m in t.split(",") if m],
+                       help="70b (synthetic, 70B layer shapes) and/or embedded model aliases "
+                            "(default 70b,smollm2,gemma3-270m)")
+    scale.add_argument("--layers", type=int, default=2,
+                       help="decoder layers of the 70B-shaped checkpoint (default 2)")
+    scale.add_argument("--device", default=None, help="convert's --device (default: cuda when "
+                                                      "available)")
+    scale.add_argument("--calib-samples", type=int, default=None,
+                       help="calibration segments (default: convert's, 64; --quick 4)")
+    scale.add_argument("--calib-seqlen", type=int, default=None,
+                       help="tokens per segment (default: convert's, 256; --quick 64)")
     parser.add_argument("--workdir", default=None,
                         help="where the synthetic source and the output go, in a temporary "
                              "directory removed afterwards (default: the system's temp dir)")
@@ -149,8 +167,42 @@ def _gb(n) -> float | None:
     return None if n is None else round(n / 1e9, 4)
 
 
-def run(*, size_gb, method, sparsity, weights, conversions, workdir, quick, warmup,
-        repeat) -> dict:
+def run_scale(*, methods, models, layers, device, calib_samples, calib_seqlen, sparsity,
+              workdir, quick) -> dict:
+    from ..convert.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQLEN
+    from ..prune import METHODS
+    from .convert_scale import SCALE_COLUMNS, run_scale as measure
+
+    bad = [m for m in methods if m not in METHODS or m == "none"]
+    if bad or not methods:
+        raise ValueError(f"--methods: choose from magnitude, wanda, sparsegpt; got {bad}")
+    if layers < 1:
+        raise ValueError(f"--layers must be at least 1, got {layers}")
+    if calib_samples is None:
+        calib_samples = 4 if quick else DEFAULT_SAMPLES
+    if calib_seqlen is None:
+        calib_seqlen = 64 if quick else DEFAULT_SEQLEN
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    options = SimpleNamespace(layers=layers, device=device, calib_samples=calib_samples,
+                              calib_seqlen=calib_seqlen, sparsity=sparsity, workdir=workdir,
+                              quick=quick)
+    load_before = harness.system_load()
+    results, sources = measure(options, methods, models)
+    params = {"mode": "scale", "load_avg": {"before": load_before, "after": harness.system_load()},
+              "methods": methods, "models": models, "layers_70b": layers,
+              "sparsity": sparsity, "calib_samples": calib_samples,
+              "calib_seqlen": calib_seqlen, "sources": sources, "quick": quick}
+    return harness.envelope(NAME, params, results, table_columns=SCALE_COLUMNS)
+
+
+def run(*, size_gb, method, sparsity, weights, conversions, workdir, quick, warmup, repeat,
+        methods=None, models=("70b", "smollm2", "gemma3-270m"), layers=2, device=None,
+        calib_samples=None, calib_seqlen=None) -> dict:
+    if methods:
+        return run_scale(methods=methods, models=list(models), layers=layers, device=device,
+                         calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                         sparsity=sparsity, workdir=workdir, quick=quick)
     if conversions < 1:
         raise ValueError(f"--conversions must be at least 1, got {conversions}")
     check_sparsity(sparsity)

@@ -139,7 +139,38 @@ def _draw_transfer(doc: dict):
 
 # --- convert -------------------------------------------------------------------------------------
 
+def _draw_convert_scale(doc: dict):
+    rows = doc["results"]
+    fig, axes = _figure(2, width=5.5)
+    speed, memory = axes[0]
+    labels = [f"{r['case']}: {r['method']} ({r['device']})" for r in rows]
+    speed.barh(range(len(rows)), [r["s_per_b_params"] for r in rows], color="C0")
+    for i, r in enumerate(rows):
+        speed.text(r["s_per_b_params"], i, f" {r['s_per_b_params']:.3g} s/B, {r['seconds']:.0f} s",
+                   va="center", fontsize=7)
+    speed.set_yticks(range(len(rows)), labels, fontsize=7)
+    speed.invert_yaxis()
+    speed.set(title="conversion time", xlabel="seconds per billion parameters")
+    speed.margins(x=0.45)
+    speed.grid(alpha=0.3, axis="x")
+    memory.barh(range(len(rows)), [r["peak_rss_gb"] for r in rows], color="C1",
+                label="peak RSS")
+    gpu = [r.get("peak_gpu_gb") for r in rows]
+    if any(g is not None for g in gpu):
+        memory.scatter([g or 0 for g in gpu], range(len(rows)), color="k", marker="|", s=200,
+                       zorder=3, label="peak GPU memory")
+    memory.set_yticks(range(len(rows)), labels, fontsize=7)
+    memory.invert_yaxis()
+    memory.set(title="peak memory", xlabel="GB")
+    memory.grid(alpha=0.3, axis="x")
+    memory.legend(fontsize=7)
+    _title(fig, doc, "seconds per billion parameters and peak memory per method")
+    return fig
+
+
 def _draw_convert(doc: dict):
+    if doc.get("params", {}).get("mode") == "scale":
+        return _draw_convert_scale(doc)
     rows = doc["results"]
     timed = [r for r in rows if isinstance(r.get("gbps"), (int, float))]
     measured = [r for r in rows if isinstance(r.get("peak_rss_gb"), (int, float))]

@@ -1,12 +1,12 @@
 """`endor convert SRC OUT`: prune and compress a HuggingFace model into an Endor checkpoint."""
 
 import argparse
-from pathlib import Path
 
 from ..checkpoint import WEIGHT_KINDS
 from ..convert import convert, format_summary
 from ..integrations.hub import resolve
 from ..prune import METHODS, check_sparsity, parse_nm
+from ..data.calib import load_calibration_text
 
 
 def nm_argument(text: str):
@@ -56,13 +56,22 @@ def add_parser(sub):
                    help="fraction of each decoder Linear weight set to zero (default: 0.5)")
     p.add_argument("--nm", type=nm_argument, metavar="N:M",
                    help="N:M semi-structured sparsity, e.g. 2:4 (overrides --sparsity)")
-    p.add_argument("--calib", metavar="FILE",
-                   help="UTF-8 text file for calibration (wanda, sparsegpt); default: Python's "
-                        "pydoc topics")
+    p.add_argument("--calib", metavar="TEXT_OR_DATASET",
+                   help="calibration text (wanda, sparsegpt): a UTF-8 text file, a .json/.jsonl/"
+                        ".csv/.parquet file, a dataset saved with datasets' save_to_disk, or a "
+                        "Hub dataset id such as allenai/c4 or wikitext:wikitext-2-raw-v1 (needs "
+                        "`pip install datasets`); default: Python's pydoc topics")
+    p.add_argument("--calib-split", default="train", metavar="SPLIT",
+                   help="split of a --calib dataset (default: train)")
+    p.add_argument("--calib-column", default="text", metavar="COLUMN",
+                   help="text column of a --calib dataset (default: text)")
     p.add_argument("--calib-samples", type=positive_int, default=None, metavar="N",
                    help="calibration segments (default: 64)")
     p.add_argument("--calib-seqlen", type=positive_int, default=None, metavar="L",
                    help="tokens per calibration segment (default: 256)")
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where wanda and sparsegpt run each layer: cpu, cuda or cuda:N "
+                        "(default: cuda when available, else cpu)")
     p.add_argument("--weights", choices=WEIGHT_KINDS, default="endor",
                    help="how the weights are stored: 'dense' writes the pruned weights "
                         "uncompressed, loadable by transformers' from_pretrained (default: endor)")
@@ -88,27 +97,23 @@ def add_parser(sub):
 def run(args) -> int:
     calib_text = None
     if args.calib is not None:
-        calib = Path(args.calib)
-        if not calib.is_file():
-            what = "is a directory" if calib.is_dir() else "no such file"
-            raise FileNotFoundError(f"--calib {calib}: {what}; give a UTF-8 text file")
-        try:
-            calib_text = calib.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"--calib {calib}: not UTF-8 text ({e.reason} at byte "
-                             f"{e.start})") from None
+        calib_text = load_calibration_text(args.calib, split=args.calib_split,
+                                           column=args.calib_column)
     extra = {k: v for k, v in (("calib_samples", args.calib_samples),
                                 ("calib_seqlen", args.calib_seqlen)) if v is not None}
     src = resolve(args.src, revision=args.revision)  # a Hub id: its local snapshot
     summary = convert(src, args.out, method=args.method, sparsity=args.sparsity,
                       nm=args.nm, calib_text=calib_text, weights=args.weights,
                       dense_patterns=args.keep_dense, resume=not args.overwrite,
-                      verify=args.verify, progress=not args.quiet, values=args.values, **extra)
+                      verify=args.verify, progress=not args.quiet, values=args.values,
+                      device=args.device, **extra)
     run_info = summary["run"]
     target = None if args.method == "none" else (
         1 - args.nm[0] / args.nm[1] if args.nm else args.sparsity)
     print(format_summary(summary, target))
+    rate = (f"{run_info['layers_per_s']:.3g} layers/s on {run_info['device']}"
+            if args.method in ("wanda", "sparsegpt") else f"{run_info['gbps']:.3f} GB/s of source")
     print(f"wrote {run_info['out']} in {run_info['seconds']:.1f} s "
-          f"({run_info['gbps']:.3f} GB/s of source; {run_info['shards_written']} shards written, "
+          f"({rate}; {run_info['shards_written']} shards written, "
           f"{run_info['shards_skipped']} already complete)")
     return 0

@@ -24,7 +24,7 @@ from ..format.io import check_compressed, check_dense, endor_tensor
 from ..format.spec import SAFETENSORS_DTYPES
 from ..kernels import decompress
 from .ct_source import CompressedTensorsSource, compressed_tensors_config
-from .source import SourceCheckpoint, fingerprint, read_stored
+from .source import SourceCheckpoint, fingerprint, read_stored, read_stored_rows
 
 _PRUNING_KEYS = ("method", "sparsity", "nm", "calibration")
 
@@ -127,6 +127,15 @@ class EndorSource:
             return decompress(et)
         except FormatError as e:
             raise e.at(path=path, tensor=name) from None
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `name`: of a dense tensor (embeddings, head) without reading
+        the rest; an Endor tensor is decompressed whole first (decoder Linear weights are one
+        layer's worth, never the big ones)."""
+        entry = self._get(name)
+        if entry.checksum is None:
+            return read_stored_rows(self.path / entry.file, entry.parts[0], name, start, stop)
+        return self.read(name)[start:stop].clone()
 
     def fingerprint(self) -> str:
         """Config, manifest (its own source's fingerprint and settings), every tensor's name,
