@@ -1,7 +1,7 @@
 """Bytes changed on disk before a model is loaded: every stored tensor, in both shard kinds, is
-either caught (an endor.FormatError naming file and tensor; `endor inspect --verify` and `endor
-generate` exit 1 with one line) or, for what the format does not yet checksum, marked xfail
-until format v2 (issue 16, item 1) lands."""
+caught: an endor.FormatError naming file and tensor; `endor inspect --verify` and `endor
+generate` exit 1 with one line. Format v2 checksums dense tensors and the header's description
+(shape, dtype, codec) too (issue 16, item 1)."""
 
 import json
 import struct
@@ -14,8 +14,6 @@ from endor.cli import main
 from endor.runtime import load_model
 from tests.adversarial.conftest import assert_one_line_error, flip_bytes, shard_of
 
-NEEDS_V2 = pytest.mark.xfail(strict=True,
-                             reason="needs format v2 dense/shape checksums (codec)")
 # (shard group, tensor): an Endor tensor and a dense tensor in a layer shard and in 'rest'.
 ENDOR_TENSORS = [("layers.1", "model.layers.1.mlp.up_proj.weight"),
                  ("rest", "model.embed_tokens.weight")]
@@ -23,10 +21,13 @@ DENSE_TENSORS = [("layers.1", "model.layers.1.post_attention_layernorm.weight"),
                  ("rest", "model.norm.weight")]
 
 
-def _flip_in(ckpt_dir, group, name, part_index):
+def _flip_in(ckpt_dir, group, name, part):
+    """Flip bytes in the middle of `part` (an Endor tensor's part suffix, or 0: a dense
+    tensor's data)."""
     shard = shard_of(ckpt_dir, group)
     with endor.open_file(shard) as f:
-        start, end = f.byte_ranges(name)[part_index]
+        start, end = f.part_ranges(name)[part] if f.is_compressed(name) else \
+            f.byte_ranges(name)[part]
     flip_bytes(shard, (start + end) // 2, min(8, end - start))
     return shard
 
@@ -48,7 +49,7 @@ def _every_reader_refuses(ckpt_dir, shard, name, capsys):
     assert_one_line_error(capsys.readouterr().err, "generate", shard.name)
 
 
-@pytest.mark.parametrize("part", [0, 1, 2], ids=["bitmap", "values", "tiles"])
+@pytest.mark.parametrize("part", ["bitmap", "tiles", "signmant", "codes", "bases", "escidx"])
 @pytest.mark.parametrize("group,name", ENDOR_TENSORS, ids=["layer-shard", "rest-shard"])
 def test_endor_tensor_bytes_flipped(ckpt, group, name, part, capsys):
     ckpt_dir = ckpt[0]
@@ -56,7 +57,6 @@ def test_endor_tensor_bytes_flipped(ckpt, group, name, part, capsys):
     _every_reader_refuses(ckpt_dir, shard, name, capsys)
 
 
-@NEEDS_V2
 @pytest.mark.parametrize("group,name", DENSE_TENSORS, ids=["layer-shard", "rest-shard"])
 def test_dense_tensor_bytes_flipped(ckpt, group, name, capsys):
     ckpt_dir = ckpt[0]
@@ -76,7 +76,6 @@ def _rewrite_header(path, edit):
     path.write_bytes(bytes(data))
 
 
-@NEEDS_V2
 def test_endor_tensor_reshaped_in_the_metadata(tmp_path):
     path = tmp_path / "one.safetensors"
     endor.save_file({"w": endor.compress(torch.randn(6, 10))}, path)
@@ -90,7 +89,6 @@ def test_endor_tensor_reshaped_in_the_metadata(tmp_path):
         endor.load_file(path)
 
 
-@NEEDS_V2
 def test_dense_tensor_reshaped_in_the_header(tmp_path):
     path = tmp_path / "one.safetensors"
     endor.save_file({"w": endor.compress(torch.randn(6, 10)), "d": torch.randn(6, 10)}, path)
