@@ -272,10 +272,10 @@ def test_resuming_with_other_settings_is_refused(model_dirs, tmp_path, monkeypat
 def test_verification_catches_an_encoder_fault(model_dirs, tmp_path, monkeypatch):
     from endor.convert import pipeline
 
-    def flipping_compress(t):
+    def flipping_compress(t, **options):
         t = t.clone()
         t.view(-1)[0] = 1.0  # what would land on disk differs from what was meant
-        return endor.compress(t)
+        return endor.compress(t, **options)
     monkeypatch.setattr(pipeline, "compress", flipping_compress)
     with pytest.raises(endor.FormatError, match="verification failed.*encoder"):
         convert(model_dirs("llama", torch.float32), tmp_path / "out", method="magnitude",

@@ -32,10 +32,12 @@ def flip_byte(path, offset):
 
 
 def values_offset(path):
-    """Absolute offset of the middle of the first Endor values part in a shard."""
+    """Absolute offset of the middle of the first Endor tensor's values (raw) or sign and
+    mantissa bytes (exp) in a shard."""
     with endor.open_file(path) as f:
         name = next(n for n in f.keys() if f.is_compressed(n))
-        start, end = f.part_ranges(name)["values"]
+        ranges = f.part_ranges(name)
+        start, end = ranges.get("values") or ranges["signmant"]
     return (start + end) // 2
 
 
