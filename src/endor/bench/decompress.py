@@ -119,7 +119,7 @@ def _case(tensor, ets, device, backend_names, *, with_numpy, with_zipnn, hbm_gbp
             ("-", "copy", "out", timed(lambda: reused.copy_(dense)), 2 * dense_bytes, True)]
     for codec, et in ets.items():
         et = et.to(device)
-        read_bytes = et.nbytes
+        read_bytes = sum(t.numel() * t.element_size() for t in et.stored_parts().values())
         if with_numpy and device.type == "cpu" and codec == "raw":
             numpy_decompress = numpy_decompressor(et)
             if not bit_equal(numpy_decompress(), tensor):
