@@ -1,18 +1,23 @@
-"""Builds the CPU decoder extension (plain C, AVX2/AVX-512 paths chosen at run time)."""
+"""Builds the CPU extensions (plain C, AVX2/AVX-512 paths chosen at run time): the decoder and the
+fused linear."""
 
 from pathlib import Path
 
 from setuptools import Extension, setup
 
-SOURCE = Path("src/endor/kernels/cpu/decode.c")
+SOURCES = {
+    "endor.kernels.cpu._decode": Path("src/endor/kernels/cpu/decode.c"),
+    "endor.kernels.cpu._fused": Path("src/endor/kernels/cpu/fused.c"),
+}
 
-ext_modules = []
-if SOURCE.exists():
-    ext_modules.append(Extension(
-        "endor.kernels.cpu._decode",
-        sources=[str(SOURCE)],
+ext_modules = [
+    Extension(
+        name,
+        sources=[str(source)],
         extra_compile_args=["-O3", "-std=c11", "-fno-strict-aliasing"],
-        optional=True,  # without a compiler, the reference decoder still works
-    ))
+        optional=True,  # without a compiler, the reference decoder and linear still work
+    )
+    for name, source in SOURCES.items() if source.exists()
+]
 
 setup(ext_modules=ext_modules)
