@@ -48,8 +48,9 @@
 #define CHUNK 32
 #define MAX_BLOCK 8 /* x rows per pass over W: accumulators stay in registers */
 #define MAX_THREADS 256
-/* AVX2 loads 16 bytes of values per 8 columns (32 for fp32): at most this many past the last. */
-#define OVERREAD 32
+/* Vector loads of values (64 bytes on AVX-512, 16-32 on AVX2) read at most this many bytes past
+ * the last value of a tile; tiles closer than that to the end of `values` use a padded copy. */
+#define OVERREAD 64
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
@@ -320,8 +321,8 @@ rows_avx2_nb(const job_t *job, part_t *part, int64_t x0, const int nb) {
 __attribute__((target(AVX512_TARGET))) static inline __attribute__((always_inline)) int
 load_chunk16(const job_t *job, part_t *part, cursor_t *c, uint32_t mask, int split,
              __m512i *out) {
-    if (split >= 32) {
-        *out = _mm512_maskz_expandloadu_epi16(mask, c->v);
+    if (split >= 32) { /* a plain load and a register expand: faster than an expand-load */
+        *out = _mm512_maskz_expand_epi16(mask, _mm512_loadu_si512((const void *)c->v));
         c->v += 2 * __builtin_popcount(mask);
         return OK;
     }
@@ -339,9 +340,9 @@ load_chunk32(const job_t *job, part_t *part, cursor_t *c, uint32_t mask, int spl
              __m512 *lo, __m512 *hi) {
     const uint32_t a = split >= 32 ? mask : mask & ((1u << split) - 1);
     const uint32_t b = mask & ~a;
-    *lo = _mm512_maskz_expandloadu_ps((__mmask16)a, c->v);
+    *lo = _mm512_maskz_expand_ps((__mmask16)a, _mm512_loadu_ps((const void *)c->v));
     c->v += 4 * __builtin_popcount(a & 0xffff);
-    *hi = _mm512_maskz_expandloadu_ps((__mmask16)(a >> 16), c->v);
+    *hi = _mm512_maskz_expand_ps((__mmask16)(a >> 16), _mm512_loadu_ps((const void *)c->v));
     c->v += 4 * __builtin_popcount(a >> 16);
     if (b) {
         int err = tile_values(job, part, c->tile + 1, c);
@@ -357,74 +358,141 @@ load_chunk32(const job_t *job, part_t *part, cursor_t *c, uint32_t mask, int spl
     return OK;
 }
 
-__attribute__((target(AVX512_TARGET))) static inline __attribute__((always_inline)) int
-rows_avx512_nb(const job_t *job, part_t *part, int64_t x0, const int nb) {
-    const int64_t K = job->cols;
-    const int dtype = job->dtype;
+/* The hot loop: `n` columns (a multiple of 32) of one row inside one tile, whose bitmap words
+ * can be read 8 bytes at a time, starting at flat element p with the cursor at its values. */
+__attribute__((target(AVX512_TARGET))) static inline __attribute__((always_inline)) void
+span_avx512(const job_t *job, const uint8_t **vp, int64_t p, int64_t n, const float *x,
+            const int nb, const int dtype, __m512 *acc, __m512 *acc2) {
     const __m512i high_half = _mm512_set1_epi32((int)0xffff0000u);
+    const uint8_t *bits = job->bitmap + (p >> 3);
+    const int shift = (int)(p & 7);
+    const uint8_t *v = *vp;
+    for (int64_t i = 0; i < n; i += CHUNK, bits += CHUNK / 8) {
+        const uint32_t mask = (uint32_t)(load_u64(bits) >> shift);
+        __m512 lo, hi;
+        if (dtype == DT_BF16) { /* x chunk stored as 16 even columns, then 16 odd */
+            __m512i w = _mm512_maskz_expand_epi16(mask, _mm512_loadu_si512((const void *)v));
+            v += 2 * __builtin_popcount(mask);
+            lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+            hi = _mm512_castsi512_ps(_mm512_and_si512(w, high_half));
+        } else if (dtype == DT_F16) {
+            const uint32_t m_lo = mask & 0xffff, m_hi = mask >> 16;
+            __m256i a = _mm256_maskz_expand_epi16((__mmask16)m_lo,
+                                                  _mm256_loadu_si256((const __m256i *)v));
+            v += 2 * __builtin_popcount(m_lo);
+            __m256i b = _mm256_maskz_expand_epi16((__mmask16)m_hi,
+                                                  _mm256_loadu_si256((const __m256i *)v));
+            v += 2 * __builtin_popcount(m_hi);
+            lo = _mm512_cvtph_ps(a);
+            hi = _mm512_cvtph_ps(b);
+        } else {
+            const uint32_t m_lo = mask & 0xffff, m_hi = mask >> 16;
+            lo = _mm512_maskz_expand_ps((__mmask16)m_lo, _mm512_loadu_ps((const void *)v));
+            v += 4 * __builtin_popcount(m_lo);
+            hi = _mm512_maskz_expand_ps((__mmask16)m_hi, _mm512_loadu_ps((const void *)v));
+            v += 4 * __builtin_popcount(m_hi);
+        }
+        for (int b = 0; b < nb; b++) {
+            const float *xb = x + b * job->x_stride + i;
+            acc[b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[b]);
+            acc2[b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc2[b]);
+        }
+    }
+    *vp = v;
+}
+
+/* Rows [first, last) for x rows [x0, x0 + nb). Runs of whole chunks inside a tile go through
+ * span_avx512; a row's last, shorter chunk and a chunk across a tile boundary go one by one. */
+__attribute__((target(AVX512_TARGET))) static inline __attribute__((always_inline)) int
+rows_avx512_nb(const job_t *job, part_t *part, int64_t x0, const int nb, const int dtype) {
+    const int64_t K = job->cols;
+    const __m512i high_half = _mm512_set1_epi32((int)0xffff0000u);
+    /* span_avx512 reads 8 bitmap bytes per chunk: it stops where that would pass the end. */
+    const int64_t wide_bits_end = job->bitmap_bytes >= 8 ? (job->bitmap_bytes - 8) * 8 : 0;
     cursor_t c;
     int err = seek(job, part, part->first * K, &c);
     if (err) return err;
     for (int64_t r = part->first; r < part->last; r++) {
-        __m512 acc[MAX_BLOCK];
-        for (int b = 0; b < nb; b++) acc[b] = _mm512_setzero_ps();
+        /* Two accumulators per x row (low and high 16 lanes): two FMA chains, not one. */
+        __m512 acc[MAX_BLOCK], acc2[MAX_BLOCK];
+        for (int b = 0; b < nb; b++) acc[b] = acc2[b] = _mm512_setzero_ps();
         const float *x = job->x + x0 * job->x_stride;
-        for (int64_t col = 0; col < K; col += CHUNK) {
+        int64_t col = 0;
+        while (col < K) {
             const int64_t p = r * K + col;
             if (p >= c.tile_end && (err = tile_values(job, part, c.tile + 1, &c))) return err;
+            int64_t run = K - col;
+            if (c.tile_end - p < run) run = c.tile_end - p;
+            if (wide_bits_end - p < run) run = wide_bits_end - p;
+            if (run >= CHUNK) {
+                run -= run % CHUNK;
+                span_avx512(job, &c.v, p, run, x + col, nb, dtype, acc, acc2);
+                col += run;
+                continue;
+            }
             const int len = K - col < CHUNK ? (int)(K - col) : CHUNK;
             const uint32_t mask = bits_at(job, p, len);
             const int split = p + len > c.tile_end ? (int)(c.tile_end - p) : CHUNK;
+            __m512 lo, hi;
             if (dtype == DT_F32) {
-                __m512 lo, hi;
                 if ((err = load_chunk32(job, part, &c, mask, split, &lo, &hi))) return err;
-                for (int b = 0; b < nb; b++) {
-                    const float *xb = x + b * job->x_stride + col;
-                    acc[b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[b]);
-                    acc[b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc[b]);
-                }
             } else {
                 __m512i w;
                 if ((err = load_chunk16(job, part, &c, mask, split, &w))) return err;
-                __m512 lo, hi;
-                if (dtype == DT_BF16) { /* x chunk stored as 16 even columns, then 16 odd */
+                if (dtype == DT_BF16) {
                     lo = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
                     hi = _mm512_castsi512_ps(_mm512_and_si512(w, high_half));
                 } else {
                     lo = _mm512_cvtph_ps(_mm512_castsi512_si256(w));
                     hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(w, 1));
                 }
-                for (int b = 0; b < nb; b++) {
-                    const float *xb = x + b * job->x_stride + col;
-                    acc[b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[b]);
-                    acc[b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc[b]);
-                }
             }
+            for (int b = 0; b < nb; b++) {
+                const float *xb = x + b * job->x_stride + col;
+                acc[b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[b]);
+                acc2[b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc2[b]);
+            }
+            col += CHUNK;
         }
-        for (int b = 0; b < nb; b++) job->y[(x0 + b) * job->rows + r] = _mm512_reduce_add_ps(acc[b]);
+        for (int b = 0; b < nb; b++)
+            job->y[(x0 + b) * job->rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b], acc2[b]));
     }
     return OK;
 }
 
-#define DISPATCH_NB(FN)                                                                          \
+#define DISPATCH_NB(FN, ...)                                                                     \
     switch (nb) {                                                                                \
-    case 1: return FN(job, part, x0, 1);                                                         \
-    case 2: return FN(job, part, x0, 2);                                                         \
-    case 3: return FN(job, part, x0, 3);                                                         \
-    case 4: return FN(job, part, x0, 4);                                                         \
-    case 5: return FN(job, part, x0, 5);                                                         \
-    case 6: return FN(job, part, x0, 6);                                                         \
-    case 7: return FN(job, part, x0, 7);                                                         \
-    default: return FN(job, part, x0, 8);                                                        \
+    case 1: return FN(job, part, x0, 1 __VA_ARGS__);                                             \
+    case 2: return FN(job, part, x0, 2 __VA_ARGS__);                                             \
+    case 3: return FN(job, part, x0, 3 __VA_ARGS__);                                             \
+    case 4: return FN(job, part, x0, 4 __VA_ARGS__);                                             \
+    case 5: return FN(job, part, x0, 5 __VA_ARGS__);                                             \
+    case 6: return FN(job, part, x0, 6 __VA_ARGS__);                                             \
+    case 7: return FN(job, part, x0, 7 __VA_ARGS__);                                             \
+    default: return FN(job, part, x0, 8 __VA_ARGS__);                                            \
     }
 
 __attribute__((target(AVX2_TARGET))) static int rows_avx2(const job_t *job, part_t *part,
                                                           int64_t x0, int nb) {
     DISPATCH_NB(rows_avx2_nb)
 }
-__attribute__((target(AVX512_TARGET))) static int rows_avx512(const job_t *job, part_t *part,
-                                                              int64_t x0, int nb) {
-    DISPATCH_NB(rows_avx512_nb)
+/* One copy per (x rows, dtype): both are constants in the hot loop. */
+__attribute__((target(AVX512_TARGET))) static int rows_avx512_bf16(const job_t *job, part_t *part,
+                                                                   int64_t x0, int nb) {
+    DISPATCH_NB(rows_avx512_nb, , DT_BF16)
+}
+__attribute__((target(AVX512_TARGET))) static int rows_avx512_f16(const job_t *job, part_t *part,
+                                                                  int64_t x0, int nb) {
+    DISPATCH_NB(rows_avx512_nb, , DT_F16)
+}
+__attribute__((target(AVX512_TARGET))) static int rows_avx512_f32(const job_t *job, part_t *part,
+                                                                  int64_t x0, int nb) {
+    DISPATCH_NB(rows_avx512_nb, , DT_F32)
+}
+static int rows_avx512(const job_t *job, part_t *part, int64_t x0, int nb) {
+    if (job->dtype == DT_BF16) return rows_avx512_bf16(job, part, x0, nb);
+    if (job->dtype == DT_F16) return rows_avx512_f16(job, part, x0, nb);
+    return rows_avx512_f32(job, part, x0, nb);
 }
 
 #endif /* ENDOR_X86 */
