@@ -384,6 +384,9 @@ def decode_layer(plan: LayerPlan, image: torch.Tensor, dense: torch.Tensor,
         if tp.compressed:
             bitmap, values, tiles = parts
             et = EndorTensor(tp.shape, values.dtype, bitmap, values, tiles, tp.checksum)
+            if out is None:  # kept compressed: computed from the image (runtime/fused.py)
+                views[tp.name] = et
+                continue
             try:
                 decompress(et, out=out, backend=backend)
             except FormatError as e:
