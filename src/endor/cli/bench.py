@@ -10,7 +10,7 @@ from .args import at_least
 
 # Listed first, in this order; any other module of endor.bench exposing add_arguments() and
 # run() is a benchmark too, listed after them by name.
-BENCHMARKS = ("formats", "decode", "transfer", "e2e", "convert")
+BENCHMARKS = ("formats", "decode", "gemv", "transfer", "e2e", "convert")
 DEFAULT_OUT = "bench-results"
 
 
