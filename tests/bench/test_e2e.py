@@ -139,3 +139,22 @@ def test_device_check_script_uses_only_existing_options():
         assert args.benchmark == argv[1]
         if argv[1] == "e2e":
             assert args.device == "cuda" and args.offload in ("cpu", "disk")
+
+
+def test_quick_e2e_batches_and_in_ram_rows(tmp_path):
+    args = _args("--workdir", str(tmp_path), "--systems", "endor,ram-dense,ram-endor",
+                 "--new-tokens", "3", "--batch", "1,2")
+    doc = e2e.run(args)
+    rows = {(r["system"], r.get("batch")): r for r in doc["results"]}
+    for system in ("endor", "ram-dense", "ram-endor"):
+        for b in (1, 2):
+            row = rows[(system, b)]
+            assert row["tokens_match"] and row["decode_tokens_per_s"] > 0
+            # tokens/s counts every prompt of the batch
+            assert row["decode_tokens_per_s"] == pytest.approx(b / row["s_per_token"])
+    assert rows[("ram-endor", 1)]["streamed_layers"] == 0
+    assert rows[("ram-dense", 1)]["mb_read_per_token"] == 0
+    assert {"endor_batch2_vs_batch1", "ram_endor_vs_dense_batch1"} <= set(doc["ratios"])
+    assert doc["params"]["batch"] == [1, 2]
+    with pytest.raises(ValueError, match="--batch"):
+        e2e.run(_args("--workdir", str(tmp_path), "--batch", "0"))

@@ -14,6 +14,8 @@ each after evicting the checkpoint from the page cache:
   accelerate-warm  the same, evicted only before each run: later tokens hit the page cache
   ideal            dense time x Endor bytes / dense bytes: the format's gain, nothing lost
   disk             O_DIRECT read of the dense shards alone: the link's limit
+  ram-dense        the dense checkpoint wholly resident (no offload): plain torch compute
+  ram-endor        the Endor checkpoint wholly resident, compressed, fused compute
   h2d              (--device cuda) pinned host-to-device copy of the dense shards: the link's
                    limit when the weights are held in host RAM
 
@@ -48,8 +50,9 @@ NAME = "e2e"
 DONE_WHEN = {"endor_vs_dense_min": 1.5, "endor_vs_accelerate_min": 2.0,
              "endor_vs_ideal_time_max": 1.15}
 DISK_SYSTEMS = ("endor", "dense", "accelerate-cold", "accelerate-warm")
+RAM_SYSTEMS = ("ram-dense", "ram-endor")  # everything resident: what compute alone costs
 CPU_SYSTEMS = ("endor", "dense", "accelerate")
-TABLE_COLUMNS = ["system", "decode_tokens_per_s", "s_per_token", "min_s", "max_s", "n",
+TABLE_COLUMNS = ["system", "batch", "decode_tokens_per_s", "s_per_token", "min_s", "max_s", "n",
                  "mb_read_per_token", "gbps", "read_ms", "verify_ms", "transfer_ms",
                  "decompress_ms", "compute_ms", "stall_ms", "tokens_match"]
 DEFAULT_SHAPE = dict(hidden=2048, intermediate=5632, layers=12, heads=16, kv_heads=4,
@@ -77,6 +80,11 @@ def add_arguments(parser) -> None:
                              "shard reads in flight, which this virtual disk rewards)")
     parser.add_argument("--endor-prefetch", type=int, default=None,
                         help="prefetch of the Endor pipeline alone (default: --prefetch)")
+    parser.add_argument("--batch", type=harness.int_list, default="1",
+                        help="prompts per generate call, comma-separated: one row per system "
+                             "and batch size, tokens/s counting every prompt (default 1)")
+    parser.add_argument("--compute", choices=("auto", "fused", "dense"), default="auto",
+                        help="compute of the endor system (default auto: fused on the CPU)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the model computes (default cpu)")
     parser.add_argument("--offload", choices=("disk", "cpu"), default="disk",
@@ -287,8 +295,11 @@ def _check_args(args) -> list[str]:
     if args.offload == "cpu" and args.device == "cpu":
         raise ValueError("--offload cpu needs --device cuda: computing on the CPU, weights "
                          "held in RAM are not offloaded (Accelerate refuses it too)")
-    allowed = DISK_SYSTEMS if args.offload == "disk" else CPU_SYSTEMS
-    systems = [s.strip() for s in (args.systems or ",".join(allowed)).split(",") if s.strip()]
+    allowed = (DISK_SYSTEMS if args.offload == "disk" else CPU_SYSTEMS) + RAM_SYSTEMS
+    default = allowed if args.offload == "disk" else CPU_SYSTEMS
+    systems = [s.strip() for s in (args.systems or ",".join(default)).split(",") if s.strip()]
+    if any(b < 1 for b in args.batch):
+        raise ValueError(f"--batch sizes must be >= 1, got {args.batch}")
     unknown = set(systems) - set(allowed)
     if unknown or not systems:
         raise ValueError(f"unknown systems {sorted(unknown)} for --offload {args.offload}; "
@@ -329,6 +340,18 @@ def _ratios(by: dict, rounds: dict) -> dict:
     return ratios
 
 
+def _batch_ratios(rows: list[dict]) -> dict:
+    """Tokens/s of each batch size over batch 1's, per system; fused over dense in RAM."""
+    out = {}
+    tps = {(r["system"], r["batch"]): r["decode_tokens_per_s"] for r in rows}
+    for (system, b), v in tps.items():
+        if b != 1 and (system, 1) in tps:
+            out[f"{system}_batch{b}_vs_batch1"] = v / tps[(system, 1)]
+        if system == "ram-endor" and ("ram-dense", b) in tps:
+            out[f"ram_endor_vs_dense_batch{b}"] = v / tps[("ram-dense", b)]
+    return out
+
+
 def run(args) -> dict:
     from ..runtime import load_model
     from ..runtime.baseline import evict_on_read, load_accelerate
@@ -354,8 +377,9 @@ def run(args) -> dict:
         # embeddings above the fraction: then the least possible, every decoder layer streamed.
         least = budget < dense_rest.stat().st_size
         budget = 0 if least else budget
-        prompt = torch.randint(config.vocab_size, (1, args.prompt_len),
-                               generator=torch.Generator().manual_seed(0)).to(device)
+        prompts = {b: torch.randint(config.vocab_size, (b, args.prompt_len),
+                                    generator=torch.Generator().manual_seed(0)).to(device)
+                   for b in args.batch}
         # The compute threads our pipeline uses are given to Accelerate too, so only the
         # loading strategy differs (and one thread computes faster than two on a busy 2-core
         # machine). None on the GPU.
@@ -365,12 +389,18 @@ def run(args) -> dict:
         models = {}
         try:
             for system in systems:
-                if system in ("endor", "dense"):
+                if system in RAM_SYSTEMS:  # nothing streams, nothing is read per token
+                    weights = system.removeprefix("ram-")
+                    model = load_model(paths[weights], device=device, max_memory=None,
+                                       compute="fused" if weights == "endor" else "dense")
+                    files = []
+                elif system in ("endor", "dense"):
                     prefetch = args.prefetch if system == "dense" or \
                         args.endor_prefetch is None else args.endor_prefetch
                     model = load_model(paths[system], device=device, max_memory=budget,
                                        offload=args.offload, prefetch=prefetch,
-                                       direct_io=args.io == "direct")
+                                       direct_io=args.io == "direct",
+                                       compute=args.compute if system == "endor" else "dense")
                     files = endor_files if system == "endor" else dense_files
                 else:
                     model = load_accelerate(paths["dense"], device=device, max_memory=budget,
@@ -379,7 +409,7 @@ def run(args) -> dict:
                     if system == "accelerate-cold":
                         evict_on_read(model)
                 models[system] = (model, files if disk else [])
-            timed = _time(models, prompt, args)
+            timed = {b: _time(models, prompts[b], args) for b in args.batch}
         finally:
             for model, _ in models.values():
                 model.endor_close()
@@ -387,13 +417,21 @@ def run(args) -> dict:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        rows, reference = [], None
-        for system in systems:
-            t, stats, tokens, cold = timed[system]
-            reference = reference if reference is not None else tokens
-            rows.append(_row(system, t, stats, tokens, reference, cold and disk))
-        by = {r["system"]: r for r in rows}
-        ratios = _ratios(by, timed["_rounds"])
+        rows = []
+        for b in args.batch:
+            reference = None
+            for system in systems:
+                t, stats, tokens, cold = timed[b][system]
+                reference = reference if reference is not None else tokens
+                row = _row(system, t, stats, tokens, reference, cold and disk and
+                           system not in RAM_SYSTEMS)
+                row["batch"] = b  # one step generates a token for every prompt
+                row["decode_tokens_per_s"] *= b
+                rows.append(row)
+        first = args.batch[0]
+        by = {r["system"]: r for r in rows if r["batch"] == first}
+        ratios = _ratios(by, timed[first]["_rounds"])
+        ratios.update(_batch_ratios(rows))
         if "ideal_s" in ratios:
             ideal_s = ratios.pop("ideal_s")
             rows.append({"system": "ideal", "decode_tokens_per_s": 1.0 / ideal_s,
@@ -416,12 +454,14 @@ def run(args) -> dict:
                   "model_bytes": model_bytes, "budget_bytes": budget, "budget_least": least,
                   "budget_fraction": args.budget_fraction, "new_tokens": args.new_tokens,
                   "prompt_len": args.prompt_len, "prefetch": args.prefetch,
+                  "batch": list(args.batch), "compute": args.compute,
                   "endor_prefetch": args.endor_prefetch, "io": args.io,
                   "repeat": args.repeat, "warmup": args.warmup, "quick": args.quick,
                   "max_seconds": getattr(args, "max_seconds", None),
                   "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s}
         return harness.envelope(NAME, params, rows, ratios=ratios, done_when=DONE_WHEN,
-                                met=met, rounds_s_per_token=timed["_rounds"],
+                                met=met, rounds_s_per_token={
+                                    b: timed[b]["_rounds"] for b in args.batch},
                                 table_columns=TABLE_COLUMNS)
     finally:
         if temp is not None:
