@@ -4,17 +4,10 @@
 
 from .errors import FormatError
 from .format import EndorFile, EndorTensor, compress, load_file, open_file, save_file
-from .kernels import decompress
+from .kernels import decompress  # the format's decompress, with the fast backends registered
+from .runtime import load_model
 
 __version__ = "0.1.0"
 
 __all__ = ["EndorFile", "EndorTensor", "FormatError", "compress", "decompress", "load_file",
            "load_model", "open_file", "save_file"]
-
-
-def __getattr__(name):
-    # The runtime pulls in transformers: import it only when asked for.
-    if name == "load_model":
-        from .runtime import load_model
-        return load_model
-    raise AttributeError(f"module 'endor' has no attribute {name!r}")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .errors import FormatError
 from .format import EndorFile, save_file
-from .format import spec
 
 MANIFEST = "endor.json"
 INDEX = "model.safetensors.index.json"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .checkpoint import Checkpoint
 from .format import EndorFile
 
 
@@ -35,7 +36,6 @@ def describe(path, *, verify: bool = False) -> list[dict]:
     """Rows for a file, or for every shard of a checkpoint directory."""
     path = Path(path)
     if path.is_dir():
-        from .checkpoint import Checkpoint
         ck = Checkpoint(path)
         return [row for s in ck.shards for row in describe_file(path / s.file, verify=verify)]
     return describe_file(path, verify=verify)

@@ -10,7 +10,8 @@ import endor
 from endor import checkpoint
 from endor.checkpoint import Checkpoint
 from endor.convert import calibrate, convert, outdir
-from endor.convert.outdir import SettingsMismatch, bit_equal
+from endor.convert.outdir import SettingsMismatch
+from endor.format.equal import bit_equal
 from endor.prune import CalibrationStats, needs_hessian, prune_weight
 from tests.convert.conftest import CALIB_TEXT, SAMPLES, SEQLEN, make_model_dir
 

@@ -5,7 +5,8 @@ import torch
 from safetensors import safe_open
 
 import endor
-from tests.helpers import DTYPES, bit_equal, sparse_tensor
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, sparse_tensor
 
 
 def test_save_and_load_mixed_file(tmp_path):

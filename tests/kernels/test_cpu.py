@@ -14,9 +14,11 @@ from hypothesis import strategies as st
 
 import endor
 from endor.format.tensor import EndorTensor
-from endor.kernels import cpu, reference
-from endor.kernels.registry import backends, choose
-from tests.helpers import DTYPES, INT_VIEW, bit_equal, sparse_tensor
+from endor.format import reference
+from endor.format.decompress import backends, choose
+from endor.kernels import cpu
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, INT_VIEW, sparse_tensor
 
 needs_extension = pytest.mark.skipif(not cpu.available(), reason="CPU extension not built")
 ISA_PARAMS = [pytest.param(isa, marks=pytest.mark.skipif(

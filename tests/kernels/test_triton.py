@@ -14,11 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import endor
-from endor.format import spec
 from endor.format.tensor import EndorTensor
-from endor.kernels import reference, triton_decode
-from endor.kernels.registry import backends
-from tests.helpers import DTYPES, INT_VIEW, bit_equal, sparse_tensor
+from endor.format import reference
+from endor.format.decompress import backends
+from endor.kernels import triton_decode
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, INT_VIEW, sparse_tensor
 
 pytestmark = pytest.mark.skipif(not triton_decode._triton_installed(),
                                 reason="triton is not installed")

@@ -8,7 +8,7 @@ import torch
 from endor.runtime import open_model
 from endor.runtime.fused import EndorLinear, resolve_compute
 from tests.runtime.checkpoints import greedy
-from tests.runtime.conftest import NEW_TOKENS, PROMPT
+from tests.conftest import NEW_TOKENS, PROMPT
 
 ARCHS = ["llama", "qwen2", "opt", "gemma3"]
 

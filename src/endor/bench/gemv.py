@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from ..format import compress
+from ..kernels import decompress, linear
 from . import harness
 
 NAME = "gemv"
@@ -55,9 +57,6 @@ def _interleaved(fns: dict, warmup: int, repeat: int) -> dict:
 
 def run(args) -> dict:
     load_before = harness.system_load()
-    import endor
-    from ..kernels import linear
-
     shape = args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)
     if len(shape) != 2 or min(shape) < 1:
         raise ValueError(f"--shape must be out,in with both >= 1, got {shape}")
@@ -71,7 +70,7 @@ def run(args) -> dict:
         for dtype in args.dtypes:
             name = harness.dtype_name(dtype)
             weight = harness.random_sparse(shape, dtype, args.sparsity, seed=args.seed)
-            et = endor.compress(weight)
+            et = compress(weight)
             dense_bytes = weight.numel() * weight.element_size()
             packed_bytes = sum(t.numel() * t.element_size()
                                for t in (et.bitmap, et.values, et.tiles))
@@ -81,7 +80,7 @@ def run(args) -> dict:
                 fns = {"dense": lambda: torch.nn.functional.linear(x, weight),
                        "fused": lambda: linear(x, et),
                        "decompress+gemm": lambda: torch.nn.functional.linear(
-                           x, endor.decompress(et))}
+                           x, decompress(et))}
                 want = fns["dense"]().double()
                 got = fns["fused"]().double()
                 scale = (x.double().abs() @ weight.double().abs().T).max().item()

@@ -1,11 +1,14 @@
 """`endor` command line: parses arguments and calls the library, nothing else.
 
-Each subcommand lives in its own module exposing `add_parser(subparsers)`; the handler it sets
-with `set_defaults(run=...)` imports the library lazily so `endor --help` stays fast."""
+Each subcommand lives in its own module exposing `add_parser(subparsers)` and the handler it sets
+with `set_defaults(run=...)`. The heavy libraries (transformers, accelerate, triton, matplotlib)
+load on first use inside the library, so `endor --help` costs little more than `import torch`."""
 
 import argparse
 import importlib
 import sys
+
+from ..errors import FormatError
 
 SUBCOMMANDS = ["bench", "convert", "eval", "generate", "inspect"]
 
@@ -27,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed, for the records
-    from ..errors import FormatError  # noqa: F401  (a ValueError, named for readers)
     try:
         return args.run(args) or 0
     except (FormatError, FileNotFoundError, ValueError) as e:  # user errors: no traceback

@@ -1,13 +1,17 @@
 """`endor convert SRC OUT`: prune and compress a HuggingFace model into an Endor checkpoint."""
 
 import argparse
+import sys
+from pathlib import Path
+
+from ..convert import convert, format_summary
+from ..prune import parse_nm
 
 METHODS = ("none", "magnitude", "wanda", "sparsegpt")
 
 
 def nm_argument(text: str):
     """argparse type for --nm: '2:4' -> (2, 4); anything else is a usage error."""
-    from ..prune import parse_nm
     try:
         return parse_nm(text)
     except (ValueError, TypeError) as e:
@@ -69,11 +73,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    import sys
-    from pathlib import Path
-
-    from ..convert import convert, format_summary
-
     calib_text = None
     if args.calib is not None:
         calib_text = Path(args.calib).read_text(encoding="utf-8")

@@ -1,6 +1,13 @@
 """`endor eval MODEL [--text FILE]`: perplexity of a model on a text (the shipped evaluation text
 by default), with the protocol of endor.evaluate.perplexity."""
 
+import json
+import sys
+from pathlib import Path
+
+from ..data.text import evaluation_text
+from ..evaluate import perplexity
+from ..loading import load_in_memory
 from .args import at_least
 
 
@@ -25,14 +32,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    import json
-    import sys
-    from pathlib import Path
-
-    from ..data.text import evaluation_text
-    from ..evaluate import perplexity
-    from ..loading import load_in_memory
-
     text = Path(args.text).read_text(encoding="utf-8") if args.text else evaluation_text()
     model, tokenizer = load_in_memory(args.model, dtype=args.dtype)
     if tokenizer is None:

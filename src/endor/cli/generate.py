@@ -2,6 +2,13 @@
 streamed as it is generated, then prefill time, decode tokens/s, bytes moved per token and the
 time split of the stream."""
 
+import json
+import sys
+
+import torch
+
+from ..loading import load_tokenizer
+from ..runtime import load_model
 from .args import at_least
 
 
@@ -50,14 +57,6 @@ def _report(stats: dict) -> str:
 
 
 def run(args) -> int:
-    import json
-    import sys
-
-    import torch
-
-    from ..loading import load_tokenizer
-    from ..runtime import load_model
-
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model} holds no tokenizer; copy the source model's "
@@ -74,6 +73,7 @@ def run(args) -> int:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(model.device)
         streamer = None
         if not args.json:
+            # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
             from transformers import TextStreamer
 
             print(args.prompt, end="", flush=True)

@@ -1,5 +1,9 @@
 """`endor inspect PATH`: list the tensors of an Endor file or checkpoint and their compression."""
 
+import json
+
+from ..inspect import describe
+
 
 def add_parser(sub):
     p = sub.add_parser("inspect", help="list tensors, sparsity and sizes of a file or checkpoint")
@@ -11,10 +15,6 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    import json
-
-    from ..inspect import describe
-
     rows = describe(args.path, verify=args.verify)
     if args.json:
         print(json.dumps(rows, indent=1))

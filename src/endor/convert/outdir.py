@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import INDEX, MANIFEST, CheckpointWriter
 from ..errors import FormatError
 from ..format import EndorTensor, open_file, spec
-from .source import TORCH_DTYPES as _SAFETENSORS_DTYPES
+from ..format.spec import SAFETENSORS_DTYPES
 from .summary import read_shard_metadata
 
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
@@ -25,7 +25,6 @@ _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _NOT_COPIED = re.compile(r"(\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt|onnx|tmp|partial)$)|"
                          r"(^(model\.safetensors\.index\.json|endor\.json)$)|(^\.)")
 _VERIFY_CHUNK = 32 * 2**20
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class SettingsMismatch(ValueError):
@@ -111,19 +110,6 @@ def copy_side_files(src: Path, out: Path) -> list[str]:
     return copied
 
 
-def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bits (NaN payloads and -0.0 included)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.numel() == 0:
-        return True
-    view = _INT_OF_SIZE[a.element_size()]
-    a, b = a.contiguous().view(view), b.contiguous().view(view)
-    if a.device.type == b.device.type == "cpu":
-        return bool(np.array_equal(a.numpy(), b.numpy()))  # single pass, no thread start-up
-    return torch.equal(a, b)
-
-
 def _same_bytes_on_disk(path: Path, start: int, want: torch.Tensor) -> bool:
     """Whether the file's bytes [start, start + nbytes) are `want`'s bytes, read in chunks with
     positioned reads (no memory map: its pages would count in RSS)."""
@@ -146,7 +132,7 @@ def _same_bytes_on_disk(path: Path, start: int, want: torch.Tensor) -> bool:
 def _stored_as(path: Path, stored, want: torch.Tensor) -> bool:
     """Whether a safetensors entry holds exactly `want` (dtype, shape and bytes)."""
     return (stored is not None and list(stored.shape) == list(want.shape)
-            and _SAFETENSORS_DTYPES.get(stored.dtype) == want.dtype
+            and SAFETENSORS_DTYPES.get(stored.dtype) == want.dtype
             and _same_bytes_on_disk(path, stored.start, want))
 
 

@@ -24,14 +24,19 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointWriter
+from ..data.text import calibration_text
 from ..errors import FormatError
 from ..format import compress, load_file
+from ..format.equal import bit_equal
+from ..format.spec import DTYPES, INT_OF_SIZE
 from ..kernels import decompress
-from ..format.spec import DTYPES
+from ..prune import METHODS, needs_calibration, needs_hessian, prune_weight
+from ..prune.nm import check_nm
 from . import calibrate, outdir
-from .source import open_source
+from .endor_source import open_source
 from .structure import ModelLayout, build_layout, load_config
 from .summary import format_summary, shard_metadata, summarize
 
@@ -54,7 +59,7 @@ def resolve_source(src) -> Path:
 
 def _count_nonzero(t: torch.Tensor) -> int:
     """Non-zero elements in the format's sense: any bit set (-0.0 counts)."""
-    return int(np.count_nonzero(t.contiguous().view(outdir._INT_OF_SIZE[t.element_size()])
+    return int(np.count_nonzero(t.contiguous().view(INT_OF_SIZE[t.element_size()])
                                 .numpy()))
 
 
@@ -111,7 +116,7 @@ class _Conversion:
             return t
         et = compress(t)
         self.nnz[name] = et.nnz
-        if self.verify and not outdir.bit_equal(decompress(et), t):
+        if self.verify and not bit_equal(decompress(et), t):
             raise FormatError("verification failed: the compressed tensor does not decode to "
                               "the pruned weight (encoder fault)", tensor=name)
         return et
@@ -132,7 +137,6 @@ class _Conversion:
         self.progress.update(1)
 
     def _prune(self, name: str, weight: torch.Tensor, stats=None) -> torch.Tensor:
-        from ..prune import prune_weight
         s = self.settings
         try:
             return prune_weight(weight, method=s["method"], sparsity=s["sparsity"] or 0.0,
@@ -145,7 +149,7 @@ class _Conversion:
         for target, origin in self.layout.tied.items():
             # transformers ties these on load (and only if equal): storing both would duplicate
             if target in tensors and origin in tensors and \
-                    outdir.bit_equal(tensors[target], tensors[origin]):
+                    bit_equal(tensors[target], tensors[origin]):
                 del tensors[target]
         self._finish_shard(REST, tensors)
 
@@ -220,7 +224,6 @@ class _Conversion:
 
 
 def _settings(source, method, sparsity, nm, weights, patterns, calib_text, samples, seqlen):
-    from ..prune import needs_calibration
     calibration = None
     if needs_calibration(method):
         calibration = {"text_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
@@ -266,11 +269,6 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     checkpoint directory, read decompressed: `convert(A, B, method="none", weights="dense")`
     makes the dense twin of the pruned checkpoint A without pruning again (B's manifest lists
     A's pruning under "prior_pruning")."""
-    from tqdm.auto import tqdm
-
-    from ..prune import METHODS, needs_calibration, needs_hessian
-    from ..prune.nm import check_nm
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if weights not in ("endor", "dense"):
@@ -283,7 +281,6 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
             raise ValueError("N:M sparsity needs a pruning method (magnitude, wanda, sparsegpt)")
         nm = check_nm(nm)
     if needs_calibration(method) and calib_text is None:
-        from ..data.text import calibration_text
         calib_text = calibration_text()
     patterns = list(dense_patterns or [])
     src_dir = resolve_source(src)

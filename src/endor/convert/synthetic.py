@@ -14,6 +14,9 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from .structure import build_layout
 
 DEFAULT_MAX_SHARD_BYTES = 512 * 2**20
 
@@ -33,7 +36,6 @@ def _random_tensor(name: str, shape, dtype, std: float, seed: int) -> torch.Tens
 def parameter_shapes(config) -> dict:
     """{name: shape} of the model `config` describes, as save_pretrained would store it (tied
     copies left out), without allocating any weight."""
-    from .structure import build_layout
     layout = build_layout(config)
     shapes = {n: tuple(p.shape) for n, p in layout.model.named_parameters()}
     for target, origin in layout.tied.items():
@@ -46,8 +48,6 @@ def write_synthetic_checkpoint(out_dir, config, *, seed: int = 0,
                                dtype: torch.dtype = torch.float16,
                                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write a random-weight checkpoint of `config` (e.g. a LlamaConfig) to `out_dir`."""
-    from safetensors.torch import save_file
-
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     if max_shard_bytes < 1:

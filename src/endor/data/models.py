@@ -24,6 +24,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import xxhash
+
 CACHED_DTYPE = "bfloat16"
 MARKER = "endor-source.json"  # written last inside a cached directory: its presence means complete
 
@@ -104,8 +107,6 @@ def _assemble_gemma(package_dir: Path) -> Path:
 
 
 def _file_digest(path: Path) -> str:
-    import xxhash
-
     h = xxhash.xxh3_64()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
@@ -167,7 +168,7 @@ def hub_offline() -> None:
 
 def _dequantize_into(gguf_file: Path, out_dir: Path) -> None:
     hub_offline()
-    import torch
+    # lazy: heavy, and after hub_offline() (transformers reads the offline switch)
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 

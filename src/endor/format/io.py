@@ -14,6 +14,7 @@ from safetensors.torch import save_file as _st_save_file
 
 from ..errors import FormatError
 from . import spec
+from .decompress import decompress
 from .header import read_header
 from .tensor import EndorTensor
 from .validate import check_entry, check_tiles, expected_parts, parse_metadata
@@ -171,7 +172,6 @@ class EndorFile:
         """One tensor, dense (decompressed if stored compressed)."""
         self._require(name)
         if name in self._entries:
-            from ..kernels import decompress
             try:
                 return decompress(self.get_compressed(name), device=device, backend=backend)
             except FormatError as e:

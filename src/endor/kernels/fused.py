@@ -113,7 +113,7 @@ def linear(x: torch.Tensor, et: EndorTensor, bias: torch.Tensor | None = None, *
 
 def reference_matmul(x: torch.Tensor, et: EndorTensor) -> torch.Tensor:
     """The obviously correct one: decompress with the reference decoder, float32 matmul."""
-    from .reference import decode
+    from ..format.reference import decode
     dense = torch.empty(et.numel, dtype=et.dtype, device=et.device)
     if et.numel:
         decode(et, dense)
