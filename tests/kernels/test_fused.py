@@ -142,3 +142,13 @@ def test_bad_arguments_are_value_errors(backend):
         linear(x, endor.compress(torch.zeros(7, 13, 1)), backend=backend)
     with pytest.raises(ValueError, match="unknown linear backend"):
         linear(x, et, backend="nope")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(7, 13), (830, 545), (4096, 14336)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_on_the_gpu_within_bound(shape, dtype):
+    weight, et, x, bias = case(shape, dtype, 0.5, 4)
+    device = torch.device("cuda")
+    y = linear(x.to(device), et.to(device), bias.to(device), backend="triton").cpu()
+    assert_within_bound(y, x, weight, bias)

@@ -38,18 +38,22 @@ def add_arguments(parser) -> None:
                         help="rows of x (default 1,2,4,8,16)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads, for every method alike (default: torch's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: the C kernel; cuda: the Triton kernel vs cuBLAS (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _interleaved(fns: dict, warmup: int, repeat: int) -> dict:
+def _interleaved(fns: dict, warmup: int, repeat: int, device: torch.device) -> dict:
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            harness.synchronize(device)
             t0 = time.perf_counter()
             fn()
+            harness.synchronize(device)
             times[name].append(time.perf_counter() - t0)
     return {name: harness.Stats(statistics.median(t), min(t), max(t), len(t))
             for name, t in times.items()}
@@ -62,6 +66,9 @@ def run(args) -> dict:
         raise ValueError(f"--shape must be out,in with both >= 1, got {shape}")
     if any(b < 1 for b in args.batches):
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
+    device = torch.device(getattr(args, "device", "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here")
     before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,13 +77,14 @@ def run(args) -> dict:
         for dtype in args.dtypes:
             name = harness.dtype_name(dtype)
             weight = harness.random_sparse(shape, dtype, args.sparsity, seed=args.seed)
-            et = compress(weight)
+            et = compress(weight).to(device)
+            weight = weight.to(device)
             dense_bytes = weight.numel() * weight.element_size()
             packed_bytes = sum(t.numel() * t.element_size()
                                for t in (et.bitmap, et.values, et.tiles))
             g = torch.Generator().manual_seed(args.seed + 1)
             for batch in args.batches:
-                x = torch.randn(batch, shape[1], generator=g).to(dtype)
+                x = torch.randn(batch, shape[1], generator=g).to(dtype).to(device)
                 fns = {"dense": lambda: torch.nn.functional.linear(x, weight),
                        "fused": lambda: linear(x, et),
                        "decompress+gemm": lambda: torch.nn.functional.linear(
@@ -84,7 +92,7 @@ def run(args) -> dict:
                 want = fns["dense"]().double()
                 got = fns["fused"]().double()
                 scale = (x.double().abs() @ weight.double().abs().T).max().item()
-                stats = _interleaved(fns, args.warmup, args.repeat)
+                stats = _interleaved(fns, args.warmup, args.repeat, device)
                 for method, s in stats.items():
                     results.append({
                         "dtype": name, "batch": batch, "method": method,
@@ -109,7 +117,7 @@ def run(args) -> dict:
         torch.set_num_threads(before)
     met = {k: v >= DONE_WHEN["fused_vs_dense_batch1_min"] for k, v in ratios.items()}
     params = {"load_avg": {"before": load_before, "after": harness.system_load()},
-              "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
+              "device": str(device), "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
               "sparsity": args.sparsity, "batches": list(args.batches),
               "threads": args.threads or before, "seed": args.seed, "quick": args.quick,
               "warmup": args.warmup, "repeat": args.repeat}
