@@ -352,8 +352,13 @@ def test_bad_arguments(llama_dir, tmp_path):
         convert(llama_dir, out, method="none", nm=(2, 4))
     with pytest.raises(ValueError, match="weights"):
         convert(llama_dir, out, weights="gzip")
-    with pytest.raises(ValueError, match="differ"):
+    with pytest.raises(ValueError, match="must not be SRC"):
         convert(llama_dir, llama_dir)
+    with pytest.raises(ValueError, match="must not be SRC"):
+        convert(llama_dir, llama_dir.parent, resume=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        convert(llama_dir, tmp_path / "file")
     assert not out.exists()
 
 

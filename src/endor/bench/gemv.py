@@ -77,7 +77,7 @@ def run(args) -> dict:
         for dtype in args.dtypes:
             name = harness.dtype_name(dtype)
             weight = harness.random_sparse(shape, dtype, args.sparsity, seed=args.seed)
-            et = compress(weight).to(device)
+            et = compress(weight, values="raw").to(device)
             weight = weight.to(device)
             dense_bytes = weight.numel() * weight.element_size()
             packed_bytes = sum(t.numel() * t.element_size()

@@ -4,7 +4,6 @@ and <out>/<name>.png, print a table."""
 import importlib
 import pkgutil
 import shlex
-import sys
 from pathlib import Path
 
 from .. import bench
@@ -68,11 +67,7 @@ def run(args) -> int:
     name = args.benchmark
     if args.repeat is None:
         args.repeat = 2 if args.quick else 5
-    try:
-        doc = _module(name).run(args)
-    except ValueError as e:  # a bad option value that argparse could not see alone
-        print(f"endor bench {name}: error: {e}", file=sys.stderr)
-        return 2
+    doc = _module(name).run(args)
     if getattr(args, "argv", None) is not None:
         doc["command"] = shlex.join(["endor", *args.argv])  # the command that reruns it
     out = Path(args.out)

@@ -28,6 +28,7 @@ def add_parser(sub):
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="compute dtype (default: as stored)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
@@ -37,12 +38,9 @@ def run(args) -> int:
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model} holds no tokenizer; perplexity needs one")
     add_bos = {"auto": None, "yes": True, "no": False}[args.bos]
-    try:
-        result = perplexity(model, tokenizer, text, window=args.window, add_bos=add_bos,
-                            max_windows=args.max_windows, progress=not args.json)
-    except ValueError as e:  # a text too short to score, a tokenizer without BOS
-        print(f"endor: error: {e}", file=sys.stderr)
-        return 2
+    # Progress goes to stderr, so --json keeps stdout one JSON document and still shows it.
+    result = perplexity(model, tokenizer, text, window=args.window, add_bos=add_bos,
+                        max_windows=args.max_windows, progress=not args.quiet)
     result = {"model": str(args.model), "text": args.text or "evaluation_text", **result}
     if args.json:
         print(json.dumps(result))

@@ -1,8 +1,12 @@
-"""The output directory of a conversion: resuming into it safely, starting it over, copying the
-source's config and tokenizer files, and checking each shard right after it is written."""
+"""The output directory of a conversion: resuming into it safely, replacing it whole
+(--overwrite), copying the source's config and tokenizer files, and checking each shard right
+after it is written."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import filecmp
 import json
 import os
@@ -16,6 +20,7 @@ import torch
 from ..checkpoint import INDEX, MANIFEST, CheckpointWriter
 from ..errors import FormatError
 from ..format import EndorTensor, open_file, spec
+from ..format.checksum import dense_checksum
 from ..format.spec import SAFETENSORS_DTYPES
 from .summary import read_shard_metadata
 
@@ -35,16 +40,105 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
+def _flatten(settings, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in (settings or {}).items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def _differences(theirs: dict, ours: dict) -> str:
-    keys = sorted(set(theirs) | set(ours))
-    diff = [f"{k}: {theirs.get(k)!r} in OUT, {ours.get(k)!r} now" for k in keys
-            if _canonical(theirs.get(k)) != _canonical(ours.get(k))]
+    """The settings that differ, one phrase each, in the options' words (no raw dicts)."""
+    theirs, ours = _flatten(theirs), _flatten(ours)
+    diff = []
+    for key in sorted(set(theirs) | set(ours)):
+        a, b = theirs.get(key), ours.get(key)
+        if _canonical(a) == _canonical(b):
+            continue
+        if key == "source":
+            diff.append("it was converted from another source model")
+        elif key.endswith("sha256"):
+            diff.append(f"{key.rsplit('.', 2)[0]} text differs")
+        else:
+            diff.append(f"{key} {json.dumps(a)} in OUT, {json.dumps(b)} now")
     return "; ".join(diff) or "different settings"
 
 
 def _mismatch(out: Path, what: str) -> SettingsMismatch:
     return SettingsMismatch(f"{out} already holds a conversion with other settings ({what}); "
-                            "write to a new OUT, or pass --overwrite (resume=False) to replace it")
+                            "write to a new OUT, or pass --overwrite to replace it")
+
+
+def check_out(out: Path, src: Path) -> None:
+    """OUT must be a directory (or not exist yet) and must not be or hold SRC."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out} is a file; give a directory (new, or a checkpoint to "
+                         "resume or replace)")
+    if out.exists():
+        where = out.resolve()
+        if where == src.resolve() or where in src.resolve().parents:
+            raise ValueError(f"OUT {out} must not be SRC {src} or a directory holding it")
+
+
+def _holds_checkpoint(out: Path) -> bool:
+    return any(p.name == MANIFEST or _SHARD_RE.match(p.name) or p.name.endswith(
+        ".safetensors.tmp") for p in out.iterdir())
+
+
+def staging_dir(out: Path) -> Path:
+    """Where --overwrite writes the new checkpoint: beside OUT (same filesystem, so the swap is
+    a rename), hidden."""
+    return out.with_name(f".{out.name}.endor-new")
+
+
+@contextlib.contextmanager
+def replacing(out: Path, *, replace: bool):
+    """Yields the directory a conversion writes into. Resuming (not `replace`), or with nothing
+    to replace, that is OUT itself. Otherwise it is a fresh staging directory beside OUT that is
+    swapped in whole once the conversion has finished, so no file of the old checkpoint
+    (tokenizer, chat template, generation config, manifest) survives, and a conversion that
+    fails or is killed midway leaves the old checkpoint as it was (a killed one also leaves the
+    staging directory, removed by the next --overwrite)."""
+    if not replace or not out.is_dir() or not any(out.iterdir()):
+        yield out
+        return
+    if not _holds_checkpoint(out):
+        raise ValueError(f"OUT {out} is not empty and holds no Endor checkpoint; --overwrite "
+                         "replaces only a checkpoint: choose a new or empty directory")
+    work = staging_dir(out)
+    shutil.rmtree(work, ignore_errors=True)  # a killed earlier --overwrite's
+    work.mkdir()
+    try:
+        yield work
+        _swap(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the old checkpoint now, or the failed new one
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Put `new` in place of `out`; afterwards `new` holds the old checkpoint. One atomic
+    renameat2(RENAME_EXCHANGE) where the OS and filesystem offer it (Linux >= 3.15), so a crash
+    at any moment leaves OUT the old or the new checkpoint; elsewhere two renames."""
+    exchange = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if exchange is not None:
+        at_cwd = -100
+        if exchange(at_cwd, os.fsencode(new), at_cwd, os.fsencode(out), _RENAME_EXCHANGE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, f"cannot swap in the new checkpoint: {os.strerror(code)}",
+                          str(out))
+    old = out.with_name(f".{out.name}.endor-old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out, old)
+    os.rename(new, out)
+    os.rename(old, new)
 
 
 def prepare(writer: CheckpointWriter, settings: dict, *, resume: bool) -> list[int]:
@@ -140,7 +234,7 @@ def verify_shard(path: Path, expected: dict) -> None:
     """Re-read a shard just written and compare every tensor bit for bit with what was meant
     (`expected`: {name: dense tensor or the EndorTensor that was written}). The file is opened
     as a reader would (layout rules checked); an Endor tensor's header entry must be the one
-    written and its three parts on disk must be its parts byte for byte, so the file decodes to
+    written and its parts on disk must be its parts byte for byte, so the file decodes to
     what the EndorTensor decodes to (which the caller checked against the weight); dense
     tensors are compared byte by byte. All reads are chunked positioned reads. A shard that
     fails is deleted (so a rerun writes it again) and the error raised."""
@@ -149,6 +243,7 @@ def verify_shard(path: Path, expected: dict) -> None:
             names = set(f.keys())
             stored = f.header.tensors
             entries = {n: f.entry(n) for n in names if f.is_compressed(n)}
+            dense_sums = {n: f.dense_checksum(n) for n in names if not f.is_compressed(n)}
         if names != set(expected):
             raise FormatError(f"verification failed: the shard holds {sorted(names)}, expected "
                               f"{sorted(expected)}", path=path)
@@ -156,13 +251,16 @@ def verify_shard(path: Path, expected: dict) -> None:
             if isinstance(want, EndorTensor):
                 entry = entries.get(name)
                 same = (entry is not None
-                        and (list(entry[0]), entry[1], entry[2], entry[3])
-                        == (list(want.shape), want.dtype, want.nnz, want.checksum)
-                        and all(_stored_as(path, stored.get(part_name), part)
-                                for part_name, part in zip(spec.part_names(name), (
-                                    want.bitmap, want.values, want.tiles))))
+                        and (list(entry.shape), entry.dtype, entry.nnz, entry.checksum,
+                             entry.codec, entry.params)
+                        == (list(want.shape), want.dtype, want.nnz, want.checksum,
+                            want.values_codec, dict(want.codec_params))
+                        and all(_stored_as(path, stored.get(spec.part_name(name, suffix)), part)
+                                for suffix, part in want.stored_parts().items()))
             else:
-                same = _stored_as(path, stored.get(name), want)
+                same = (_stored_as(path, stored.get(name), want)
+                        and dense_sums.get(name) == dense_checksum(
+                            spec.SAFETENSORS_NAMES[want.dtype], want.shape, want))
             if not same:
                 raise FormatError("verification failed: the tensor read back differs from the "
                                   "one written (disk or encoder fault)", path=path, tensor=name)

@@ -18,13 +18,13 @@ import torch
 
 from ..errors import FormatError
 from ..format.header import StoredTensor, read_header
+from ..format.read import read_stored  # noqa: F401  (also endor_source's)
 from ..format.spec import SAFETENSORS_DTYPES
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 _FINGERPRINT_BYTES = 1 << 20
-_READ_CHUNK = 1 << 28  # Linux reads at most ~2 GiB per call; stay well below
 
 
 
@@ -132,34 +132,6 @@ class SourceCheckpoint:
     def prior_pruning(self) -> None:
         """An HF checkpoint carries no record of pruning (see EndorSource.prior_pruning)."""
         return None
-
-
-def read_stored(path: Path, stored: StoredTensor, name: str) -> torch.Tensor:
-    """A new CPU tensor holding one safetensors entry of `path`, read with positioned reads
-    into a fresh buffer (no mmap)."""
-    out = torch.empty(stored.shape, dtype=SAFETENSORS_DTYPES[stored.dtype])
-    size = stored.end - stored.start
-    if size == 0:
-        return out
-    buffer = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
-    assert len(buffer) == size
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise FormatError(f"cannot read: {e.strerror or e}", path=path, tensor=name) from e
-    try:
-        done = 0
-        while done < size:
-            n = os.preadv(fd, [buffer[done:done + _READ_CHUNK]], stored.start + done)
-            if n <= 0:
-                raise FormatError(f"the file ended after {done} of {size} bytes of this "
-                                  "tensor (truncated?)", path=path, tensor=name)
-            done += n
-    except OSError as e:
-        raise FormatError(f"cannot read: {e.strerror or e}", path=path, tensor=name) from e
-    finally:
-        os.close(fd)
-    return out
 
 
 def fingerprint(root: Path, tensors, files: list[str], extra_files=("config.json",)) -> str:

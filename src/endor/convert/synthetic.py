@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 
 from .structure import build_layout
 
+from ..format.io import chmod_as_created
+
 DEFAULT_MAX_SHARD_BYTES = 512 * 2**20
 
 
@@ -72,6 +74,7 @@ def write_synthetic_checkpoint(out_dir, config, *, seed: int = 0,
         tensors = {n: _random_tensor(n, shapes[n], dtype, std, seed) for n in names}
         tmp = out / (file + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        chmod_as_created(tmp)
         os.replace(tmp, out / file)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({n: file for n in names})

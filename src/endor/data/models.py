@@ -135,6 +135,11 @@ def dequantize_gguf(gguf_file, out_dir=None) -> Path:
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"no such GGUF file: {gguf_file}")
+    with open(gguf_file, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":  # a ValueError: data sits below format (and its FormatError)
+        raise ValueError(f"{gguf_file} is not a GGUF file (it starts with {magic!r}, not "
+                         f"b'GGUF'{'; the file is empty' if not magic else ''})")
     if out_dir is None:
         name = _embedded_file_name(gguf_file) or f"{gguf_file.stem}-{_file_digest(gguf_file)}"
         out_dir = cache_dir() / "models" / name
@@ -148,7 +153,10 @@ def dequantize_gguf(gguf_file, out_dir=None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         _dequantize_into(gguf_file, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        mask = _umask()
+        tmp.chmod(0o777 & ~mask)  # mkdtemp makes it 0700
+        for written in tmp.iterdir():  # safetensors writes 0600: a shared cache must be readable
+            written.chmod(0o666 & ~mask)
         try:
             os.rename(tmp, out_dir)
         except OSError:
@@ -158,6 +166,17 @@ def dequantize_gguf(gguf_file, out_dir=None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux); elsewhere swapped and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def hub_offline() -> None:

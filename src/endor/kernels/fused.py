@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..format import spec
+from ..format.decompress import decompress
 from ..format.tensor import EndorTensor
 
 # Unit roundoff of each output dtype (half an ulp at 1.0).
@@ -105,7 +106,12 @@ def linear(x: torch.Tensor, et: EndorTensor, bias: torch.Tensor | None = None, *
     chosen = choose_linear(backend, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = chosen.matmul(x2, et)
+    if et.values_codec != "raw":
+        # The kernels read raw values; a codec's tile decoder plugs into their one "packed
+        # values of tile k" step (tile_values in cpu/fused.c) later. Until then: decompress.
+        y = x2 @ decompress(et).view(et.shape).float().T
+    else:
+        y = chosen.matmul(x2, et)
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype).reshape(*lead, et.shape[0])
@@ -113,10 +119,7 @@ def linear(x: torch.Tensor, et: EndorTensor, bias: torch.Tensor | None = None, *
 
 def reference_matmul(x: torch.Tensor, et: EndorTensor) -> torch.Tensor:
     """The obviously correct one: decompress with the reference decoder, float32 matmul."""
-    from ..format.reference import decode
-    dense = torch.empty(et.numel, dtype=et.dtype, device=et.device)
-    if et.numel:
-        decode(et, dense)
+    dense = decompress(et, backend="reference")
     return x @ dense.view(et.shape).float().T
 
 

@@ -104,6 +104,9 @@ def _check_parts(et: EndorTensor, x: torch.Tensor) -> None:
 def matmul(x: torch.Tensor, et: EndorTensor, *, num_warps: int = 4) -> torch.Tensor:
     """x [M, K] float32 contiguous on et's device -> float32 [M, N] = x @ W.T."""
     n, k = et.shape
+    if et.values_codec != "raw":
+        raise ValueError(f"the fused triton kernel reads raw values, not the {et.values_codec!r} "
+                         "codec; use endor.kernels.linear (it decompresses those)")
     _check_parts(et, x)
     y = torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device)
     if et.numel == 0 or x.shape[0] == 0:

@@ -92,6 +92,9 @@ def matmul(x: torch.Tensor, et: EndorTensor, *, isa: str | None = None,
         raise RuntimeError("the fused cpu linear is not built; reinstall endor with a C compiler "
                            "(pip install -e .) or use backend='reference'")
     n, k = et.shape
+    if et.values_codec != "raw":
+        raise ValueError(f"the fused cpu kernel reads raw values, not the {et.values_codec!r} "
+                         "codec; use endor.kernels.linear (it decompresses those)")
     _check_parts(et)
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
         raise ValueError(f"x must be float32 [M, {k}] on the cpu, got {x.dtype}{list(x.shape)}")
