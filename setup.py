@@ -1,18 +1,23 @@
-"""Builds the CPU decompressor extension (plain C, AVX2/AVX-512 paths chosen at run time)."""
+"""Builds the CPU extensions (plain C, AVX2/AVX-512 paths chosen at run time): the
+decompressor and the fused linear."""
 
 from pathlib import Path
 
 from setuptools import Extension, setup
 
-SOURCE = Path("src/endor/kernels/cpu/decompress.c")
+SOURCES = {
+    "endor.kernels.cpu._decompress": Path("src/endor/kernels/cpu/decompress.c"),
+    "endor.kernels.cpu._fused": Path("src/endor/kernels/cpu/fused.c"),
+}
 
-ext_modules = []
-if SOURCE.exists():
-    ext_modules.append(Extension(
-        "endor.kernels.cpu._decompress",
-        sources=[str(SOURCE)],
+ext_modules = [
+    Extension(
+        name,
+        sources=[str(source)],
         extra_compile_args=["-O3", "-std=c11", "-fno-strict-aliasing"],
-        optional=True,  # without a compiler, the reference decompressor still works
-    ))
+        optional=True,  # without a compiler, the reference decompressor and linear still work
+    )
+    for name, source in SOURCES.items() if source.exists()
+]
 
 setup(ext_modules=ext_modules)

@@ -45,3 +45,31 @@ def describe(path, *, verify: bool = False) -> list[dict]:
         ck = Checkpoint(path)
         return [row for s in ck.shards for row in describe_file(path / s.file, verify=verify)]
     return describe_file(path, verify=verify)
+
+
+def budgets(path) -> dict | None:
+    """What `max_memory` a converted checkpoint can run in (None for a single file): the least
+    (the "rest" shard's weights, dense, always resident: every decoder layer streamed) and what
+    keeps every layer resident with dense compute and with fused compute (decoder weights held
+    compressed). Streaming buffers come on top of the least: prefetch+1 read slots of at least
+    the largest layer shard."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    rows = describe(path)
+    shards = {s.file: s.group for s in Checkpoint(path).shards}
+    by_group: dict[str, list[dict]] = {}
+    for r in rows:
+        by_group.setdefault(shards[r["file"]], []).append(r)
+    rest = sum(r["dense_bytes"] for r in by_group.get("rest", []))
+    layers = [g for g in by_group if g != "rest"]
+    return {
+        "least_bytes": rest,
+        "largest_layer_shard_bytes": max(
+            (sum(r["stored_bytes"] for r in by_group[g]) for g in layers), default=0),
+        "all_resident_dense_bytes": rest + sum(r["dense_bytes"] for g in layers
+                                               for r in by_group[g]),
+        "all_resident_fused_bytes": rest + sum(
+            r["stored_bytes"] if r["compressed"] else r["dense_bytes"]
+            for g in layers for r in by_group[g]),
+    }

@@ -76,7 +76,8 @@ def test_some_layers_resident_is_token_identical(tiny, arch, prefetch):
     with open_model(path, max_memory=0) as probe:
         rest = probe.endor_stats()["resident_bytes"]
         per_layer = probe.endor_stats()["streamed_dense_bytes"] // 4
-    with open_model(path, max_memory=rest + 2 * per_layer, prefetch=prefetch) as model:
+    with open_model(path, max_memory=rest + 2 * per_layer, prefetch=prefetch,
+                    compute="dense") as model:  # dense layers count in the budget
         assert greedy(model, PROMPT, NEW_TOKENS) == want
         stats = model.endor_stats()
     assert stats["resident_layers"] == [0, 1] and stats["streamed_layers"] == [2, 3]
@@ -248,7 +249,7 @@ def test_worker_error_reaches_the_caller(tiny, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("decompressor exploded")
 
-    with open_model(path, max_memory=0) as model:
+    with open_model(path, max_memory=0, compute="dense") as model:  # the loader decodes
         monkeypatch.setattr(stream, "decompress", broken)
         with pytest.raises(RuntimeError, match="decompressor exploded"):
             greedy(model, PROMPT, NEW_TOKENS)
@@ -259,7 +260,7 @@ def test_streaming_buffers_are_reported_and_sized_from_the_largest_layer(tiny, w
     path, reference, _ = tiny("opt", weights)
     shards = shard_paths(path)
     largest = max(shards[f"layers.{i}"].stat().st_size for i in range(4))
-    with open_model(path, max_memory=0, prefetch=2) as model:
+    with open_model(path, max_memory=0, prefetch=2, compute="dense") as model:
         stats = model.endor_stats()
     assert stats["read_slots"] == 3
     # read slots: the largest shard, rounded up to the O_DIRECT alignment, each

@@ -12,7 +12,7 @@ from .args import at_least
 
 # Listed first, in this order; any other module of endor.bench exposing add_arguments() and
 # run() is a benchmark too, listed after them by name.
-BENCHMARKS = ("formats", "decompress", "transfer", "e2e", "convert")
+BENCHMARKS = ("formats", "decompress", "gemv", "transfer", "e2e", "convert")
 # Former names still accepted on the command line (results are written under the new name).
 ALIASES = {"decompress": ["decode"]}
 DEFAULT_OUT = "bench-results"

@@ -35,6 +35,10 @@ def add_parser(sub):
                    help="layers loading ahead of the one computing, in dense layers' memory: "
                         "compressed shards read further ahead in it (default 1)")
     p.add_argument("--backend", default="auto", help="decompressor backend (default auto)")
+    p.add_argument("--compute", choices=("auto", "fused", "dense"), default="auto",
+                   help="fused: decoder weights stay compressed and decode steps compute from "
+                        "them; dense: decompress every layer; auto: fused on the CPU "
+                        "(default auto)")
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON object (tokens, text, speed, split) instead")
     p.set_defaults(run=run)
@@ -63,7 +67,8 @@ def run(args) -> int:
         raise ValueError(f"--prompt {args.prompt!r} gives no tokens; give some text")
     model = load_model(args.model, device=args.device, offload=args.offload,
                        max_memory=args.max_memory, prefetch=args.prefetch,
-                       direct_io=not args.buffered_io, backend=args.backend)
+                       direct_io=not args.buffered_io, backend=args.backend,
+                       compute=args.compute)
     try:
         ids = prompt_ids.to(model.device)
         streamer = None

@@ -2,7 +2,7 @@
 
 import json
 
-from ..inspect import describe
+from ..inspect import budgets, describe
 
 
 def add_parser(sub):
@@ -32,6 +32,13 @@ def run(args) -> int:
     dense = sum(r["dense_bytes"] for r in rows)
     print(f"{len(rows)} tensors, {stored / 1e6:.1f} MB stored, {dense / 1e6:.1f} MB dense "
           f"({dense / max(stored, 1):.2f}x){', verified' if args.verify else ''}")
+    b = budgets(args.path)
+    if b:
+        print(f"smallest --max-memory: {b['least_bytes'] / 1e6:.1f} MB (embeddings, norm, LM head "
+              f"resident; every decoder layer streamed, plus read buffers of "
+              f"{b['largest_layer_shard_bytes'] / 1e6:.1f} MB each); every layer resident: "
+              f"{b['all_resident_fused_bytes'] / 1e6:.1f} MB with fused compute, "
+              f"{b['all_resident_dense_bytes'] / 1e6:.1f} MB dense")
     return 0
 
 

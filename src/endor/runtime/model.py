@@ -17,12 +17,13 @@ from torch import nn
 from ..checkpoint import Checkpoint
 from ..errors import FormatError
 from ..kernels import choose
+from . import fused
 from .metrics import Metrics
 from .plan import parse_size, plan_layer, plan_memory
 from .reader import ShardReader
 from .stream import LayerStream
 from .weights import (check_streamed, find_layer_list, layer_files, load_resident_layer,
-                      load_rest, model_dtype, set_tensor)
+                      load_rest, model_dtype)
 
 OFFLOAD = ("disk", "cpu")
 
@@ -76,7 +77,8 @@ def thread_split(device: torch.device, streaming: bool,
 
 def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, prefetch: int = 1,
                backend: str = "auto", compute_threads: int | None = None,
-               direct_io: bool = True, model: nn.Module | None = None):
+               direct_io: bool = True, model: nn.Module | None = None,
+               compute: str = "auto"):
     """Load a converted checkpoint (weights "endor" or "dense") for offloaded inference.
 
     device: where it computes ("cpu", "cuda"). offload: where streamed layers live between
@@ -95,6 +97,11 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     model: fill this model instead of building one: the architecture of the checkpoint's
     config.json with its parameters on the meta device and its buffers real (transformers'
     from_pretrained hands over its own: endor.integrations.hf_quantizer).
+    compute: "fused" keeps decoder Linear weights compressed, resident ones counted in the budget
+    at their compressed size, streamed ones used straight from their read buffer, and computes
+    from the compressed form for a few tokens (decode), decompress + GEMM for many (prefill);
+    "dense" decompresses every layer; "auto" (default) is "dense" for now: see runtime/fused.py
+    resolve_compute for the measured reason.
 
     Returns the model (generate() works) with endor_stats(), endor_reset_stats() and
     endor_close() attached; or use `with endor.runtime.open_model(...) as model:`."""
@@ -110,26 +117,40 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     choose(backend, device)  # an unknown or unavailable backend fails now, not mid-generation
 
     ckpt = Checkpoint(path)
+    compute = fused.resolve_compute(compute, device, ckpt.weights)
     files, rest_file = layer_files(ckpt)
     if model is None:
         model = _empty_model(ckpt.path, model_dtype([rest_file, *files[:1]]))
     layer_path, layers = find_layer_list(model, files[0].keys() if files else [], len(files))
     prefixes = [f"{layer_path}.{i}." for i in range(len(files))]
-    plans = []
+    plans, kept = [], []
     for i, (layer, f) in enumerate(zip(layers, files)):
         expected = {n: (t.shape, t.dtype) for n, t in layer.state_dict(keep_vars=True).items()}
-        plans.append(plan_layer(i, f, prefixes[i], expected))
+        plan = plan_layer(i, f, prefixes[i], expected)
+        names = fused.fusable(layer, plan) if compute == "fused" else frozenset()
+        if names:
+            plan = plan_layer(i, f, prefixes[i], expected, keep_compressed=names)
+            fused.install(layer, names, backend=backend)
+        plans.append(plan)
+        kept.append(names)
 
     rest_bytes = load_rest(model, rest_file, f"{layer_path}.", device=device, backend=backend)
-    memory = plan_memory(budget, rest_bytes, [p.weight_bytes for p in plans])
+    memory = plan_memory(budget, rest_bytes,
+                         [fused.resident_bytes(p, names) for p, names in zip(plans, kept)])
     for i in memory.resident:
-        load_resident_layer(layers[i], files[i], plans[i], prefixes[i], device=device,
-                            backend=backend)
+        if kept[i]:
+            fused.load_resident(layers[i], files[i], plans[i], prefixes[i], kept[i],
+                                device=device, backend=backend)
+        else:
+            load_resident_layer(layers[i], files[i], plans[i], prefixes[i], device=device,
+                                backend=backend)
 
     metrics = Metrics()
     reader = ShardReader(direct=direct_io)
     stream = None
-    threads, decompress_threads = thread_split(device, bool(memory.streamed), compute_threads)
+    # Fused streamed layers leave the loader nothing to decompress: compute keeps every core.
+    threads, decompress_threads = thread_split(device, bool(memory.streamed) and not any(kept),
+                                               compute_threads)
     if memory.streamed:
         streamed = [plans[i] for i in memory.streamed]
         try:
@@ -144,26 +165,29 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
             reader.close()
             raise
         for i in memory.streamed:
-            _install_stream_hooks(layers[i], i, stream)
+            _install_stream_hooks(layers[i], i, stream, kept[i])
     install_metric_hooks(model, metrics, threads, device)
     _attach_api(model, stream, metrics, memory, plans, reader,
                 {"path": str(ckpt.path), "weights": ckpt.weights, "device": str(device),
                  "offload": offload, "prefetch": prefetch, "backend": backend,
+                 "compute": compute, "fused_layers": sum(bool(k) for k in kept),
                  "compute_threads": threads or torch.get_num_threads(),
                  "decompress_threads": decompress_threads})
     return model
 
 
-def _install_stream_hooks(layer: nn.Module, index: int, stream: LayerStream) -> None:
+def _install_stream_hooks(layer: nn.Module, index: int, stream: LayerStream,
+                          kept: frozenset[str] = frozenset()) -> None:
     placeholders = dict(layer.state_dict(keep_vars=True))  # the meta tensors, put back after use
+    placeholders.update(dict.fromkeys(kept))  # Endor weights: none between uses
 
     def swap_in(module, args):
         for name, view in stream.acquire(index).items():
-            set_tensor(module, name, view)
+            fused.set_weight(module, name, view)
 
     def swap_out(module, args, output):
         for name, meta in placeholders.items():
-            set_tensor(module, name, meta)
+            fused.set_weight(module, name, meta)
         stream.release(index)
 
     layer.register_forward_pre_hook(swap_in)

@@ -100,9 +100,11 @@ class LayerPlan:
         return any(tp.out is None for tp in self.tensors)
 
 
-def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict) -> LayerPlan:
+def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict,
+               keep_compressed: frozenset[str] = frozenset()) -> LayerPlan:
     """Lay out decoder layer `index` stored in `f` (tensor names `prefix` + relative name) for a
-    model whose layer holds `expected` = {relative name: (shape, dtype)}."""
+    model whose layer holds `expected` = {relative name: (shape, dtype)}. Endor tensors named in
+    `keep_compressed` are not decoded: they stay views of the shard image (fused compute)."""
     names = {n[len(prefix):]: n for n in f.keys() if n.startswith(prefix)}
     unexpected = sorted(set(f.keys()) - set(names.values()))
     if unexpected:
@@ -134,7 +136,8 @@ def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict) -> LayerPl
     # A layer with compressed tensors is decompressed into the dense buffer whole (its few dense
     # tensors copied beside them), so its shard image can be reused as soon as it is decompressed;
     # a dense layer is used in place, a view of its image (no copy at all).
-    any_compressed = any(f.is_compressed(names[rel]) for rel in expected)
+    any_compressed = any(f.is_compressed(names[rel]) for rel in expected
+                         if rel not in keep_compressed)
     for rel in sorted(expected):
         shape, dtype = expected[rel]
         full = names[rel]
@@ -161,8 +164,8 @@ def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict) -> LayerPl
         if not stored_dtype.is_floating_point and dtype.is_floating_point:
             raise FormatError(f"is {stored_dtype}, the model expects a float", path=f.path,
                               tensor=full)
-        in_place = (not any_compressed and stored_dtype == dtype
-                    and parts[0].staging is None)
+        in_place = rel in keep_compressed or (not any_compressed and stored_dtype == dtype
+                                              and all(p.staging is None for p in parts))
         out = None if in_place else reserve(math.prod(shape) * dtype.itemsize)
         plans.append(TensorPlan(rel, torch.Size(shape), dtype, parts, compressed, digest, out,
                                 entry, suffixes, f.version or 1, stored))

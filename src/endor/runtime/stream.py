@@ -371,6 +371,9 @@ def decompress_layer(plan: LayerPlan, image: torch.Tensor, dense: torch.Tensor,
             out = dense[tp.out:tp.out + tp.nbytes].view(tp.dtype)
         if tp.compressed:
             et = planned_tensor(tp, parts)
+            if out is None:  # kept compressed: computed from the image (runtime/fused.py)
+                views[tp.name] = et
+                continue
             try:
                 decompress(et, out=out, backend=backend)
             except FormatError as e:

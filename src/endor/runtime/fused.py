@@ -1,0 +1,116 @@
+"""Compute from the compressed form: decoder-layer Linear weights stay Endor tensors, resident
+(in the budget at their compressed size) or streamed (views of the shard's read buffer, no dense
+slot), and `EndorLinear` computes y = x @ W.T + b with the fused kernel (endor.kernels.linear)
+for a few rows of x (decode), or decompresses into a temporary and runs a GEMM for many (prefill,
+large batches: FUSED_MAX_ROWS).
+
+Not bit-identical to the dense model: the fused kernel sums in float32 in its own order (the bound
+is in kernels/fused.py), where torch's GEMV sums in another. Greedy tokens match on the test
+models (tests/runtime/test_fused.py); they may differ where two logits are within that error."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..format import EndorFile, EndorTensor
+from ..kernels import choose_linear, decompress, linear
+from .plan import LayerPlan
+from .weights import set_tensor
+
+COMPUTE = ("auto", "fused", "dense")
+# At most this many rows of x (tokens x batch) go through the fused kernel; more decompress
+# and run a GEMM. `endor bench gemv` on 4096x14336 at 50%, 2 shared cores (load 15): fused over
+# decompress + GEMM at batch 16 was 1.94x (bf16) and 5.1x (fp16) on one thread, 0.85x and 1.84x
+# on two; the weights here are held compressed, so that is the comparison that sets the switch.
+FUSED_MAX_ROWS = 16
+
+
+def resolve_compute(compute: str, device: torch.device, weights: str) -> str:
+    """"auto" is "dense" for now. Measured on the 2-core CPU (load 15-19, docs/benchmarks/fused):
+    fused GEMV is 1.1-1.2x torch's dense GEMV at batch 1 and the in-RAM model 1.5x at batch 1,
+    but streamed layers computed fused ran at 0.23x the dense pipeline, and the fused kernels read
+    raw values only (exp-coded weights, the default codec, are decompressed per call). "fused"
+    stays available, opt-in, until it wins where auto would pick it."""
+    if compute not in COMPUTE:
+        raise ValueError(f"compute must be one of {COMPUTE}, got {compute!r}")
+    if compute == "fused":
+        choose_linear("auto", device)
+        return "fused"
+    return "dense"
+
+
+class EndorLinear(nn.Module):
+    """nn.Linear whose weight is an Endor tensor (`et`, None between uses of a streamed layer)."""
+
+    def __init__(self, linear_module: nn.Linear, *, max_fused_rows: int = FUSED_MAX_ROWS,
+                 backend: str = "auto"):
+        super().__init__()
+        self.in_features = linear_module.in_features
+        self.out_features = linear_module.out_features
+        self.bias = linear_module.bias
+        self.et: EndorTensor | None = None
+        self.max_fused_rows = max_fused_rows
+        self.backend = backend  # the decoder for the GEMM path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        et = self.et
+        if et is None:
+            raise RuntimeError("EndorLinear has no weight (a streamed layer outside its forward)")
+        rows = x.numel() // max(x.shape[-1], 1)
+        bias = self.bias
+        if rows <= self.max_fused_rows:
+            return linear(x, et, bias)
+        weight = decompress(et, backend=self.backend)
+        return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, fused up to {self.max_fused_rows} rows")
+
+
+def fusable(layer: nn.Module, plan: LayerPlan) -> frozenset[str]:
+    """Relative names of the layer's compressed weights that belong to an nn.Linear."""
+    names = set()
+    for tp in plan.tensors:
+        module_path, _, leaf = tp.name.rpartition(".")
+        if tp.compressed and leaf == "weight" and len(tp.shape) == 2 and isinstance(
+                layer.get_submodule(module_path) if module_path else layer, nn.Linear):
+            names.add(tp.name)
+    return frozenset(names)
+
+
+def install(layer: nn.Module, names: frozenset[str], *, backend: str) -> None:
+    """Replace the nn.Linear of each weight name by an EndorLinear (weight unset)."""
+    for name in names:
+        module_path = name.rpartition(".")[0]
+        parent_path, _, child = module_path.rpartition(".")
+        parent = layer.get_submodule(parent_path) if parent_path else layer
+        setattr(parent, child, EndorLinear(getattr(parent, child), backend=backend))
+
+
+def set_weight(layer: nn.Module, name: str, value) -> None:
+    """set_tensor, or the Endor weight of an EndorLinear."""
+    if isinstance(value, EndorTensor) or value is None and name.endswith(".weight") and \
+            isinstance(layer.get_submodule(name.rpartition(".")[0]), EndorLinear):
+        layer.get_submodule(name.rpartition(".")[0]).et = value
+    else:
+        set_tensor(layer, name, value)
+
+
+def resident_bytes(plan: LayerPlan, names: frozenset[str]) -> int:
+    """What the layer holds resident: its fused weights at their stored (compressed) size."""
+    return sum(sum(p.end - p.start for p in tp.parts) if tp.name in names else tp.nbytes
+               for tp in plan.tensors)
+
+
+def load_resident(layer: nn.Module, f: EndorFile, plan: LayerPlan, prefix: str,
+                  names: frozenset[str], *, device, backend: str) -> None:
+    """A resident layer: fused weights compressed on `device`, the rest dense."""
+    from .weights import load_dense
+    for tp in plan.tensors:
+        if tp.name in names:
+            set_weight(layer, tp.name, f.get_compressed(prefix + tp.name).to(device))
+        else:
+            set_tensor(layer, tp.name, load_dense(f, prefix + tp.name, tp.dtype, device=device,
+                                                  backend=backend))

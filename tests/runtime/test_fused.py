@@ -1,0 +1,77 @@
+"""Fused compute in the runtime (src/endor/runtime/fused.py): decoder Linear weights stay
+compressed, resident or streamed, and greedy generation matches the in-memory dense model on the
+test models (the fused sum order is not torch's, so this is checked, not assumed)."""
+
+import pytest
+import torch
+
+from endor.runtime import open_model
+from endor.runtime.fused import EndorLinear, resolve_compute
+from tests.runtime.checkpoints import greedy
+from tests.conftest import NEW_TOKENS, PROMPT
+
+ARCHS = ["llama", "qwen2", "opt", "gemma3"]
+
+
+def endor_linears(model):
+    return [m for m in model.modules() if isinstance(m, EndorLinear)]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("max_memory", [None, 0])
+def test_fused_generation_matches_the_dense_model(tiny, arch, max_memory):
+    path, reference, want = tiny(arch, "endor")
+    with open_model(path, max_memory=max_memory, compute="fused") as model:
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+        stats = model.endor_stats()
+        linears = endor_linears(model)
+        # Outside a forward a streamed layer holds no weight; a resident one holds its own.
+        assert all((m.et is None) == (max_memory == 0) for m in linears)
+    n = reference.config.num_hidden_layers
+    assert stats["compute"] == "fused" and stats["fused_layers"] == n
+    layer_list = next(m for m in reference.modules()
+                      if isinstance(m, torch.nn.ModuleList) and len(m) == n)
+    assert len(linears) == sum(isinstance(m, torch.nn.Linear) for m in layer_list.modules())
+    if max_memory == 0:
+        assert stats["dense_slots"] >= 1 and stats["buffer_device_bytes"] < \
+            stats["streamed_dense_bytes"] / n / 4  # no dense slot worth a layer
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_prefill_past_the_fused_rows_decompresses_and_still_matches(tiny, arch):
+    path, _, want = tiny(arch, "endor")
+    with open_model(path, max_memory=0, compute="fused") as model:
+        for m in endor_linears(model):
+            m.max_fused_rows = 4  # the 8-token prompt takes the GEMM path, decode the fused one
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+
+
+def test_budget_counts_compressed_bytes(tiny):
+    path, _, want = tiny("llama", "endor")
+    with open_model(path, max_memory=0, compute="dense") as probe:
+        rest = probe.endor_stats()["resident_bytes"]
+        dense_layer = probe.endor_stats()["streamed_dense_bytes"] // 4
+    budget = rest + 2 * dense_layer
+    with open_model(path, max_memory=budget, compute="dense") as dense:
+        dense_resident = len(dense.endor_stats()["resident_layers"])
+    with open_model(path, max_memory=budget, compute="fused") as model:
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+        stats = model.endor_stats()
+    assert dense_resident == 2
+    assert len(stats["resident_layers"]) > dense_resident
+    assert stats["resident_bytes"] <= budget
+
+
+def test_compute_option():
+    cpu = torch.device("cpu")
+    assert resolve_compute("dense", cpu, "endor") == "dense"
+    assert resolve_compute("auto", cpu, "dense") == "dense"
+    with pytest.raises(ValueError, match="compute must be one of"):
+        resolve_compute("sparse", cpu, "endor")
+
+
+def test_dense_checkpoint_with_fused_compute_runs_dense(tiny):
+    path, _, want = tiny("qwen2", "dense")
+    with open_model(path, max_memory=0, compute="fused") as model:
+        assert greedy(model, PROMPT, NEW_TOKENS) == want
+        assert model.endor_stats()["fused_layers"] == 0
