@@ -21,10 +21,13 @@ DENSE_TENSORS = [("layers.1", "model.layers.1.post_attention_layernorm.weight"),
                  ("rest", "model.norm.weight")]
 
 
-def _flip_in(ckpt_dir, group, name, part_index):
+def _flip_in(ckpt_dir, group, name, part):
+    """Flip bytes in the middle of `part` (an Endor tensor's part suffix, or 0: a dense
+    tensor's data)."""
     shard = shard_of(ckpt_dir, group)
     with endor.open_file(shard) as f:
-        start, end = f.byte_ranges(name)[part_index]
+        start, end = f.part_ranges(name)[part] if f.is_compressed(name) else \
+            f.byte_ranges(name)[part]
     flip_bytes(shard, (start + end) // 2, min(8, end - start))
     return shard
 
@@ -46,7 +49,7 @@ def _every_reader_refuses(ckpt_dir, shard, name, capsys):
     assert_one_line_error(capsys.readouterr().err, "generate", shard.name)
 
 
-@pytest.mark.parametrize("part", [0, 1, 2], ids=["bitmap", "values", "tiles"])
+@pytest.mark.parametrize("part", ["bitmap", "tiles", "signmant", "codes", "bases", "escidx"])
 @pytest.mark.parametrize("group,name", ENDOR_TENSORS, ids=["layer-shard", "rest-shard"])
 def test_endor_tensor_bytes_flipped(ckpt, group, name, part, capsys):
     ckpt_dir = ckpt[0]

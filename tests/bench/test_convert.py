@@ -1,9 +1,9 @@
 """`endor bench convert` (src/endor/bench/convert.py)."""
 
-import argparse
 import sys
 
 import pytest
+import torch
 
 from endor.bench import convert as bench
 
@@ -33,10 +33,9 @@ def test_peak_rss_is_the_childs_own(tmp_path):
 
 @pytest.mark.slow
 def test_quick_run(tmp_path):
-    args = argparse.Namespace(size_gb=None, method="magnitude", sparsity=0.5, weights="endor",
-                              conversions=1, workdir=str(tmp_path), quick=True, repeat=1,
-                              warmup=0)
-    doc = bench.run(args)
+    params = dict(size_gb=None, method="magnitude", sparsity=0.5, weights="endor",
+                  conversions=1, workdir=str(tmp_path), quick=True, repeat=1, warmup=0)
+    doc = bench.run(**params)
     assert doc["schema"] == "endor-bench/1" and doc["benchmark"] == "convert"
     rows = {r["case"].split()[0]: r for r in doc["results"]}
     conv = rows["convert"]
@@ -49,10 +48,10 @@ def test_quick_run(tmp_path):
 
 
 def test_bad_options():
-    args = argparse.Namespace(size_gb=None, method="magnitude", sparsity=0.5, weights="endor",
-                              conversions=0, workdir=None, quick=True, repeat=1, warmup=0)
+    params = dict(size_gb=None, method="magnitude", sparsity=0.5, weights="endor",
+                  conversions=0, workdir=None, quick=True, repeat=1, warmup=0)
     with pytest.raises(ValueError, match="conversions"):
-        bench.run(args)
+        bench.run(**params)
 
 
 def test_plot(tmp_path):
@@ -64,3 +63,32 @@ def test_plot(tmp_path):
     path = plot.draw("convert", doc, tmp_path / "convert.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+@pytest.mark.slow  # three child conversions: about a minute idle, 3.5 min on a loaded machine
+def test_scale_mode_reports_seconds_per_billion_parameters(tmp_path):
+    from endor.bench import plot
+    from tests.convert.conftest import make_model_dir
+
+    src = make_model_dir(tmp_path / "tiny", "llama", dtype=torch.float16)
+    args = argparse.Namespace(
+        size_gb=None, method="magnitude", sparsity=0.5, weights="endor", conversions=1,
+        workdir=str(tmp_path / "work"), quick=True, repeat=1, warmup=0,
+        methods=["magnitude", "wanda", "sparsegpt"], models=[str(src)], layers=1, device="cpu",
+        calib_samples=4, calib_seqlen=16)
+    doc = bench.run(args)
+    assert doc["params"]["mode"] == "scale"
+    rows = doc["results"]
+    assert [r["method"] for r in rows] == ["magnitude", "wanda", "sparsegpt"]
+    params = doc["params"]["sources"][str(src)]["params"]
+    for r in rows:
+        assert r["device"] == "cpu" and r["params_b"] == round(params / 1e9, 4)
+        assert r["s_per_b_params"] == pytest.approx(r["seconds"] / (params / 1e9), rel=0.01)
+        assert 0.05 < r["peak_rss_gb"] < 4 and r["peak_gpu_gb"] is None
+    assert rows[0]["calib"] is None and rows[1]["calib"] == "4x16"
+    assert list((tmp_path / "work").iterdir()) == []
+    png = plot.draw("convert", doc, tmp_path / "scale.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    args.methods = ["none"]
+    with pytest.raises(ValueError, match="--methods"):
+        bench.run(args)

@@ -9,13 +9,15 @@ from torch import nn
 import endor
 from endor import checkpoint
 from endor.checkpoint import Checkpoint
-from endor.convert import calibrate, convert, outdir
+from endor.convert import calibrate, convert, outdir, pipeline
 from endor.convert.outdir import SettingsMismatch
 from endor.format.equal import bit_equal
 from endor.prune import CalibrationStats, needs_hessian, prune_weight
 from tests.convert.conftest import CALIB_TEXT, SAMPLES, SEQLEN, make_model_dir
 
-CALIB = dict(calib_text=CALIB_TEXT, calib_samples=SAMPLES, calib_seqlen=SEQLEN, progress=False)
+# On the CPU: the references here are computed there, and compared bit for bit.
+CALIB = dict(calib_text=CALIB_TEXT, calib_samples=SAMPLES, calib_seqlen=SEQLEN, progress=False,
+             device="cpu")
 
 
 def source_tensors(src) -> dict:
@@ -69,8 +71,13 @@ def test_magnitude_checkpoint_decompresses_to_the_pruned_weights(model_dirs, tmp
     manifest = json.loads((tmp_path / "out" / "endor.json").read_text())
     assert manifest["summary"] == {k: v for k, v in summary.items() if k != "run"}
     assert manifest["method"] == "magnitude" and manifest["weights"] == "endor"
-    for side_file in ("tokenizer.json", "config.json"):
-        assert (tmp_path / "out" / side_file).read_bytes() == (src / side_file).read_bytes()
+    out = tmp_path / "out"
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    # config.json: the source's, plus what tells transformers it is an Endor checkpoint
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == {
+        **json.loads((src / "config.json").read_text()),
+        "quantization_config": {"quant_method": "endor", "checkpoint_version": 1},
+        "transformers_weights": checkpoint.HF_GUARD_FILE}
     assert summary["total"]["ratio"] > 1.2
 
 
@@ -218,14 +225,15 @@ class Killed(BaseException):
 
 
 def kill_after(monkeypatch, shards: int):
-    real, calls = outdir.verify_shard, []
+    """The process "dies" right after the `shards`-th shard is written and verified."""
+    real, calls = pipeline._Conversion._shard_done, []
 
-    def verify_then_maybe_die(path, expected):
-        real(path, expected)
-        calls.append(path)
+    def done_then_maybe_die(self, group):
+        real(self, group)
+        calls.append(group)
         if len(calls) == shards:
             raise Killed
-    monkeypatch.setattr(outdir, "verify_shard", verify_then_maybe_die)
+    monkeypatch.setattr(pipeline._Conversion, "_shard_done", done_then_maybe_die)
 
 
 @pytest.mark.parametrize("method", ["magnitude", "sparsegpt"])
@@ -272,10 +280,10 @@ def test_resuming_with_other_settings_is_refused(model_dirs, tmp_path, monkeypat
 def test_verification_catches_an_encoder_fault(model_dirs, tmp_path, monkeypatch):
     from endor.convert import pipeline
 
-    def flipping_compress(t):
+    def flipping_compress(t, **options):
         t = t.clone()
         t.view(-1)[0] = 1.0  # what would land on disk differs from what was meant
-        return endor.compress(t)
+        return endor.compress(t, **options)
     monkeypatch.setattr(pipeline, "compress", flipping_compress)
     with pytest.raises(endor.FormatError, match="verification failed.*encoder"):
         convert(model_dirs("llama", torch.float32), tmp_path / "out", method="magnitude",
@@ -342,7 +350,7 @@ def test_corrupt_sources_are_clear_errors(tmp_path, llama_dir):
 
 def test_bad_arguments(llama_dir, tmp_path):
     out = tmp_path / "o"
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="unknown pruning method"):
         convert(llama_dir, out, method="random")
     with pytest.raises(ValueError, match="sparsity"):
         convert(llama_dir, out, method="magnitude", sparsity=1.5)

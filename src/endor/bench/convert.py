@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 import threading
 import time
 from pathlib import Path
@@ -27,7 +28,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from ..checkpoint import WEIGHT_KINDS
 from ..convert.synthetic import write_synthetic_checkpoint
+from ..prune import check_sparsity
 from . import harness
 
 NAME = "convert"
@@ -47,9 +50,27 @@ def add_arguments(parser) -> None:
                         help="pruning method (calibrated methods need a tokenizer; default "
                              "magnitude)")
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--format", dest="weights", choices=("endor", "dense"), default="endor")
+    parser.add_argument("--weights", choices=WEIGHT_KINDS, default="endor",
+                        help="how the converted weights are stored (default endor)")
     parser.add_argument("--conversions", type=int, default=1,
                         help="cold conversions to time (default 1)")
+    scale = parser.add_argument_group(
+        "per-method scale mode (--methods): seconds per billion parameters and peak memory")
+    scale.add_argument("--methods", default=None, type=lambda t: [m for m in t.split(",") if m],
+                       help="comma-separated methods, e.g. magnitude,wanda,sparsegpt: switches to "
+                            "the scale mode")
+    scale.add_argument("--models", default="70b,smollm2,gemma3-270m",
+                       type=lambda t: [m for m in t.split(",") if m],
+                       help="70b (synthetic, 70B layer shapes) and/or embedded model aliases "
+                            "(default 70b,smollm2,gemma3-270m)")
+    scale.add_argument("--layers", type=int, default=2,
+                       help="decoder layers of the 70B-shaped checkpoint (default 2)")
+    scale.add_argument("--device", default=None, help="convert's --device (default: cuda when "
+                                                      "available)")
+    scale.add_argument("--calib-samples", type=int, default=None,
+                       help="calibration segments (default: convert's, 64; --quick 4)")
+    scale.add_argument("--calib-seqlen", type=int, default=None,
+                       help="tokens per segment (default: convert's, 256; --quick 64)")
     parser.add_argument("--workdir", default=None,
                         help="where the synthetic source and the output go, in a temporary "
                              "directory removed afterwards (default: the system's temp dir)")
@@ -146,16 +167,49 @@ def _gb(n) -> float | None:
     return None if n is None else round(n / 1e9, 4)
 
 
-def run(args) -> dict:
-    if args.conversions < 1:
-        raise ValueError(f"--conversions must be at least 1, got {args.conversions}")
-    if not 0 <= args.sparsity < 1:
-        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    quick = getattr(args, "quick", False)
-    config = synthetic_config(args.size_gb, quick)
-    if args.workdir is not None:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="endor-bench-convert-", dir=args.workdir))
+def run_scale(*, methods, models, layers, device, calib_samples, calib_seqlen, sparsity,
+              workdir, quick) -> dict:
+    from ..convert.calibrate import DEFAULT_SAMPLES, DEFAULT_SEQLEN
+    from ..prune import METHODS
+    from .convert_scale import SCALE_COLUMNS, run_scale as measure
+
+    bad = [m for m in methods if m not in METHODS or m == "none"]
+    if bad or not methods:
+        raise ValueError(f"--methods: choose from magnitude, wanda, sparsegpt; got {bad}")
+    if layers < 1:
+        raise ValueError(f"--layers must be at least 1, got {layers}")
+    if calib_samples is None:
+        calib_samples = 4 if quick else DEFAULT_SAMPLES
+    if calib_seqlen is None:
+        calib_seqlen = 64 if quick else DEFAULT_SEQLEN
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    options = SimpleNamespace(layers=layers, device=device, calib_samples=calib_samples,
+                              calib_seqlen=calib_seqlen, sparsity=sparsity, workdir=workdir,
+                              quick=quick)
+    load_before = harness.system_load()
+    results, sources = measure(options, methods, models)
+    params = {"mode": "scale", "load_avg": {"before": load_before, "after": harness.system_load()},
+              "methods": methods, "models": models, "layers_70b": layers,
+              "sparsity": sparsity, "calib_samples": calib_samples,
+              "calib_seqlen": calib_seqlen, "sources": sources, "quick": quick}
+    return harness.envelope(NAME, params, results, table_columns=SCALE_COLUMNS)
+
+
+def run(*, size_gb, method, sparsity, weights, conversions, workdir, quick, warmup, repeat,
+        methods=None, models=("70b", "smollm2", "gemma3-270m"), layers=2, device=None,
+        calib_samples=None, calib_seqlen=None) -> dict:
+    if methods:
+        return run_scale(methods=methods, models=list(models), layers=layers, device=device,
+                         calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                         sparsity=sparsity, workdir=workdir, quick=quick)
+    if conversions < 1:
+        raise ValueError(f"--conversions must be at least 1, got {conversions}")
+    check_sparsity(sparsity)
+    config = synthetic_config(size_gb, quick)
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="endor-bench-convert-", dir=workdir))
     load_before = harness.system_load()
     try:
         src = write_synthetic_checkpoint(work / "src", config, dtype=torch.float16)
@@ -166,8 +220,7 @@ def run(args) -> dict:
         def copy():
             shutil.rmtree(work / "copy", ignore_errors=True)
             _copy_files(files, work / "copy")
-        copy_stats = harness.measure(copy, warmup=getattr(args, "warmup", 0),
-                                     repeat=getattr(args, "repeat", 1) or 1,
+        copy_stats = harness.measure(copy, warmup=warmup, repeat=repeat,
                                      setup=lambda: harness.evict_files(files))
         shutil.rmtree(work / "copy", ignore_errors=True)
         results.append({"case": "copy (read + write, cold)", "source_gb": _gb(source_bytes),
@@ -180,14 +233,14 @@ def run(args) -> dict:
                         "peak_rss_file_gb": _gb(imports["peak_rss_file"]), "n": 1})
 
         runs = []
-        for k in range(args.conversions):
+        for k in range(conversions):
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
             cold = harness.evict_files(files)
             load = harness.system_load()
             argv = [sys.executable, "-m", "endor", "convert", str(src), str(out),
-                    "--method", args.method, "--sparsity", str(args.sparsity),
-                    "--format", args.weights, "--quiet"]
+                    "--method", method, "--sparsity", str(sparsity),
+                    "--weights", weights, "--quiet"]
             child = run_child(argv, work / f"convert{k}.log")
             if child["returncode"] != 0:
                 raise RuntimeError(f"endor convert failed ({child['returncode']}):\n"
@@ -200,7 +253,7 @@ def run(args) -> dict:
         peak = max(r["peak_rss"] for r in runs)
         worst = max(runs, key=lambda r: r["peak_rss"])
         results.append({
-            "case": f"convert {args.method} {args.sparsity:g} -> {args.weights}",
+            "case": f"convert {method} {sparsity:g} -> {weights}",
             "source_gb": _gb(source_bytes), "seconds": stats.median_s,
             "gbps": stats.gbps(source_bytes), "peak_rss_gb": _gb(peak),
             "peak_rss_anon_gb": _gb(worst["peak_rss_anon"]),
@@ -214,7 +267,7 @@ def run(args) -> dict:
     met = peak <= DONE_WHEN["peak_rss_gb_max"] * 1e9 and source_bytes >= \
         DONE_WHEN["source_gb_min"] * 1e9
     params = {"load_avg": {"before": load_before, "after": harness.system_load()},
-              "method": args.method, "sparsity": args.sparsity, "weights": args.weights,
+              "method": method, "sparsity": sparsity, "weights": weights,
               "quick": quick, "dtype": "float16", "source_bytes": source_bytes,
               "config": {k: getattr(config, k) for k in (
                   "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}}

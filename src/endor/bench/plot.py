@@ -69,17 +69,17 @@ def _draw_formats(doc: dict):
             bits_ax.text(0.02, 0.02, "off chart: " + "; ".join(off_chart),
                          transform=bits_ax.transAxes, fontsize=7)
         bits_ax.set(title=dtype, xlabel="sparsity", ylabel="bits / element")
-        speed_ax.set(title=dtype, xlabel="sparsity", ylabel="decode GB/s (dense bytes)",
+        speed_ax.set(title=dtype, xlabel="sparsity", ylabel="decompress GB/s (dense bytes)",
                      yscale="log")
         for ax in (bits_ax, speed_ax):
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0))
     axes[1][-1].legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0))
-    _title(fig, doc, "size and decode speed per format")
+    _title(fig, doc, "size and decompression speed per format")
     return fig
 
 
-# --- decode --------------------------------------------------------------------------------------
+# --- decompress --------------------------------------------------------------------------------
 
 def _bars(ax, rows: list[dict], group: Callable[[dict], str], series: Callable[[dict], str],
           value: str) -> None:
@@ -94,7 +94,7 @@ def _bars(ax, rows: list[dict], group: Callable[[dict], str], series: Callable[[
     ax.grid(alpha=0.3, axis="y")
 
 
-def _draw_decode(doc: dict):
+def _draw_decompress(doc: dict):
     rows = doc["results"]
     devices = list(dict.fromkeys(r["device"] for r in rows))
     fig, axes = _figure(len(devices), width=9.0)
@@ -105,7 +105,7 @@ def _draw_decode(doc: dict):
               lambda r: r["method"] + (" out=" if r["output"] == "out" else ""), "gbps")
         ax.set(title=device, ylabel="GB/s (dense bytes produced)", yscale="log")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    _title(fig, doc, "decode vs copy and numpy")
+    _title(fig, doc, "decompress vs copy and numpy")
     return fig
 
 
@@ -139,7 +139,38 @@ def _draw_transfer(doc: dict):
 
 # --- convert -------------------------------------------------------------------------------------
 
+def _draw_convert_scale(doc: dict):
+    rows = doc["results"]
+    fig, axes = _figure(2, width=5.5)
+    speed, memory = axes[0]
+    labels = [f"{r['case']}: {r['method']} ({r['device']})" for r in rows]
+    speed.barh(range(len(rows)), [r["s_per_b_params"] for r in rows], color="C0")
+    for i, r in enumerate(rows):
+        speed.text(r["s_per_b_params"], i, f" {r['s_per_b_params']:.3g} s/B, {r['seconds']:.0f} s",
+                   va="center", fontsize=7)
+    speed.set_yticks(range(len(rows)), labels, fontsize=7)
+    speed.invert_yaxis()
+    speed.set(title="conversion time", xlabel="seconds per billion parameters")
+    speed.margins(x=0.45)
+    speed.grid(alpha=0.3, axis="x")
+    memory.barh(range(len(rows)), [r["peak_rss_gb"] for r in rows], color="C1",
+                label="peak RSS")
+    gpu = [r.get("peak_gpu_gb") for r in rows]
+    if any(g is not None for g in gpu):
+        memory.scatter([g or 0 for g in gpu], range(len(rows)), color="k", marker="|", s=200,
+                       zorder=3, label="peak GPU memory")
+    memory.set_yticks(range(len(rows)), labels, fontsize=7)
+    memory.invert_yaxis()
+    memory.set(title="peak memory", xlabel="GB")
+    memory.grid(alpha=0.3, axis="x")
+    memory.legend(fontsize=7)
+    _title(fig, doc, "seconds per billion parameters and peak memory per method")
+    return fig
+
+
 def _draw_convert(doc: dict):
+    if doc.get("params", {}).get("mode") == "scale":
+        return _draw_convert_scale(doc)
     rows = doc["results"]
     timed = [r for r in rows if isinstance(r.get("gbps"), (int, float))]
     measured = [r for r in rows if isinstance(r.get("peak_rss_gb"), (int, float))]
@@ -275,7 +306,7 @@ def _draw_e2e(doc: dict):
 
 
 DRAWERS: dict[str, Callable[[dict], object]] = {
-    "formats": _draw_formats, "decode": _draw_decode, "transfer": _draw_transfer,
+    "formats": _draw_formats, "decompress": _draw_decompress, "transfer": _draw_transfer,
     "convert": _draw_convert,
     # Benchmarks that draw their own figure, imported only when drawn.
     "quality": lambda doc: importlib.import_module("endor.bench.quality").draw(doc),

@@ -6,7 +6,7 @@ interface as source.SourceCheckpoint, every tensor dense on read.
 
 An Endor tensor is read one at a time: its parts with positioned reads (no mmap, so RSS
 does not grow with the model), rules 5 and 7 checked (tile index, checksum), then decompressed
-(the decoder checks rule 6). The manifest's pruning settings carry over as `prior_pruning`, so
+(the decompressor checks rule 6). The manifest's pruning settings carry over as `prior_pruning`, so
 the converted checkpoint still says how its weights were pruned."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from ..format.header import StoredTensor
 from ..format.io import check_compressed, check_dense, endor_tensor
 from ..format.spec import SAFETENSORS_DTYPES
 from ..kernels import decompress
-from .source import SourceCheckpoint, fingerprint, read_stored
+from .ct_source import CompressedTensorsSource, compressed_tensors_config
+from .source import SourceCheckpoint, fingerprint, read_stored, read_stored_rows
 
 _PRUNING_KEYS = ("method", "sparsity", "nm", "calibration")
 
@@ -127,6 +128,15 @@ class EndorSource:
         except FormatError as e:
             raise e.at(path=path, tensor=name) from None
 
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `name`: of a dense tensor (embeddings, head) without reading
+        the rest; an Endor tensor is decompressed whole first (decoder Linear weights are one
+        layer's worth, never the big ones)."""
+        entry = self._get(name)
+        if entry.checksum is None:
+            return read_stored_rows(self.path / entry.file, entry.parts[0], name, start, stop)
+        return self.read(name)[start:stop].clone()
+
     def fingerprint(self) -> str:
         """Config, manifest (its own source's fingerprint and settings), every tensor's name,
         dtype and shape, and each shard's size and first and last MiB (its header included,
@@ -144,4 +154,7 @@ def open_source(path):
     path = Path(path)
     if (path / MANIFEST).is_file():
         return EndorSource(path)
+    qc = compressed_tensors_config(path)
+    if qc is not None:  # llm-compressor's sparse-bitmask / pack-quantized weights, decoded
+        return CompressedTensorsSource(path, qc)
     return SourceCheckpoint(path)

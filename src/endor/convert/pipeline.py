@@ -10,6 +10,11 @@ resumable.
         [wanda/sparsegpt: run the pruned layer to get the next layer's inputs]
 
 Memory holds one layer (plus the calibration activations): peak RSS does not grow with the model.
+The rest shard (embeddings, head) is streamed in row chunks (rest_shard.py). Calibrated methods
+run each layer on `device` (a GPU when there is one): the layer's weights and its calibration
+activations go there, statistics, Hessians and pruning are computed there in float32, and the
+pruned layer is compressed and written on a background thread while the next layer is read and
+calibrated (at most one layer is waiting to be written).
 """
 
 from __future__ import annotations
@@ -17,16 +22,18 @@ from __future__ import annotations
 import ctypes
 import fnmatch
 import hashlib
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointWriter
+from ..checkpoint import WEIGHT_KINDS, CheckpointWriter
+from ..data.models import resolve_model
 from ..data.text import calibration_text
 from ..errors import FormatError
 from ..format import compress, load_file
@@ -34,10 +41,11 @@ from ..format.equal import bit_equal
 from ..format.spec import DTYPES, INT_OF_SIZE
 from ..kernels import decompress
 from ..format.codecs import codec_names
-from ..prune import METHODS, needs_calibration, needs_hessian, prune_weight
-from ..prune.nm import check_nm
+from ..prune import check_settings, needs_calibration, needs_hessian, prune_weight
 from . import calibrate, outdir
 from .endor_source import open_source
+from .progress import ConversionProgress
+from .rest_shard import write_rest_shard
 from .structure import ModelLayout, build_layout, load_config
 from .summary import format_summary, shard_metadata, summarize
 
@@ -52,11 +60,6 @@ def resolve_source(src) -> Path:
     path = Path(src)
     if path.is_dir():
         return path
-    try:
-        from ..data.models import resolve_model
-    except ImportError:
-        raise FileNotFoundError(f"{src} is not a model directory (GGUF files and aliases need "
-                                "endor.data.models)") from None
     return Path(resolve_model(str(src)))
 
 
@@ -78,11 +81,34 @@ def _return_free_memory() -> None:
 @contextmanager
 def _one_torch_thread():
     """Pruning and encoding run single-threaded (numpy). torch's few whole-tensor ops there
-    (argument checks, the decoder's verification) lose more at thread barriers than they gain
+    (argument checks, the decompressor's verification) lose more at thread barriers than they gain
     on a small, busy machine: a 187 MB model converted in 3.5 s with 2 threads, 1.0 s with 1
     (2 cores shared, load 5). Reading the next tensor on a thread did not help either."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def idle_cpus() -> int:
+    """CPUs not already busy by the 1-minute load average (at least 1)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) - round(os.getloadavg()[0]))
+
+
+@contextmanager
+def _calibration_threads(device: torch.device):
+    """torch threads for running layers on the CPU: as many as there are idle CPUs. On a busy
+    machine torch's worker threads spin at every barrier while the OS runs someone else: one
+    SmolLM2 layer on 32 x 256 tokens took 19.5 s with 2 threads and 3.5 s with 1 (2 cores,
+    load 16); idle, 2 threads are faster."""
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, idle_cpus()))
     try:
         yield
     finally:
@@ -96,11 +122,35 @@ def _set_params(model: nn.Module, tensors: dict) -> None:
         model.get_submodule(owner)._parameters[attr] = nn.Parameter(t, requires_grad=False)
 
 
+def resolve_device(device) -> torch.device:
+    """None: CUDA when available, else the CPU. A CUDA device asked for without one is an error
+    naming the option."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {device!r}")
+    return device
+
+
+def _move_buffers(module: nn.Module, device) -> None:
+    for owner in module.modules():
+        for name, buf in owner._buffers.items():
+            if buf is not None and buf.device.type != "meta":
+                owner._buffers[name] = buf.to(device)
+
+
 class _Conversion:
     def __init__(self, source, layout: ModelLayout, writer: CheckpointWriter, settings: dict,
-                 sparse: set, *, verify: bool, progress):
+                 sparse: set, *, verify: bool, progress, device=torch.device("cpu")):
         self.source, self.layout, self.writer = source, layout, writer
         self.settings, self.sparse, self.verify, self.progress = settings, sparse, verify, progress
+        self.device = device
         self.groups = {s.group: i for i, s in enumerate(writer.shards)}
         self.names = {s.group: [] for s in writer.shards}
         for name in source.names():
@@ -112,7 +162,7 @@ class _Conversion:
     # -- one shard -----------------------------------------------------------------------
     def _encode(self, name: str, t: torch.Tensor):
         """What shard files hold for `name`: an EndorTensor for a pruned Linear weight of an
-        Endor checkpoint (checked to decode back to `t` when verifying), else `t` itself."""
+        Endor checkpoint (checked to decompress back to `t` when verifying), else `t` itself."""
         if name not in self.sparse or self.writer.weights != "endor":
             if name in self.layout.linear_weights:
                 self.nnz[name] = _count_nonzero(t)
@@ -120,7 +170,7 @@ class _Conversion:
         et = compress(t, values=self.settings["values"])
         self.nnz[name] = et.nnz
         if self.verify and not bit_equal(decompress(et), t):
-            raise FormatError("verification failed: the compressed tensor does not decode to "
+            raise FormatError("verification failed: the compressed tensor does not decompress to "
                               "the pruned weight (encoder fault)", tensor=name)
         return et
 
@@ -132,12 +182,13 @@ class _Conversion:
         if self.verify:
             outdir.verify_shard(path, stored)
         stored.clear()
+        self._shard_done(group)
+
+    def _shard_done(self, group: str) -> None:
         _return_free_memory()
-        self.bytes_done += sum(self.source.nbytes(n) for n in self.names[group])
-        rate = self.bytes_done / (time.perf_counter() - self.t0)
-        self.progress.set_postfix_str(f"{rate / 1e9:.2f} GB/s" if rate >= 1e8 else
-                                      f"{rate / 1e6:.1f} MB/s", refresh=False)
-        self.progress.update(1)
+        nbytes = sum(self.source.nbytes(n) for n in self.names[group])
+        self.bytes_done += nbytes
+        self.progress.shard_done(nbytes, layer=group != REST)
 
     def _prune(self, name: str, weight: torch.Tensor, stats=None) -> torch.Tensor:
         s = self.settings
@@ -148,18 +199,20 @@ class _Conversion:
             raise type(e)(f"{name}: {e}") from None
 
     def rest(self) -> None:
-        tensors = {name: self.source.read(name) for name in self.names[REST]}
-        for target, origin in self.layout.tied.items():
-            # transformers ties these on load (and only if equal): storing both would duplicate
-            if target in tensors and origin in tensors and \
-                    bit_equal(tensors[target], tensors[origin]):
-                del tensors[target]
-        self._finish_shard(REST, tensors)
+        """Embeddings, final norm, head: streamed in row chunks (rest_shard), never held whole.
+        Tied copies equal to their origin are left out: transformers ties them again on load
+        (and only if equal), so storing both would duplicate them."""
+        self.progress.stage(None, "writing")
+        write_rest_shard(self.source, self.names[REST], self.layout.tied, self.writer,
+                         self.groups[REST], shard_metadata(self.settings, {}), verify=self.verify)
+        self._shard_done(REST)
 
     def streamed_layers(self, todo: list[int]) -> None:
         """One tensor at a time: read, prune, compress; only the compressed layer is held."""
         with _one_torch_thread():
             for i in todo:
+                self.progress.stage(i, "pruning + writing" if self.settings["method"] != "none"
+                                    else "writing")
                 stored = {}
                 for name in self.names[f"layers.{i}"]:
                     t = self.source.read(name)
@@ -172,34 +225,61 @@ class _Conversion:
 
     # -- calibrated methods --------------------------------------------------------------
     def calibrated_layers(self, todo: list[int], tokens: torch.Tensor, hessian: bool) -> None:
-        layout, model = self.layout, self.layout.model
+        layout, model, device = self.layout, self.layout.model, self.device
         layers = model.get_submodule(layout.layers_prefix)
+        self.progress.stage(0, "embedding the calibration tokens")
         hidden, calls = self._layer_inputs(tokens, layers)
-        for i in range(max(todo) + 1):
-            group, layer = f"layers.{i}", layers[i]
-            params = {f"{layout.layers_prefix}.{i}.{n}": p for n, p in layer.named_parameters()}
-            if i in todo:
-                originals = {name: self.source.read(name) for name in self.names[group]}
-                missing = sorted(set(params) - set(originals))
-                if missing:
-                    raise FormatError(f"the source lacks {', '.join(missing)}, needed to run "
-                                      f"layer {i} on the calibration data", path=self.source.path)
-                _set_params(model, {n: originals[n].float() for n in params})
-                targets = {n: model.get_submodule(n.removesuffix(".weight"))
-                           for n in self.names[group] if n in self.sparse}
-                stats = calibrate.collect_stats(layer, calls[i], hidden, targets, hessian=hessian)
-                final = {n: self._prune(n, t, stats.get(n)) if n in targets else t
-                         for n, t in originals.items()}
-                del stats, originals
-                self._finish_shard(group, {n: self._encode(n, t) for n, t in final.items()})
-            else:
-                # Already in OUT: its pruned weights, read back, give the next layer's inputs.
-                final = load_file(self.writer.path(self.groups[group]))
-            if i < max(todo):
-                _set_params(model, {n: final[n].float() for n in params})
-                hidden = calibrate.propagate(layer, calls[i], hidden)
-            _set_params(model, {n: torch.empty_like(p, device="meta") for n, p in params.items()})
-            del final
+        hidden = calibrate.place_activations(hidden, device)
+        last = max(todo)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="endor-writer") as background, \
+                _calibration_threads(device):
+            pending = None
+            for i in range(last + 1):
+                group, layer = f"layers.{i}", layers[i]
+                params = {f"{layout.layers_prefix}.{i}.{n}": p
+                          for n, p in layer.named_parameters()}
+                call = calls[i].to(device)
+                _move_buffers(layer, device)
+                if i in todo:
+                    self.progress.stage(i, "reading")
+                    originals = {name: self.source.read(name) for name in self.names[group]}
+                    missing = sorted(set(params) - set(originals))
+                    if missing:
+                        raise FormatError(f"the source lacks {', '.join(missing)}, needed to run "
+                                          f"layer {i} on the calibration data",
+                                          path=self.source.path)
+                    _set_params(model, {n: originals[n].to(device, torch.float32)
+                                        for n in params})
+                    targets = {n: model.get_submodule(n.removesuffix(".weight"))
+                               for n in self.names[group] if n in self.sparse}
+                    self.progress.stage(i, "calibrating")
+                    stats = calibrate.collect_stats(layer, call, hidden, targets,
+                                                    hessian=hessian, device=device)
+                    self.progress.stage(i, "pruning")
+                    final = {n: self._prune(n, t.to(device), stats.get(n)).cpu()
+                             if n in targets else t for n, t in originals.items()}
+                    del stats, originals
+                    if pending is not None:
+                        pending.result()  # at most one layer waits to be written
+                    pending = background.submit(self._write_layer, i, dict(final))
+                else:
+                    # Already in OUT: its pruned weights, read back, give the next layer's inputs.
+                    final = load_file(self.writer.path(self.groups[group]))
+                if i < last:
+                    self.progress.stage(i, "running the pruned layer")
+                    _set_params(model, {n: final[n].to(device, torch.float32) for n in params})
+                    hidden = calibrate.propagate(layer, call, hidden, device)
+                _set_params(model, {n: torch.empty_like(p, device="meta")
+                                    for n, p in params.items()})
+                del final
+            if pending is not None:
+                pending.result()
+
+    def _write_layer(self, i: int, final: dict) -> None:
+        """Compress, write and verify decoder layer i (on the writer thread; torch's thread count
+        is the process's, so it is left to the calibration running meanwhile)."""
+        group = f"layers.{i}"
+        self._finish_shard(group, {n: self._encode(n, t) for n, t in final.items()})
 
     def _layer_inputs(self, tokens: torch.Tensor, layers: nn.ModuleList):
         """Load the parameters outside the decoder layers (embeddings...) and run them."""
@@ -209,6 +289,11 @@ class _Conversion:
         head_params -= {id(p) for p in model.get_input_embeddings().parameters()}  # if tied
         outside = {n: p for n, p in model.named_parameters()
                    if self.layout.layer_of(n) is None and id(p) not in head_params}
+        embedding = model.get_input_embeddings()
+        embedding_weight = next((n for n, p in outside.items() if p is embedding.weight), None)
+        # Only the rows of the tokens in use are read (a 128k x 8192 embedding is 4.2 GB in
+        # float32), and the tokens renumbered to index them; the lookup is the same.
+        used, tokens = torch.unique(tokens, return_inverse=True)
         loaded = {}
         for name in outside:
             origin = name if name in source else self.layout.tied.get(name)
@@ -218,11 +303,20 @@ class _Conversion:
             if origin is None or origin not in source:
                 raise FormatError(f"the source lacks {name}, needed to compute calibration "
                                   "activations", path=source.path)
-            loaded[name] = source.read(origin).float()
+            if name == embedding_weight:
+                loaded[name] = torch.cat([source.read_rows(origin, t, t + 1)
+                                          for t in used.tolist()]).float()
+            else:
+                loaded[name] = source.read(origin).float()
         _set_params(model, loaded)
+        padding_idx = getattr(embedding, "padding_idx", None)
         try:
+            if padding_idx is not None:
+                embedding.padding_idx = None  # it only shapes gradients; it may not fit the rows
             return calibrate.capture_inputs(model, layers, tokens)
         finally:
+            if padding_idx is not None:
+                embedding.padding_idx = padding_idx
             _set_params(model, {n: torch.empty_like(t, device="meta") for n, t in loaded.items()})
 
 
@@ -265,7 +359,8 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
             calib_text: str | None = None, weights: str = "endor", dense_patterns=None,
             resume: bool = True, verify: bool = True, progress: bool = True,
             calib_samples: int = calibrate.DEFAULT_SAMPLES,
-            calib_seqlen: int = calibrate.DEFAULT_SEQLEN, values: str = DEFAULT_VALUES) -> dict:
+            calib_seqlen: int = calibrate.DEFAULT_SEQLEN, values: str = DEFAULT_VALUES,
+            device=None) -> dict:
     """Prune (method "none" keeps the weights as they are) and compress the model `src` into
     the checkpoint directory `out`. Returns the summary (also stored in `out/endor.json`) plus a
     "run" entry with this run's timing. See docs/FORMAT.md section 2 for the layout.
@@ -274,22 +369,18 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     checkpoint directory, read decompressed: `convert(A, B, method="none", weights="dense")`
     makes the dense twin of the pruned checkpoint A without pruning again (B's manifest lists
     A's pruning under "prior_pruning"). `values` is the value codec of the Endor tensors
-    ("exp" or "raw", docs/FORMAT.md section 1.1)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if weights not in ("endor", "dense"):
-        raise ValueError(f"weights must be 'endor' or 'dense', got {weights!r}")
+    ("exp" or "raw", docs/FORMAT.md section 1.1).
+
+    `device` ("cpu", "cuda", "cuda:1"; default: CUDA when available) is where calibrated methods
+    run each layer; magnitude pruning and compression always run on the CPU."""
+    method, sparsity, nm = check_settings(method, sparsity, nm)
+    if weights not in WEIGHT_KINDS:
+        raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
     if values not in codec_names():
         raise ValueError(f"values must be one of {codec_names()}, got {values!r}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
-            or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r}")
-    if nm is not None:
-        if method == "none":
-            raise ValueError("N:M sparsity needs a pruning method (magnitude, wanda, sparsegpt)")
-        nm = check_nm(nm)
     if needs_calibration(method) and calib_text is None:
         calib_text = calibration_text()
+    device = resolve_device(device)
     patterns = list(dense_patterns or [])
     src_dir = resolve_source(src)
     out = Path(out)
@@ -305,9 +396,10 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
         writer = CheckpointWriter(work, groups, weights=weights)
         done = outdir.prepare(writer, settings, resume=resume)
         outdir.copy_side_files(src_dir, work)
-        bar = tqdm(total=len(groups), initial=len(done), unit="shard", desc="endor convert",
-                   disable=not progress)
-        job = _Conversion(source, layout, writer, settings, sparse, verify=verify, progress=bar)
+        bar = ConversionProgress(len(groups), len(done), num_layers=layout.num_layers,
+                                 calibrated=needs_calibration(method), enabled=progress)
+        job = _Conversion(source, layout, writer, settings, sparse, verify=verify, progress=bar,
+                          device=device)
         todo = [i for i in range(layout.num_layers) if i not in done]
         with bar:
             if len(groups) - 1 not in done:
@@ -326,6 +418,7 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     return {**summary, "run": {
         "out": str(out), "seconds": round(seconds, 3), "source_bytes": source.total_bytes,
         "bytes_converted": job.bytes_done, "gbps": round(job.bytes_done / seconds / 1e9, 4),
+        "layers_per_s": round(bar.layers_done / seconds, 4), "device": str(device),
         "shards_written": len(groups) - len(done), "shards_skipped": len(done)}}
 
 

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import FormatError
 from ..format.header import StoredTensor, read_header
-from ..format.read import read_stored  # noqa: F401  (also endor_source's)
+from ..format.read import read_stored, read_stored_rows  # noqa: F401  (also endor_source's)
 from ..format.spec import SAFETENSORS_DTYPES
 
 INDEX = "model.safetensors.index.json"
@@ -122,6 +122,10 @@ class SourceCheckpoint:
     def read(self, name: str) -> torch.Tensor:
         """A new CPU tensor holding `name`, read with positioned reads (no mmap)."""
         return read_stored(self._where[name][0], self._stored(name), name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of `name` (first dimension), without reading the rest."""
+        return read_stored_rows(self._where[name][0], self._stored(name), name, start, stop)
 
     def fingerprint(self) -> str:
         """Identifies the source cheaply, so a resumed conversion can refuse an OUT made from

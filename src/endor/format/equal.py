@@ -5,6 +5,8 @@ import torch
 
 from .spec import INT_OF_SIZE
 
+_CHUNK = 1 << 22  # elements
+
 
 def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bits (NaN payloads and -0.0 included), on any devices."""
@@ -17,5 +19,9 @@ def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.device != b.device:
         a, b = a.cpu(), b.cpu()
     if a.device.type == "cpu":
-        return bool(np.array_equal(a.numpy(), b.numpy()))  # single pass, no thread start-up
+        # numpy (no thread start-up), in chunks: no whole-tensor bool temporary (235 MB for a
+        # 70B model's MLP weight)
+        x, y = a.reshape(-1).numpy(), b.reshape(-1).numpy()
+        return all(np.array_equal(x[i:i + _CHUNK], y[i:i + _CHUNK])
+                   for i in range(0, x.size, _CHUNK))
     return torch.equal(a, b)

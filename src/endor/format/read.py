@@ -20,10 +20,26 @@ _READ_CHUNK = 1 << 28  # Linux reads at most ~2 GiB per call; stay well below
 def read_stored(path, stored: StoredTensor, name: str) -> torch.Tensor:
     """A new CPU tensor holding one safetensors entry of `path` (its byte range from the parsed,
     bounded header), read with positioned reads into a fresh buffer (no mmap)."""
-    out = torch.empty(stored.shape, dtype=SAFETENSORS_DTYPES[stored.dtype])
-    size = stored.end - stored.start
+    return read_stored_rows(path, stored, name, 0, stored.shape[0] if stored.shape else 1)
+
+
+def read_stored_rows(path, stored: StoredTensor, name: str, start: int,
+                     stop: int) -> torch.Tensor:
+    """Rows [start, stop) of one safetensors entry (its first dimension; a 0-d tensor has one
+    "row", itself), read the same way: a slice of a tensor larger than memory costs only the
+    slice."""
+    shape = tuple(stored.shape)
+    rows = shape[0] if shape else 1
+    if not 0 <= start <= stop <= rows:
+        raise ValueError(f"rows [{start}, {stop}) are out of range for {name!r} of shape "
+                         f"{list(shape)}")
+    row_bytes = (stored.end - stored.start) // rows if rows else 0
+    out = torch.empty((stop - start, *shape[1:]) if shape else shape,
+                      dtype=SAFETENSORS_DTYPES[stored.dtype])
+    size = (stop - start) * row_bytes
     if size == 0:
         return out
+    offset = stored.start + start * row_bytes
     buffer = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
     assert len(buffer) == size
     try:
@@ -33,7 +49,7 @@ def read_stored(path, stored: StoredTensor, name: str) -> torch.Tensor:
     try:
         done = 0
         while done < size:
-            n = os.preadv(fd, [buffer[done:done + _READ_CHUNK]], stored.start + done)
+            n = os.preadv(fd, [buffer[done:done + _READ_CHUNK]], offset + done)
             if n <= 0:
                 raise FormatError(f"the file ended after {done} of {size} bytes of this "
                                   "tensor (truncated, or changed since it was opened)",
