@@ -61,6 +61,7 @@ def _expected(e: BaseException) -> bool:
 
 
 def main(argv=None) -> int:
+    as_program = argv is None  # run as `endor ...`, not called by Python code (tests)
     argv = list(sys.argv[1:] if argv is None else argv)
     # Named before parsing: a Ctrl-C may come while the parser's imports still run.
     prog = " ".join(["endor", *[a for a in argv if a in SUBCOMMANDS][:1]])
@@ -75,6 +76,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt this
         print(f"{prog}: interrupted", file=sys.stderr)
+        if as_program:
+            # The command's own cleanup (finally blocks) has run; what is left at interpreter
+            # exit is joining I/O and loader threads an interrupt may have left mid-step, which
+            # the user asked not to wait for.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `endor inspect ... | head`: the reader left; say nothing more
         devnull = os.open(os.devnull, os.O_WRONLY)
