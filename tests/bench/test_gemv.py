@@ -13,11 +13,11 @@ def _args(*argv):
     gemv.add_arguments(parser)
     args = parser.parse_args(list(argv))
     args.quick, args.repeat, args.warmup = True, 2, 1
-    return args
+    return vars(args)
 
 
 def test_quick_gemv_document(tmp_path):
-    doc = gemv.run(_args("--batches", "1,3"))
+    doc = gemv.run(**_args("--batches", "1,3"))
     rows = {(r["dtype"], r["batch"], r["method"]): r for r in doc["results"]}
     assert set(rows) == {(d, b, m) for d in ("bfloat16", "float16") for b in (1, 3)
                          for m in gemv.METHODS}
@@ -33,6 +33,6 @@ def test_quick_gemv_document(tmp_path):
 
 def test_bad_options():
     with pytest.raises(ValueError, match="--shape"):
-        gemv.run(_args("--shape", "3"))
+        gemv.run(**_args("--shape", "3"))
     with pytest.raises(ValueError, match="--batches"):
-        gemv.run(_args("--batches", "0"))
+        gemv.run(**_args("--batches", "0"))
