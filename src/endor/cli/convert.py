@@ -57,6 +57,12 @@ def add_parser(sub):
     p.add_argument("--format", choices=("endor", "dense"), default="endor", dest="weights",
                    help="'dense' writes the pruned weights uncompressed, loadable by "
                         "transformers' from_pretrained (default: endor)")
+    p.add_argument("--values", choices=("raw", "int8", "int4"), default="raw",
+                   help="how kept weights are stored: 'raw' (lossless) or quantized to 8 or 4 "
+                        "bits in groups of input columns (lossy; jointly with --method "
+                        "sparsegpt, round-to-nearest otherwise) (default: raw)")
+    p.add_argument("--group-size", type=positive_int, default=None, metavar="G",
+                   help="input columns per quantization scale for int8/int4 (default: 128)")
     p.add_argument("--keep-dense", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="leave decoder Linear weights whose name matches a glob pattern unpruned "
                         "and uncompressed, e.g. '*.mlp.down_proj.weight'")
@@ -83,7 +89,8 @@ def run(args) -> int:
         summary = convert(args.src, args.out, method=args.method, sparsity=args.sparsity,
                           nm=args.nm, calib_text=calib_text, weights=args.weights,
                           dense_patterns=args.keep_dense, resume=not args.overwrite,
-                          verify=args.verify, progress=not args.quiet, **extra)
+                          verify=args.verify, progress=not args.quiet, values=args.values,
+                          group_size=args.group_size, **extra)
     except ValueError as e:  # FormatError included: bad input, named in the message
         print(f"endor: error: {e}", file=sys.stderr)
         return 2

@@ -99,6 +99,12 @@ class _Conversion:
             i = layout.layer_of(name)
             self.names[REST if i is None else f"layers.{i}"].append(name)
         self.nnz: dict[str, int] = {}
+        codec = settings["values"]
+        self.values = codec["codec"]
+        self.lossy = self.values != "raw"
+        self.group_size = codec.get("group_size")
+        self.scales: dict[str, torch.Tensor] = {}  # SparseGPT's joint scales, until encoded
+        self.errors: dict[str, list[float]] = {}  # name -> [squared error, squared weights]
         self.bytes_done, self.t0 = 0, time.perf_counter()
 
     # -- one shard -----------------------------------------------------------------------
@@ -109,18 +115,40 @@ class _Conversion:
             if name in self.layout.linear_weights:
                 self.nnz[name] = _count_nonzero(t)
             return t
-        et = compress(t)
+        if not self.lossy:
+            et = compress(t)
+            self.nnz[name] = et.nnz
+            if self.verify and not outdir.bit_equal(decompress(et), t):
+                raise FormatError("verification failed: the compressed tensor does not decode "
+                                  "to the pruned weight (encoder fault)", tensor=name)
+            return et
+        return self._quantize(name, t)
+
+    def _quantize(self, name: str, t: torch.Tensor):
+        """int8/int4: round `t` (RTN, or onto SparseGPT's joint scales), record the error on
+        the kept weights, check the decoder returns the quantizer's output."""
+        from ..format.codecs.quant import quantize
+        bits = 8 if self.values == "int8" else 4
+        scales = self.scales.pop(name, None)
+        et = compress(t, values=self.values, group_size=self.group_size, scales=scales)
         self.nnz[name] = et.nnz
-        if self.verify and not outdir.bit_equal(decompress(et), t):
+        decoded = decompress(et)
+        if name not in self.errors:  # RTN: the error of this rounding (joint: recorded in _prune)
+            t32 = t.float()
+            self.errors[name] = [float((decoded.float() - t32).square().sum()),
+                                 float(t32.square().sum())]
+        if self.verify and not outdir.bit_equal(
+                decoded, quantize(t, bits, self.group_size, scales).dequantized):
             raise FormatError("verification failed: the compressed tensor does not decode to "
-                              "the pruned weight (encoder fault)", tensor=name)
+                              "the quantized weight (encoder fault)", tensor=name)
         return et
 
     def _finish_shard(self, group: str, stored: dict) -> None:
         """Write the shard of `group` ({name: tensor or EndorTensor}), then read it back."""
         i = self.groups[group]
         nnz = {n: self.nnz.pop(n) for n in stored if n in self.nnz}
-        path = self.writer.write(i, stored, shard_metadata(self.settings, nnz))
+        errors = {n: self.errors.pop(n) for n in stored if n in self.errors}
+        path = self.writer.write(i, stored, shard_metadata(self.settings, nnz, errors or None))
         if self.verify:
             outdir.verify_shard(path, stored)
         stored.clear()
@@ -134,11 +162,20 @@ class _Conversion:
     def _prune(self, name: str, weight: torch.Tensor, stats=None) -> torch.Tensor:
         from ..prune import prune_weight
         s = self.settings
+        joint = None
+        if self.lossy and s["method"] == "sparsegpt":
+            joint = (8 if self.values == "int8" else 4, self.group_size)
         try:
-            return prune_weight(weight, method=s["method"], sparsity=s["sparsity"] or 0.0,
-                                nm=None if s["nm"] is None else tuple(s["nm"]), stats=stats)
+            pruned = prune_weight(weight, method=s["method"], sparsity=s["sparsity"] or 0.0,
+                                  nm=None if s["nm"] is None else tuple(s["nm"]), stats=stats,
+                                  quantize=joint)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from None
+        if joint is None:
+            return pruned
+        pruned, self.scales[name], relative = pruned
+        self.errors[name] = [relative ** 2, 1.0]
+        return pruned
 
     def rest(self) -> None:
         tensors = {name: self.source.read(name) for name in self.names[REST]}
@@ -184,7 +221,11 @@ class _Conversion:
                 final = {n: self._prune(n, t, stats.get(n)) if n in targets else t
                          for n, t in originals.items()}
                 del stats, originals
-                self._finish_shard(group, {n: self._encode(n, t) for n, t in final.items()})
+                encoded = {n: self._encode(n, t) for n, t in final.items()}
+                if self.lossy:  # the next layer sees the weights the model will run with
+                    final = {n: decompress(e) if n in self.sparse else e
+                             for n, e in encoded.items()}
+                self._finish_shard(group, encoded)
             else:
                 # Already in OUT: its pruned weights, read back, give the next layer's inputs.
                 final = load_file(self.writer.path(self.groups[group]))
@@ -219,7 +260,8 @@ class _Conversion:
             _set_params(model, {n: torch.empty_like(t, device="meta") for n, t in loaded.items()})
 
 
-def _settings(source, method, sparsity, nm, weights, patterns, calib_text, samples, seqlen):
+def _settings(source, method, sparsity, nm, weights, patterns, calib_text, samples, seqlen,
+              values="raw", group_size=None):
     from ..prune import needs_calibration
     calibration = None
     if needs_calibration(method):
@@ -228,11 +270,29 @@ def _settings(source, method, sparsity, nm, weights, patterns, calib_text, sampl
     settings = {"method": method, "sparsity": None if method == "none" else float(sparsity),
                 "nm": None if nm is None else list(nm), "weights": weights,
                 "dense_patterns": sorted(patterns), "calibration": calibration,
+                "values": {"codec": values} if values == "raw" else
+                          {"codec": values, "group_size": group_size,
+                           "quantization": "joint" if method == "sparsegpt" else "rtn"},
                 "source": source.fingerprint()}
     prior = source.prior_pruning()
     if prior is not None:  # an Endor checkpoint: how its weights were pruned already
         settings["prior_pruning"] = prior
     return settings
+
+
+def _check_values(values, group_size, weights):
+    """(codec, group size or None) for convert's values= / group_size= options."""
+    from ..format.codecs.quant import DEFAULT_GROUP_SIZE, check_group_size
+    if values not in ("raw", "int8", "int4"):
+        raise ValueError(f"values must be 'raw', 'int8' or 'int4', got {values!r}")
+    if values == "raw":
+        if group_size is not None:
+            raise ValueError("group_size applies to values='int8' or 'int4' only")
+        return values, None
+    if weights != "endor":
+        raise ValueError(f"values={values!r} quantizes Endor tensors; it cannot be combined "
+                         "with dense weights (--format dense)")
+    return values, check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
 
 def _sparse_names(source, layout, patterns) -> set:
@@ -257,7 +317,8 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
             calib_text: str | None = None, weights: str = "endor", dense_patterns=None,
             resume: bool = True, verify: bool = True, progress: bool = True,
             calib_samples: int = calibrate.DEFAULT_SAMPLES,
-            calib_seqlen: int = calibrate.DEFAULT_SEQLEN) -> dict:
+            calib_seqlen: int = calibrate.DEFAULT_SEQLEN, values: str = "raw",
+            group_size: int | None = None) -> dict:
     """Prune (method "none" keeps the weights as they are) and compress the model `src` into
     the checkpoint directory `out`. Returns the summary (also stored in `out/endor.json`) plus a
     "run" entry with this run's timing. See docs/FORMAT.md section 2 for the layout.
@@ -265,7 +326,12 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     `src` is an HF model directory, a .gguf file or alias (see resolve_source), or an Endor
     checkpoint directory, read decompressed: `convert(A, B, method="none", weights="dense")`
     makes the dense twin of the pruned checkpoint A without pruning again (B's manifest lists
-    A's pruning under "prior_pruning")."""
+    A's pruning under "prior_pruning").
+
+    values="int8" | "int4" quantizes the kept weights (lossy; docs/FORMAT.md section 1.3) in
+    groups of `group_size` input columns (default 128): jointly with method "sparsegpt"
+    (each column rounded as it is pruned, the error compensated), round-to-nearest otherwise
+    ("none" quantizes the source's weights as they are)."""
     from tqdm.auto import tqdm
 
     from ..prune import METHODS, needs_calibration, needs_hessian
@@ -282,6 +348,7 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
         if method == "none":
             raise ValueError("N:M sparsity needs a pruning method (magnitude, wanda, sparsegpt)")
         nm = check_nm(nm)
+    values, group_size = _check_values(values, group_size, weights)
     if needs_calibration(method) and calib_text is None:
         from ..data.text import calibration_text
         calib_text = calibration_text()
@@ -294,7 +361,7 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     layout = build_layout(load_config(src_dir))
     sparse = _sparse_names(source, layout, patterns)
     settings = _settings(source, method, sparsity, nm, weights, patterns, calib_text or "",
-                         calib_samples, calib_seqlen)
+                         calib_samples, calib_seqlen, values, group_size)
 
     groups = [f"layers.{i}" for i in range(layout.num_layers)] + [REST]
     writer = CheckpointWriter(out, groups, weights=weights)

@@ -186,7 +186,11 @@ def decode(et: EndorTensor, out: torch.Tensor, *, num_warps: int = DEFAULT_NUM_W
            tiles_per_program: int = DEFAULT_TILES_PER_PROGRAM) -> None:
     """Fill `out` (flat, contiguous, et.dtype, on et.device) with the dense tensor. Enqueued on
     the current CUDA stream: no host sync, no allocation. Bitmap popcounts are trusted (FORMAT.md
-    rule 6); call `validate_tiles` or use `decode_and_validate` for data read from a file."""
+    rule 6); call `validate_tiles` or use `decode_and_validate` for data read from a file.
+    int8/int4 tensors go to triton_quant.py."""
+    if et.values_codec in _QUANT_CODECS:
+        from .triton_quant import decode as decode_quantized
+        return decode_quantized(et, out, num_warps=num_warps)
     _launch(et, out, None, num_warps, tiles_per_program)
 
 
@@ -243,9 +247,13 @@ def validate_tiles(et: EndorTensor) -> torch.Tensor:
     return ok
 
 
+_QUANT_CODECS = ("int8", "int4")
+
+
 def _register() -> None:
     from .registry import Backend, register
-    register(Backend("triton", ("cuda", "cpu"), decode, available))
+    register(Backend("triton", ("cuda", "cpu"), decode, available,
+                     codecs=("raw", *_QUANT_CODECS)))
 
 
 _register()

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from ..format.codecs.quant import dequantize, groups_per_row, symmetric_scales
 from .masks import canonical_zeros, lowest_in_block, lowest_per_group, pruned_count
 
 BLOCK_SIZE = 128
@@ -73,8 +74,49 @@ def sub_block_size_for(nm) -> int:
     return group * max(1, SUB_BLOCK_SIZE // group)
 
 
+class JointGrid:
+    """SparseGPT's joint quantization (as GPTQ): each kept weight is rounded onto the int`bits`
+    grid of its group of `group_size` columns as the loop reaches its column, and the rounding
+    error is compensated on the columns after it exactly as a pruned weight's is. A group's
+    scale (symmetric, absmax / qmax of its kept weights, in the weight's dtype) is chosen when
+    the loop reaches the group's first column, from the weights as updated so far."""
+
+    def __init__(self, w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype):
+        self.w, self.group_size, self.dtype = w, group_size, dtype
+        self.qmax = (1 << (bits - 1)) - 1
+        self.scales = torch.zeros(w.shape[0], groups_per_row(w.shape[1], group_size), dtype=dtype)
+        self.error_sq = self.kept_sq = 0.0  # the rounding steps' squared error and weights
+
+    @property
+    def relative_error(self) -> float:
+        """sqrt(sum (kept - rounded)^2 / sum kept^2) over every rounding step: the same measure
+        as round-to-nearest's error on the kept weights (convert records both)."""
+        return (self.error_sq / self.kept_sq) ** 0.5 if self.kept_sq else 0.0
+
+    def round(self, column: int, block: torch.Tensor, i: int, prune: torch.Tensor,
+              kept: torch.Tensor) -> torch.Tensor:
+        """Column `column` (= block column i) with its pruned weights zeroed -> on the grid, as
+        float32 values the decoder will return."""
+        group = column // self.group_size
+        if column % self.group_size == 0:
+            width = min(self.group_size, self.w.shape[1] - column)
+            inside = min(width, block.shape[1] - i)
+            current = block[:, i:i + inside].masked_fill(prune[:, i:i + inside], 0)
+            if inside < width:  # the group runs past this block: later columns as they are now
+                current = torch.cat([current, self.w[:, column + inside:column + width]], 1)
+            self.scales[:, group] = symmetric_scales(current, self.qmax, self.dtype)
+        scale = self.scales[:, group].to(torch.float32)
+        safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+        q = torch.where(scale == 0, 0.0, torch.round(kept / safe)).clamp_(-self.qmax - 1,
+                                                                            self.qmax)
+        rounded = dequantize(q, self.scales[:, group], self.dtype).to(torch.float32)
+        self.error_sq += float((kept - rounded).square().sum())
+        self.kept_sq += float(kept.square().sum())
+        return rounded
+
+
 def prune_block(block: torch.Tensor, u_block: torch.Tensor, prune: torch.Tensor,
-                nm) -> torch.Tensor:
+                nm, grid: JointGrid | None = None, first_column: int = 0) -> torch.Tensor:
     """OBS over one block of columns, in place: prune (and, with nm, choose) column by column,
     each error updating the columns after it. Returns the errors (pruned weight / U_jj), whose
     product with U gives the update of the columns after the block.
@@ -96,6 +138,8 @@ def prune_block(block: torch.Tensor, u_block: torch.Tensor, prune: torch.Tensor,
                     block[:, group].square() / diag[group].square(), *nm)
             column = block[:, i]
             kept = column.masked_fill(prune[:, i], 0)
+            if grid is not None:
+                kept = grid.round(first_column + i, block, i, prune, kept)
             error = (column - kept) / diag[i]
             # Column i itself would become `kept` up to rounding: store `kept` exactly.
             block[:, i + 1:j2].addr_(error, u_block[i, i + 1:j2], alpha=-1)
@@ -106,7 +150,8 @@ def prune_block(block: torch.Tensor, u_block: torch.Tensor, prune: torch.Tensor,
 
 
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, nm=None,
-                    block_size: int | None = None, damping: float = DAMPING) -> torch.Tensor:
+                    block_size: int | None = None, damping: float = DAMPING,
+                    quantize: tuple[int, int] | None = None):
     """Prune `weight` [out, in] given H [in, in]; returns a new tensor of weight's dtype.
 
     Without nm, each block prunes round(sparsity * out * block_columns) weights, the lowest by
@@ -116,7 +161,13 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
 
     Computes in float32. Pruned positions are exactly +0.0 after the cast back; a kept weight
     that underflows to zero in that cast becomes +0.0 as well (it is a zero to the bitmap
-    format), so the result can be marginally sparser than asked."""
+    format), so the result can be marginally sparser than asked.
+
+    quantize=(bits, group_size): joint pruning and quantization (JointGrid); returns
+    (weight on the grid, scales [out, ceil(in / group_size)] in weight's dtype, the relative
+    error of the rounding steps), ready for
+    endor.compress(weight, values=f"int{bits}", group_size=group_size, scales=scales). A kept
+    weight that rounds to 0 is pruned too."""
     w = weight.detach().to(torch.float32, copy=True)
     cols = w.shape[1]
     h = prepare_hessian(hessian, w)
@@ -124,6 +175,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     del h
     step = block_size or block_size_for(nm)
     assert nm is None or step % nm[1] == 0, (step, nm)
+    grid = None if quantize is None else JointGrid(w, *quantize, weight.dtype)
     for i1 in range(0, cols, step):
         i2 = min(i1 + step, cols)
         block = w[:, i1:i2].clone()
@@ -133,7 +185,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
             prune = lowest_in_block(scores, pruned_count(sparsity, block.numel()))
         else:
             prune = torch.zeros_like(block, dtype=torch.bool)
-        errors = prune_block(block, u_block, prune, nm)
+        errors = prune_block(block, u_block, prune, nm, grid, i1)
         w[:, i1:i2] = block
         w[:, i2:].addmm_(errors, u[i1:i2, i2:], alpha=-1)
     out = canonical_zeros(w.to(weight.dtype))
@@ -141,4 +193,4 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
         raise ValueError(f"SparseGPT produced non-finite weights in {weight.dtype} (the "
                          "compensating updates overflowed); collect more calibration tokens or "
                          "prune this layer with wanda")
-    return out
+    return out if grid is None else (out, grid.scales, grid.relative_error)

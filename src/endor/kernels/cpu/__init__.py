@@ -109,6 +109,9 @@ def decode(et: EndorTensor, out: torch.Tensor, *, isa: str | None = None,
     `huge_pages` asks the kernel for transparent huge pages on the output (Linux), which makes
     a freshly allocated output several times cheaper to fault in. On FormatError the contents
     of `out` are unspecified."""
+    if et.values_codec in _quant_codecs:
+        from .quant import decode as decode_quantized
+        return decode_quantized(et, out, isa=isa, threads=threads)
     if _decode is None:
         raise RuntimeError("the cpu decoder extension is not built; reinstall endor with a C "
                            "compiler (pip install -e .) or use backend='reference'")
@@ -126,9 +129,12 @@ def decode(et: EndorTensor, out: torch.Tensor, *, isa: str | None = None,
         _raise_for(err, tile, et)
 
 
+_quant_codecs = ("int8", "int4")  # decoded by quant.c (cpu/quant.py)
+
+
 def _register() -> None:
     from ..registry import Backend, register
-    register(Backend("cpu", ("cpu",), decode, available))
+    register(Backend("cpu", ("cpu",), decode, available, codecs=("raw", *_quant_codecs)))
 
 
 _register()
