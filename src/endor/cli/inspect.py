@@ -13,11 +13,13 @@ def add_parser(sub):
 def run(args) -> int:
     import json
 
-    from ..inspect import describe
+    from ..inspect import describe, quantization_note
 
     rows = describe(args.path, verify=args.verify)
+    note = quantization_note(args.path)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows if note is None else {"tensors": rows, "quantization": note},
+                         indent=1))
         return 0
     for r in rows:
         sparsity = "" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
@@ -26,6 +28,11 @@ def run(args) -> int:
               f"{kind:<6} {sparsity:>6} {r['stored_bytes']:>12}")
     for line in codec_summary(rows):
         print(line)
+    if note is not None:
+        error = "not recorded" if note["error"] is None else f"{note['error']:.4f}"
+        print(f"quantized {note['values']} ({note['quantization']}), group size "
+              f"{note['group_size']}: quantization error (relative RMS on the kept weights) "
+              f"{error}")
     stored = sum(r["stored_bytes"] for r in rows)
     dense = sum(r["dense_bytes"] for r in rows)
     print(f"{len(rows)} tensors, {stored / 1e6:.1f} MB stored, {dense / 1e6:.1f} MB dense "
@@ -40,6 +47,8 @@ def codec_summary(rows) -> list[str]:
         mine = [r for r in rows if r["values_codec"] == codec]
         stored = sum(r["stored_bytes"] for r in mine)
         numel = sum(r["numel"] for r in mine)
-        lines.append(f"values {codec}: {len(mine)} tensors, "
+        sizes = sorted({r["group_size"] for r in mine if r.get("group_size")})
+        groups = f", group size {'/'.join(map(str, sizes))}" if sizes else ""
+        lines.append(f"values {codec}{groups}: {len(mine)} tensors, "
                      f"{8 * stored / max(numel, 1):.3f} bits per element")
     return lines
