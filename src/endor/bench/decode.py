@@ -19,8 +19,8 @@ NAME = "decode"
 DEFAULT_SHAPE = [8192, 8192]
 QUICK_SHAPE = [1024, 1024]
 HEADLINE = (torch.float16, 0.5)
-TABLE_COLUMNS = ["device", "dtype", "sparsity", "method", "output", "gbps", "ratio_vs_copy",
-                 "speedup_vs_numpy", "pct_of_hbm", "n"]
+TABLE_COLUMNS = ["device", "dtype", "sparsity", "values", "method", "output", "gbps",
+                 "ratio_vs_copy", "speedup_vs_numpy", "pct_of_hbm", "n"]
 
 
 def add_arguments(parser) -> None:
@@ -29,6 +29,10 @@ def add_arguments(parser) -> None:
                              f"elements, --quick {QUICK_SHAPE})")
     parser.add_argument("--dtypes", type=harness.dtype_list, default="fp16,bf16,fp32")
     parser.add_argument("--sparsities", type=harness.float_list, default="0.5,0.7,0.9")
+    parser.add_argument("--values", default="raw",
+                        help="comma-separated value codecs to compress with: raw, int8, int4 "
+                             "(default raw); lossy codecs are checked against the reference "
+                             "decoder")
     parser.add_argument("--backends", default=None,
                         help="comma-separated decoder backends (default: every available one)")
     parser.add_argument("--numpy", choices=("headline", "all", "none"), default="headline",
@@ -93,18 +97,20 @@ def _backends(device: torch.device, wanted: list[str] | None) -> list[str]:
 
 
 def _case(tensor, et, device, backend_names, *, with_numpy, hbm_gbps, warmup, repeat) -> list:
-    """Every row of one (device, dtype, sparsity): copies, numpy, each backend fresh and out=."""
+    """Every row of one (device, dtype, sparsity, codec): copies, numpy, each backend fresh and
+    out=. `tensor` is what every decoder must return bit for bit."""
     import endor
     dense = tensor.to(device)
     et = et.to(device)
     dense_bytes = dense.numel() * dense.element_size()
-    read_bytes = sum(t.numel() * t.element_size() for t in (et.bitmap, et.values, et.tiles))
+    read_bytes = sum(t.numel() * t.element_size()
+                     for t in (et.bitmap, et.tiles, *et.codec_parts.values()))
     reused = torch.empty_like(dense)
     timed = lambda fn: harness.measure(fn, warmup=warmup, repeat=repeat, device=device)  # noqa
 
     rows = [("copy", "fresh", timed(lambda: torch.empty_like(dense).copy_(dense)), 2 * dense_bytes),
             ("copy", "out", timed(lambda: reused.copy_(dense)), 2 * dense_bytes)]
-    if with_numpy and device.type == "cpu":
+    if with_numpy and device.type == "cpu" and et.values_codec == "raw":
         decode = numpy_decoder(et)
         if not _bit_equal(decode(), tensor):
             raise RuntimeError("the numpy baseline did not decode bit-exactly")
@@ -144,22 +150,31 @@ def run(args) -> dict:
     devices = _devices(args.device)
     per_device = {d.type: _backends(d, wanted) for d in devices}
     results = []
+    codecs = [c.strip() for c in args.values.split(",") if c.strip()]
+    unknown = sorted(set(codecs) - {"raw", "int8", "int4"})
+    if unknown or not codecs:
+        raise ValueError(f"--values {args.values!r}: choose from raw, int8, int4")
     for dtype in args.dtypes:
         for sparsity in args.sparsities:
             tensor = harness.random_sparse(shape, dtype, sparsity, seed=args.seed)
-            et = endor.compress(tensor)
             with_numpy = args.numpy == "all" or (args.numpy == "headline"
                                                  and (dtype, sparsity) == HEADLINE)
-            for device in devices:
-                for row in _case(tensor, et, device, per_device[device.type],
-                                 with_numpy=with_numpy, hbm_gbps=args.hbm_gbps,
-                                 warmup=args.warmup, repeat=args.repeat):
-                    results.append({"dtype": harness.dtype_name(dtype), "sparsity": sparsity,
-                                    "numel": tensor.numel(), **row})
-            del tensor, et
+            for codec in codecs:
+                et = endor.compress(tensor, values=codec)
+                expected = tensor if codec == "raw" else endor.decompress(et,
+                                                                          backend="reference")
+                for device in devices:
+                    for row in _case(expected, et, device, per_device[device.type],
+                                     with_numpy=with_numpy, hbm_gbps=args.hbm_gbps,
+                                     warmup=args.warmup, repeat=args.repeat):
+                        results.append({"dtype": harness.dtype_name(dtype),
+                                        "sparsity": sparsity, "values": codec,
+                                        "numel": tensor.numel(), **row})
+                del et, expected
+            del tensor
     params = {"load_avg": {"before": load_before, "after": harness.system_load()},
               "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
-              "sparsities": list(args.sparsities), "backends": per_device,
+              "sparsities": list(args.sparsities), "values": codecs, "backends": per_device,
               "numpy": args.numpy, "hbm_gbps": args.hbm_gbps, "seed": args.seed,
               "quick": args.quick, "warmup": args.warmup, "repeat": args.repeat}
     return harness.envelope(NAME, params, results, table_columns=TABLE_COLUMNS)

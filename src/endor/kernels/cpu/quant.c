@@ -9,7 +9,8 @@
  * Three instruction-set paths, chosen at run time:
  *   scalar  portable C (bit tricks for the float16 / bfloat16 rounding);
  *   avx2    8 lanes: vpermd with a 256-entry index table per bitmap byte, F16C for float16;
- *   avx512  16 lanes: vpexpandd under the bitmap, vcvtps2ph for float16.
+ *   avx512  64 integers per vpexpandb (AVX512_VBMI2) under a bitmap word, products 16 lanes
+ *           at a time, vcvtps2ph for float16.
  * bfloat16 rounds with the integer rule (u + 0x7fff + (u >> 16 & 1)) >> 16 in every path:
  * vcvtneps2bf16 would flush subnormals. The Python caller checks buffer sizes, that scales are
  * finite and the int4 padding nibble (rules Q2, Q3), so no NaN reaches the rounding.
@@ -29,7 +30,7 @@
 #endif
 
 #define TILE 4096
-#define PAD 64 /* zero bytes after a tile's integers: vector loads read at most 16 past */
+#define PAD 64 /* zero bytes after a tile's integers: vector loads read at most 64 past */
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
@@ -151,7 +152,7 @@ static void build_tables(void) {
 #if ENDOR_X86
 
 #define AVX2_TARGET "avx2,f16c,popcnt"
-#define AVX512_TARGET "avx512f,avx512bw,avx512vl,popcnt"
+#define AVX512_TARGET "avx512f,avx512bw,avx512vl,avx512vbmi2,popcnt"
 
 __attribute__((target(AVX2_TARGET))) static inline __m256i bf16_round8(__m256 f) {
     __m256i u = _mm256_castps_si256(f);
@@ -192,38 +193,153 @@ __attribute__((target(AVX2_TARGET))) static int64_t span_avx2(const job_t *job, 
     return used + span_tail(job, i + j, n - j, s, q + used);
 }
 
+/* 16 dequantized lanes (f: float32, +0.0 where the bit is 0) -> dst, `lanes` of them. */
+__attribute__((target(AVX512_TARGET))) static inline void store16_avx512(uint8_t *dst, int dtype,
+                                                                         __m512 f,
+                                                                         __mmask16 lanes) {
+    if (dtype == DT_F32) {
+        _mm512_mask_storeu_ps(dst, lanes, f);
+        return;
+    }
+    __m256i h;
+    if (dtype == DT_F16) {
+        h = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+        __m512i u = _mm512_castps_si512(f);
+        __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_srli_epi32(
+            _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+        h = _mm512_cvtepi32_epi16(r);
+    }
+    _mm256_mask_storeu_epi16(dst, lanes, h);
+}
+
+#define DEQUANT16(K)                                                                            \
+    store16_avx512(dst + (K) * 16 * es, dtype,                                                  \
+                   _mm512_maskz_mul_ps((__mmask16)(b >> (16 * (K))),                            \
+                                       _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(                 \
+                                           _mm512_extracti32x4_epi32(e, K))), sv),              \
+                   (__mmask16)0xffff)
+
 __attribute__((target(AVX512_TARGET))) static int64_t span_avx512(const job_t *job, int64_t i,
                                                                   int64_t n, float s,
                                                                   const int8_t *q) {
     const __m512 sv = _mm512_set1_ps(s);
     const int dtype = job->dtype;
-    int64_t used = 0;
-    for (int64_t j = 0; j < n; j += 16) {
+    const int es = dtype == DT_F32 ? 4 : 2;
+    int64_t used = 0, j = 0;
+    if ((i & 7) == 0) {
+        /* 64 elements per step: one bitmap word, one vpexpandb of 64 integers (the scratch
+         * buffer holds PAD zero bytes past the tile's last integer), four 16-lane products. */
+        for (; j + 64 <= n; j += 64) {
+            const uint64_t b = load_u64(job->bitmap + ((i + j) >> 3));
+            const __m512i e = _mm512_maskz_expand_epi8(b, _mm512_loadu_si512(q + used));
+            uint8_t *dst = job->out + (i + j) * es;
+            DEQUANT16(0);
+            DEQUANT16(1);
+            DEQUANT16(2);
+            DEQUANT16(3);
+            used += _mm_popcnt_u64(b);
+        }
+    }
+    for (; j < n; j += 16) {
         int64_t m = n - j < 16 ? n - j : 16;
         __mmask16 lanes = (__mmask16)((1u << m) - 1);
         __mmask16 k = (__mmask16)(bits_at(job, i + j) & lanes);
         __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + used)));
         v = _mm512_maskz_expand_epi32(k, v);
         __m512 f = _mm512_maskz_mul_ps(k, _mm512_cvtepi32_ps(v), sv);
-        uint8_t *dst = job->out + (i + j) * (dtype == DT_F32 ? 4 : 2);
-        if (dtype == DT_F32) {
-            _mm512_mask_storeu_ps(dst, lanes, f);
-        } else {
-            __m256i h;
-            if (dtype == DT_F16) {
-                h = _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            } else {
-                __m512i u = _mm512_castps_si512(f);
-                __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-                __m512i r = _mm512_srli_epi32(
-                    _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-                h = _mm512_cvtepi32_epi16(r);
-            }
-            _mm256_mask_storeu_epi16(dst, lanes, h);
-        }
+        store16_avx512(job->out + (i + j) * es, dtype, f, lanes);
         used += __builtin_popcount((unsigned)k);
     }
     return used;
+}
+
+/* int4 with AVX-512: a segment has one scale, so its 16 possible outputs fit one register. The
+ * table is computed with the same product and rounding as every other path, then each output
+ * is one table lookup (vpermw / vpermd) indexed by q + 8, zeroed where the bit is 0. `qo` holds
+ * q + 8 (0..15) per integer, PAD zero bytes after the tile's last. */
+__attribute__((target(AVX512_TARGET))) static int64_t span_int4_avx512(const job_t *job,
+                                                                       int64_t i, int64_t n,
+                                                                       float s,
+                                                                       const int8_t *qo) {
+    const __m512 levels = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512 prod = _mm512_mul_ps(_mm512_set1_ps(s), levels);
+    const int dtype = job->dtype;
+    const int es = dtype == DT_F32 ? 4 : 2;
+    __m512i table;
+    if (dtype == DT_F32) {
+        table = _mm512_castps_si512(prod);
+    } else {
+        uint16_t t16[16];
+        store16_avx512((uint8_t *)t16, dtype, prod, (__mmask16)0xffff);
+        table = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)t16));
+    }
+    int64_t used = 0, j = 0;
+    if ((i & 7) == 0) {
+        for (; j + 64 <= n; j += 64) {
+            const uint64_t b = load_u64(job->bitmap + ((i + j) >> 3));
+            const __m512i e = _mm512_maskz_expand_epi8(b, _mm512_loadu_si512(qo + used));
+            uint8_t *dst = job->out + (i + j) * es;
+            if (dtype == DT_F32) {
+                for (int k = 0; k < 4; k++) {
+                    __m128i part = k == 0 ? _mm512_castsi512_si128(e)
+                                 : k == 1 ? _mm512_extracti32x4_epi32(e, 1)
+                                 : k == 2 ? _mm512_extracti32x4_epi32(e, 2)
+                                          : _mm512_extracti32x4_epi32(e, 3);
+                    __m512i r = _mm512_maskz_permutexvar_epi32((__mmask16)(b >> (16 * k)),
+                                                               _mm512_cvtepu8_epi32(part), table);
+                    _mm512_storeu_si512((void *)(dst + 64 * k), r);
+                }
+            } else {
+                __m512i lo = _mm512_maskz_permutexvar_epi16(
+                    (__mmask32)b, _mm512_cvtepu8_epi16(_mm512_castsi512_si256(e)), table);
+                __m512i hi = _mm512_maskz_permutexvar_epi16(
+                    (__mmask32)(b >> 32), _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(e, 1)),
+                    table);
+                _mm512_storeu_si512((void *)dst, lo);
+                _mm512_storeu_si512((void *)(dst + 64), hi);
+            }
+            used += _mm_popcnt_u64(b);
+        }
+    }
+    for (; j < n; j += 16) {
+        int64_t m = n - j < 16 ? n - j : 16;
+        __mmask16 lanes = (__mmask16)((1u << m) - 1);
+        __mmask16 k = (__mmask16)(bits_at(job, i + j) & lanes);
+        __m512i idx = _mm512_maskz_expand_epi32(
+            k, _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qo + used))));
+        __m512i r = _mm512_maskz_permutexvar_epi32(k, idx, dtype == DT_F32 ? table :
+                                                   _mm512_cvtepu16_epi32(
+                                                       _mm512_castsi512_si256(table)));
+        uint8_t *dst = job->out + (i + j) * es;
+        if (dtype == DT_F32) _mm512_mask_storeu_epi32(dst, lanes, r);
+        else _mm256_mask_storeu_epi16(dst, lanes, _mm512_cvtepi32_epi16(r));
+        used += __builtin_popcount((unsigned)k);
+    }
+    return used;
+}
+
+/* A tile's int4 integers as q + 8 (0..15), the table index span_int4_avx512 wants. */
+__attribute__((target(AVX2_TARGET))) static void tile_int4_offset(const job_t *job,
+                                                                  int64_t begin, int64_t count,
+                                                                  int8_t *q) {
+    int64_t j = 0;
+    if ((begin & 1) && count) q[j++] = (int8_t)((job->qvalues[begin >> 1] >> 4) ^ 8);
+    const uint8_t *src = job->qvalues + ((begin + j) >> 1);
+    const __m256i low = _mm256_set1_epi16(0x000f), high = _mm256_set1_epi16(0x0f00);
+    const __m256i eight = _mm256_set1_epi8(8);
+    for (; j + 32 <= count; j += 32, src += 16) {
+        __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)src));
+        __m256i t = _mm256_or_si256(_mm256_and_si256(w, low),
+                                    _mm256_and_si256(_mm256_slli_epi16(w, 4), high));
+        _mm256_storeu_si256((__m256i *)(q + j), _mm256_xor_si256(t, eight));
+    }
+    for (; j < count; j++) {
+        int64_t n = begin + j;
+        q[j] = (int8_t)(((job->qvalues[n >> 1] >> ((n & 1) * 4)) & 0xf) ^ 8);
+    }
+    memset(q + count, 0, PAD);
 }
 
 #endif /* ENDOR_X86 */
@@ -290,7 +406,9 @@ static inline __attribute__((always_inline)) int decode_tiles(const job_t *job, 
             return ERR_POPCOUNT;
         }
 #if ENDOR_X86
-        if (job->bits == 4 && isa != ISA_SCALAR)
+        if (job->bits == 4 && isa == ISA_AVX512)
+            tile_int4_offset(job, begin, end - begin, q);
+        else if (job->bits == 4 && isa == ISA_AVX2)
             tile_int4_avx2(job, begin, end - begin, q);
         else
 #endif
@@ -321,7 +439,9 @@ __attribute__((target(AVX2_TARGET))) static void run_avx2(part_t *p) {
     p->err = decode_tiles(p->job, p->first, p->last, span_avx2, ISA_AVX2, &p->bad_tile);
 }
 __attribute__((target(AVX512_TARGET "," AVX2_TARGET))) static void run_avx512(part_t *p) {
-    p->err = decode_tiles(p->job, p->first, p->last, span_avx512, ISA_AVX512, &p->bad_tile);
+    p->err = decode_tiles(p->job, p->first, p->last,
+                          p->job->bits == 4 ? span_int4_avx512 : span_avx512, ISA_AVX512,
+                          &p->bad_tile);
 }
 #endif
 
@@ -347,7 +467,7 @@ static int detect_isas(void) {
                __builtin_cpu_supports("popcnt");
     if (avx2) mask |= 1 << ISA_AVX2;
     if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl"))
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2"))
         mask |= 1 << ISA_AVX512;
 #endif
     return mask;
