@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .checkpoint import Checkpoint
 from .format import EndorFile
+from .format.spec import SAFETENSORS_DTYPES
 
 
 def describe_file(path, *, verify: bool = False) -> list[dict]:
@@ -21,7 +23,8 @@ def describe_file(path, *, verify: bool = False) -> list[dict]:
                 numel = math.prod(shape)
             else:
                 st = f.header.tensors[name]
-                shape, dtype, numel, nnz = list(st.shape), st.dtype, math.prod(st.shape), None
+                shape, numel, nnz = list(st.shape), math.prod(st.shape), None
+                dtype = SAFETENSORS_DTYPES[st.dtype]  # torch's names for every row, not "BF16"
                 stored, codec, group_size = st.end - st.start, None, None
             if verify:
                 f.get_tensor(name)  # checks the checksum (and rules 5-6, decoding)
@@ -44,11 +47,11 @@ def quantization_note(path) -> dict | None:
         return None
     from .checkpoint import Checkpoint
     manifest = Checkpoint(path).manifest
-    values = manifest.get("values")
-    if not isinstance(values, dict) or values.get("codec") in (None, "raw"):
+    quantization = manifest.get("quantization")
+    if not isinstance(quantization, dict):
         return None
-    return {"values": values.get("codec"), "group_size": values.get("group_size"),
-            "quantization": values.get("quantization"),
+    return {"values": manifest.get("values"), "group_size": quantization.get("group_size"),
+            "quantization": quantization.get("rounding"),
             "error": (manifest.get("summary") or {}).get("quantization_error")}
 
 
@@ -56,7 +59,6 @@ def describe(path, *, verify: bool = False) -> list[dict]:
     """Rows for a file, or for every shard of a checkpoint directory."""
     path = Path(path)
     if path.is_dir():
-        from .checkpoint import Checkpoint
         ck = Checkpoint(path)
         return [row for s in ck.shards for row in describe_file(path / s.file, verify=verify)]
     return describe_file(path, verify=verify)

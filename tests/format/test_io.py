@@ -5,15 +5,16 @@ import torch
 from safetensors import safe_open
 
 import endor
-from tests.helpers import DTYPES, bit_equal, sparse_tensor
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, sparse_tensor
 
 
 def test_save_and_load_mixed_file(tmp_path):
     dense = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     tensors = {f"w.{str(d)[6:]}": sparse_tensor((33, 17), d, 0.5) for d in DTYPES}
     path = tmp_path / "m.safetensors"
-    endor.save_file({**{k: endor.compress(v) for k, v in tensors.items()}, "bias": dense,
-                     "empty": endor.compress(torch.zeros(0, 5))}, path, metadata={"who": "me"})
+    endor.save_file({**{k: endor.compress(v, values="raw") for k, v in tensors.items()}, "bias": dense,
+                     "empty": endor.compress(torch.zeros(0, 5), values="raw")}, path, metadata={"who": "me"})
     loaded = endor.load_file(path)
     assert set(loaded) == {*tensors, "bias", "empty"}
     for k, v in tensors.items():
@@ -30,7 +31,7 @@ def test_save_and_load_mixed_file(tmp_path):
 def test_any_safetensors_reader_opens_the_file(tmp_path):
     path = tmp_path / "m.safetensors"
     t = sparse_tensor((10, 10), torch.float16, 0.5)
-    endor.save_file({"w": endor.compress(t)}, path)
+    endor.save_file({"w": endor.compress(t, values="raw")}, path)
     with safe_open(str(path), "pt") as f:
         assert sorted(f.keys()) == ["w.endor.bitmap", "w.endor.tiles", "w.endor.values"]
         meta = json.loads(f.metadata()["endor"])
@@ -40,7 +41,7 @@ def test_any_safetensors_reader_opens_the_file(tmp_path):
 def test_byte_ranges_point_at_the_stored_bytes(tmp_path):
     path = tmp_path / "m.safetensors"
     t = sparse_tensor((50, 50), torch.bfloat16, 0.5)
-    et = endor.compress(t)
+    et = endor.compress(t, values="raw")
     endor.save_file({"w": et}, path)
     data = path.read_bytes()
     with endor.open_file(path) as f:
@@ -77,10 +78,38 @@ def test_missing_file_and_missing_tensor(tmp_path):
 
 
 def test_identical_inputs_give_identical_files(tmp_path):
-    tensors = {"w": endor.compress(sparse_tensor((9, 9), torch.float16, 0.5)), "b": torch.ones(3)}
+    tensors = {"w": endor.compress(sparse_tensor((9, 9), torch.float16, 0.5), values="raw"), "b": torch.ones(3)}
     meta = {f"key{i}": str(i) for i in range(20)}
     endor.save_file(tensors, tmp_path / "a.safetensors", metadata=meta)
     endor.save_file(tensors, tmp_path / "b.safetensors", metadata=meta)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     with endor.open_file(tmp_path / "a.safetensors") as f:
         assert f.metadata() == meta
+
+
+def test_tensors_are_read_into_owned_memory_never_mapped(tmp_path):
+    """No mapping of the file outlives open_file or a read; what was read is a copy."""
+    path = tmp_path / "owned.safetensors"
+    endor.save_file({"d": torch.randn(64, 64), "e": endor.compress(torch.randn(64, 64))}, path)
+    with endor.open_file(path) as f:
+        dense, compressed = f.get_tensor("d"), f.get_compressed("e")
+        with open("/proc/self/maps") as maps:
+            assert str(path) not in maps.read()
+        before = dense.clone()
+        path.write_bytes(b"\0" * path.stat().st_size)  # same size, every byte changed
+        assert torch.equal(dense, before) and compressed.verify_checksum()
+        path.write_bytes(b"")  # truncated: the next read is an error naming the file
+        with pytest.raises(endor.FormatError, match="owned.safetensors.*truncated"):
+            f.get_tensor("d")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_get_the_process_umask(tmp_path, umask):
+    import os
+
+    before = os.umask(umask)
+    try:
+        endor.save_file({"d": torch.zeros(2)}, tmp_path / "m.safetensors")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -11,7 +11,7 @@ from safetensors.torch import load_file as st_load_file
 
 import endor
 from endor.kernels import backends
-from tests.helpers import bit_equal
+from endor.format.equal import bit_equal
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CPU_BACKENDS = [n for n, b in backends().items()

@@ -10,8 +10,9 @@ import torch
 
 import endor
 from endor.format.codecs.quant import quantize
-from endor.kernels import cpu, reference
-from endor.kernels.registry import choose
+from endor.format import reference
+from endor.kernels import cpu
+from endor.format.decompress import choose
 from tests.helpers import DTYPES, bit_equal, sparse_tensor
 
 CODECS = ("int8", "int4")

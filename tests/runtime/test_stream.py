@@ -11,7 +11,8 @@ from endor.runtime.plan import LayerPlan, Part, TensorPlan
 from endor.runtime.reader import ShardReader
 from endor.runtime.stream import LayerStream, decode_layer, read_slot_count
 from endor.runtime.weights import check_streamed
-from tests.helpers import bit_equal, sparse_tensor
+from endor.format.equal import bit_equal
+from tests.helpers import sparse_tensor
 
 
 def _place(image: bytearray, offset: int, t: torch.Tensor) -> tuple[int, int]:
@@ -24,7 +25,7 @@ def test_decode_layer_stages_unaligned_parts_and_casts():
     """Parts at odd offsets (no typed view possible) are staged into the dense buffer; a dense
     tensor stored in another dtype is cast; an aligned one in the model dtype is a view."""
     w = sparse_tensor((7, 13), torch.float16, 0.5)
-    et = endor.compress(w)
+    et = endor.compress(w, values="raw")
     bias32 = torch.randn(13)
     norm = torch.randn(5, dtype=torch.float16)
     image = bytearray(4096)

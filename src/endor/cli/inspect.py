@@ -1,5 +1,9 @@
 """`endor inspect PATH`: list the tensors of an Endor file or checkpoint and their compression."""
 
+import json
+
+from ..inspect import describe, quantization_note
+
 
 def add_parser(sub):
     p = sub.add_parser("inspect", help="list tensors, sparsity and sizes of a file or checkpoint")
@@ -11,21 +15,19 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    import json
-
-    from ..inspect import describe, quantization_note
-
     rows = describe(args.path, verify=args.verify)
     note = quantization_note(args.path)
     if args.json:
         print(json.dumps(rows if note is None else {"tensors": rows, "quantization": note},
                          indent=1))
         return 0
+    print(f"{'tensor':<60} {'shape':<16} {'dtype':<9} {'values':<6} {'sparsity':>8} "
+          f"{'bytes':>12}")
     for r in rows:
         sparsity = "" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
         kind = r["values_codec"] or "dense"
         print(f"{r['name']:<60} {str(r['shape']):<16} {r['dtype']:<9} "
-              f"{kind:<6} {sparsity:>6} {r['stored_bytes']:>12}")
+              f"{kind:<6} {sparsity:>8} {r['stored_bytes']:>12}")
     for line in codec_summary(rows):
         print(line)
     if note is not None:

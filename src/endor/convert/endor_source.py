@@ -21,7 +21,9 @@ from ..errors import FormatError
 from ..format import spec
 from ..format.header import StoredTensor
 from ..format.io import check_compressed, check_dense, endor_tensor
-from .source import TORCH_DTYPES, fingerprint, read_stored
+from ..format.spec import SAFETENSORS_DTYPES
+from ..kernels import decompress
+from .source import SourceCheckpoint, fingerprint, read_stored
 
 _PRUNING_KEYS = ("method", "sparsity", "nm", "calibration")
 
@@ -69,10 +71,10 @@ class EndorSource:
             return _Entry(file, tuple(entry.shape), entry.dtype, parts, entry.checksum, entry,
                           suffixes, f.version or 1)
         st: StoredTensor = stored[name]
-        if st.dtype not in TORCH_DTYPES:
+        if st.dtype not in SAFETENSORS_DTYPES:
             raise FormatError(f"dtype {st.dtype} is not supported", path=self.path / file,
                               tensor=name)
-        return _Entry(file, tuple(st.shape), TORCH_DTYPES[st.dtype], (st,),
+        return _Entry(file, tuple(st.shape), SAFETENSORS_DTYPES[st.dtype], (st,),
                       f.dense_checksum(name))
 
     def _prior_pruning(self) -> list:
@@ -112,8 +114,6 @@ class EndorSource:
 
     def read(self, name: str) -> torch.Tensor:
         """A new dense CPU tensor holding `name` (decompressed, checksum verified)."""
-        from ..kernels import decompress
-
         entry = self._get(name)
         path = self.path / entry.file
         parts = [read_stored(path, part, name) for part in entry.parts]
@@ -136,3 +136,12 @@ class EndorSource:
 
     def prior_pruning(self) -> list:
         return list(self._prior)
+
+
+def open_source(path):
+    """The reader for a conversion source: an Endor checkpoint directory (it has endor.json)
+    as an EndorSource, decompressing on read; any other directory as an HF checkpoint."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return EndorSource(path)
+    return SourceCheckpoint(path)

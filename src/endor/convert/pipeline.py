@@ -24,16 +24,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointWriter
+from ..data.text import calibration_text
 from ..errors import FormatError
 from ..format import compress, load_file
+from ..format.equal import bit_equal
+from ..format.spec import DTYPES, INT_OF_SIZE
 from ..kernels import decompress
-from ..format.spec import DTYPES
+from ..format.codecs import codec_names
+from ..prune import METHODS, needs_calibration, needs_hessian, prune_weight
+from ..prune.nm import check_nm
 from . import calibrate, outdir
-from .source import open_source
+from .endor_source import open_source
 from .structure import ModelLayout, build_layout, load_config
 from .summary import format_summary, shard_metadata, summarize
+
+DEFAULT_VALUES = "exp"  # value codec of the Endor tensors written (docs/FORMAT.md 1.1)
+_QUANTIZED = ("int8", "int4")  # the lossy codecs (docs/FORMAT.md 1.3)
 
 REST = "rest"
 
@@ -54,7 +63,7 @@ def resolve_source(src) -> Path:
 
 def _count_nonzero(t: torch.Tensor) -> int:
     """Non-zero elements in the format's sense: any bit set (-0.0 counts)."""
-    return int(np.count_nonzero(t.contiguous().view(outdir._INT_OF_SIZE[t.element_size()])
+    return int(np.count_nonzero(t.contiguous().view(INT_OF_SIZE[t.element_size()])
                                 .numpy()))
 
 
@@ -99,10 +108,9 @@ class _Conversion:
             i = layout.layer_of(name)
             self.names[REST if i is None else f"layers.{i}"].append(name)
         self.nnz: dict[str, int] = {}
-        codec = settings["values"]
-        self.values = codec["codec"]
-        self.lossy = self.values != "raw"
-        self.group_size = codec.get("group_size")
+        self.values = settings["values"]
+        self.lossy = self.values in _QUANTIZED
+        self.group_size = (settings.get("quantization") or {}).get("group_size")
         self.scales: dict[str, torch.Tensor] = {}  # SparseGPT's joint scales, until encoded
         self.errors: dict[str, list[float]] = {}  # name -> [squared error, squared weights]
         self.bytes_done, self.t0 = 0, time.perf_counter()
@@ -116,9 +124,9 @@ class _Conversion:
                 self.nnz[name] = _count_nonzero(t)
             return t
         if not self.lossy:
-            et = compress(t)
+            et = compress(t, values=self.values)
             self.nnz[name] = et.nnz
-            if self.verify and not outdir.bit_equal(decompress(et), t):
+            if self.verify and not bit_equal(decompress(et), t):
                 raise FormatError("verification failed: the compressed tensor does not decode "
                                   "to the pruned weight (encoder fault)", tensor=name)
             return et
@@ -137,7 +145,7 @@ class _Conversion:
             t32 = t.float()
             self.errors[name] = [float((decoded.float() - t32).square().sum()),
                                  float(t32.square().sum())]
-        if self.verify and not outdir.bit_equal(
+        if self.verify and not bit_equal(
                 decoded, quantize(t, bits, self.group_size, scales).dequantized):
             raise FormatError("verification failed: the compressed tensor does not decode to "
                               "the quantized weight (encoder fault)", tensor=name)
@@ -160,7 +168,6 @@ class _Conversion:
         self.progress.update(1)
 
     def _prune(self, name: str, weight: torch.Tensor, stats=None) -> torch.Tensor:
-        from ..prune import prune_weight
         s = self.settings
         joint = None
         if self.lossy and s["method"] == "sparsegpt":
@@ -182,7 +189,7 @@ class _Conversion:
         for target, origin in self.layout.tied.items():
             # transformers ties these on load (and only if equal): storing both would duplicate
             if target in tensors and origin in tensors and \
-                    outdir.bit_equal(tensors[target], tensors[origin]):
+                    bit_equal(tensors[target], tensors[origin]):
                 del tensors[target]
         self._finish_shard(REST, tensors)
 
@@ -261,19 +268,19 @@ class _Conversion:
 
 
 def _settings(source, method, sparsity, nm, weights, patterns, calib_text, samples, seqlen,
-              values="raw", group_size=None):
-    from ..prune import needs_calibration
+              values, group_size=None):
     calibration = None
     if needs_calibration(method):
         calibration = {"text_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
                        "samples": samples, "seqlen": seqlen, "dtype": "float32"}
     settings = {"method": method, "sparsity": None if method == "none" else float(sparsity),
                 "nm": None if nm is None else list(nm), "weights": weights,
+                "values": values if weights == "endor" else None,
                 "dense_patterns": sorted(patterns), "calibration": calibration,
-                "values": {"codec": values} if values == "raw" else
-                          {"codec": values, "group_size": group_size,
-                           "quantization": "joint" if method == "sparsegpt" else "rtn"},
                 "source": source.fingerprint()}
+    if values in _QUANTIZED:
+        settings["quantization"] = {"group_size": group_size,
+                                    "rounding": "joint" if method == "sparsegpt" else "rtn"}
     prior = source.prior_pruning()
     if prior is not None:  # an Endor checkpoint: how its weights were pruned already
         settings["prior_pruning"] = prior
@@ -283,9 +290,7 @@ def _settings(source, method, sparsity, nm, weights, patterns, calib_text, sampl
 def _check_values(values, group_size, weights):
     """(codec, group size or None) for convert's values= / group_size= options."""
     from ..format.codecs.quant import DEFAULT_GROUP_SIZE, check_group_size
-    if values not in ("raw", "int8", "int4"):
-        raise ValueError(f"values must be 'raw', 'int8' or 'int4', got {values!r}")
-    if values == "raw":
+    if values not in _QUANTIZED:
         if group_size is not None:
             raise ValueError("group_size applies to values='int8' or 'int4' only")
         return values, None
@@ -317,7 +322,7 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
             calib_text: str | None = None, weights: str = "endor", dense_patterns=None,
             resume: bool = True, verify: bool = True, progress: bool = True,
             calib_samples: int = calibrate.DEFAULT_SAMPLES,
-            calib_seqlen: int = calibrate.DEFAULT_SEQLEN, values: str = "raw",
+            calib_seqlen: int = calibrate.DEFAULT_SEQLEN, values: str = DEFAULT_VALUES,
             group_size: int | None = None) -> dict:
     """Prune (method "none" keeps the weights as they are) and compress the model `src` into
     the checkpoint directory `out`. Returns the summary (also stored in `out/endor.json`) plus a
@@ -326,21 +331,19 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     `src` is an HF model directory, a .gguf file or alias (see resolve_source), or an Endor
     checkpoint directory, read decompressed: `convert(A, B, method="none", weights="dense")`
     makes the dense twin of the pruned checkpoint A without pruning again (B's manifest lists
-    A's pruning under "prior_pruning").
+    A's pruning under "prior_pruning"). `values` is the value codec of the Endor tensors
+    ("exp" or "raw", docs/FORMAT.md section 1.1).
 
     values="int8" | "int4" quantizes the kept weights (lossy; docs/FORMAT.md section 1.3) in
     groups of `group_size` input columns (default 128): jointly with method "sparsegpt"
     (each column rounded as it is pruned, the error compensated), round-to-nearest otherwise
     ("none" quantizes the source's weights as they are)."""
-    from tqdm.auto import tqdm
-
-    from ..prune import METHODS, needs_calibration, needs_hessian
-    from ..prune.nm import check_nm
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if weights not in ("endor", "dense"):
         raise ValueError(f"weights must be 'endor' or 'dense', got {weights!r}")
+    if values not in codec_names():
+        raise ValueError(f"values must be one of {codec_names()}, got {values!r}")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
             or not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r}")
@@ -350,13 +353,11 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
         nm = check_nm(nm)
     values, group_size = _check_values(values, group_size, weights)
     if needs_calibration(method) and calib_text is None:
-        from ..data.text import calibration_text
         calib_text = calibration_text()
     patterns = list(dense_patterns or [])
     src_dir = resolve_source(src)
     out = Path(out)
-    if out.exists() and out.resolve() == src_dir.resolve():
-        raise ValueError("OUT must differ from SRC")
+    outdir.check_out(out, src_dir)
     source = open_source(src_dir)
     layout = build_layout(load_config(src_dir))
     sparse = _sparse_names(source, layout, patterns)
@@ -364,25 +365,27 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
                          calib_samples, calib_seqlen, values, group_size)
 
     groups = [f"layers.{i}" for i in range(layout.num_layers)] + [REST]
-    writer = CheckpointWriter(out, groups, weights=weights)
-    done = outdir.prepare(writer, settings, resume=resume)
-    outdir.copy_side_files(src_dir, out)
-    bar = tqdm(total=len(groups), initial=len(done), unit="shard", desc="endor convert",
-               disable=not progress)
-    job = _Conversion(source, layout, writer, settings, sparse, verify=verify, progress=bar)
-    todo = [i for i in range(layout.num_layers) if i not in done]
-    with bar:
-        if len(groups) - 1 not in done:
-            job.rest()
-        if todo and needs_calibration(method):
-            tokens = calibrate.segments(calibrate.tokenize(src_dir, calib_text),
-                                        calib_samples, calib_seqlen)
-            job.calibrated_layers(todo, tokens, needs_hessian(method))
-        else:
-            job.streamed_layers(todo)
-    summary = summarize(out, [s.file for s in writer.shards], layout.layer_type,
-                        layout.layer_of)
-    writer.finish({k: v for k, v in settings.items() if k != "weights"} | {"summary": summary})
+    with outdir.replacing(out, replace=not resume) as work:
+        writer = CheckpointWriter(work, groups, weights=weights)
+        done = outdir.prepare(writer, settings, resume=resume)
+        outdir.copy_side_files(src_dir, work)
+        bar = tqdm(total=len(groups), initial=len(done), unit="shard", desc="endor convert",
+                   disable=not progress)
+        job = _Conversion(source, layout, writer, settings, sparse, verify=verify, progress=bar)
+        todo = [i for i in range(layout.num_layers) if i not in done]
+        with bar:
+            if len(groups) - 1 not in done:
+                job.rest()
+            if todo and needs_calibration(method):
+                tokens = calibrate.segments(calibrate.tokenize(src_dir, calib_text),
+                                            calib_samples, calib_seqlen)
+                job.calibrated_layers(todo, tokens, needs_hessian(method))
+            else:
+                job.streamed_layers(todo)
+        summary = summarize(work, [s.file for s in writer.shards], layout.layer_type,
+                            layout.layer_of)
+        writer.finish({k: v for k, v in settings.items() if k != "weights"}
+                      | {"summary": summary})
     seconds = time.perf_counter() - job.t0
     return {**summary, "run": {
         "out": str(out), "seconds": round(seconds, 3), "source_bytes": source.total_bytes,

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import FormatError
+
 
 @dataclass
 class ModelLayout:
@@ -37,15 +39,16 @@ class ModelLayout:
 
 
 def load_config(src: Path):
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from transformers import AutoConfig
     try:
         return AutoConfig.from_pretrained(str(src), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        from ..errors import FormatError
         raise FormatError(f"config.json cannot be read by transformers: {e}", path=src) from None
 
 
 def _model_class(config):
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     import transformers
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
@@ -57,6 +60,7 @@ def _model_class(config):
 def build_layout(config, *, dtype: torch.dtype = torch.float32) -> ModelLayout:
     """The model of `config` with parameters on meta (built in about a second whatever its size)
     and its decoder structure."""
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from accelerate import init_empty_weights
 
     cls = _model_class(config)

@@ -14,7 +14,7 @@ from . import spec
 from .codecs import codec_names, get_codec
 from .tensor import EndorTensor
 
-DEFAULT_CODEC = "raw"
+DEFAULT_CODEC = "exp"  # docs/FORMAT.md 1.1; "raw" keeps every bit of every value
 
 _BIT_WEIGHTS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
 # Elements per chunk of the CPU encoder: a whole number of tiles.

@@ -130,7 +130,7 @@ def expected_parts(entry: Entry, version: int = spec.VERSION) -> dict[str, tuple
     bitmap = ("U8", [spec.bitmap_bytes(numel)])
     tiles = ("I64", [spec.num_tiles(numel) + 1])
     if version == 1:
-        return {"bitmap": bitmap, "values": (spec.ST_DTYPE_NAMES[entry.dtype], [entry.nnz]),
+        return {"bitmap": bitmap, "values": (spec.SAFETENSORS_NAMES[entry.dtype], [entry.nnz]),
                 "tiles": tiles}
     codec = get_codec(entry.codec)
     own = codec.parts(entry.shape, entry.dtype, entry.nnz, entry.params)

@@ -47,6 +47,7 @@ import torch
 
 from ..errors import FormatError
 from ..format import spec
+from ..format.decompress import Backend, register
 from ..format.tensor import EndorTensor
 
 TILE_BYTES = spec.TILE_BITMAP_BYTES
@@ -104,6 +105,9 @@ def _decode_kernel(bitmap_ptr, values_ptr, tiles_ptr, out_ptr, flags_ptr, numel,
                 tl.store(flags_ptr + tile64, bad.to(tl.uint8))
 
 
+_QUANT_CODECS = ("int8", "int4")
+
+
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -122,6 +126,7 @@ def available() -> bool:
 @functools.cache
 def _kernel(interpret: bool):
     global tl
+    # lazy: triton is heavy and optional; kernels compile on first use
     import triton.language
 
     tl = triton.language
@@ -187,10 +192,15 @@ def decode(et: EndorTensor, out: torch.Tensor, *, num_warps: int = DEFAULT_NUM_W
     """Fill `out` (flat, contiguous, et.dtype, on et.device) with the dense tensor. Enqueued on
     the current CUDA stream: no host sync, no allocation. Bitmap popcounts are trusted (FORMAT.md
     rule 6); call `validate_tiles` or use `decode_and_validate` for data read from a file.
-    int8/int4 tensors go to triton_quant.py."""
+    Exp-coded tensors go to triton_exp (one tile per program), int8/int4 to triton_quant."""
+    if et.values_codec == "exp":
+        from . import triton_exp
+        triton_exp.decode(et, out, num_warps=num_warps)
+        return
     if et.values_codec in _QUANT_CODECS:
         from .triton_quant import decode as decode_quantized
-        return decode_quantized(et, out, num_warps=num_warps)
+        decode_quantized(et, out, num_warps=num_warps)
+        return
     _launch(et, out, None, num_warps, tiles_per_program)
 
 
@@ -247,13 +257,5 @@ def validate_tiles(et: EndorTensor) -> torch.Tensor:
     return ok
 
 
-_QUANT_CODECS = ("int8", "int4")
-
-
-def _register() -> None:
-    from .registry import Backend, register
-    register(Backend("triton", ("cuda", "cpu"), decode, available,
-                     codecs=("raw", *_QUANT_CODECS)))
-
-
-_register()
+register(Backend("triton", ("cuda", "cpu"), decode, available,
+                 codecs=("raw", "exp", *_QUANT_CODECS)))

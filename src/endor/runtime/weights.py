@@ -15,9 +15,10 @@ from ..errors import FormatError
 from ..format import EndorFile
 from ..format.header import StoredTensor
 from ..format.io import check_compressed, check_dense
-from .plan import ST_DTYPES, LayerPlan
+from ..format.spec import SAFETENSORS_DTYPES
+from .images import image_digest, part_view, planned_tensor
+from .plan import LayerPlan
 from .reader import ShardReader, aligned_buffer
-from .stream import image_digest, part_view, planned_tensor
 
 _LAYER_GROUP = re.compile(r"^layers\.(\d+)$")
 
@@ -45,7 +46,7 @@ def layer_files(ckpt: Checkpoint) -> tuple[list[EndorFile], EndorFile]:
 def stored_dtype(f: EndorFile, name: str) -> torch.dtype | None:
     if f.is_compressed(name):
         return f.entry(name)[1]
-    return ST_DTYPES.get(f.header.tensors[name].dtype)
+    return SAFETENSORS_DTYPES.get(f.header.tensors[name].dtype)
 
 
 def model_dtype(files: list[EndorFile]) -> torch.dtype:

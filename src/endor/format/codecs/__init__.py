@@ -96,6 +96,7 @@ def check_values_entry(entry, dtype: torch.dtype) -> tuple[str, dict]:
     return codec.name, codec.check_params(params, dtype)
 
 
+from . import exp as _exp  # noqa: E402,F401  registers "exp"
 from . import raw as _raw  # noqa: E402,F401  registers "raw"
 from . import quant as _quant  # noqa: E402,F401  registers "int8", "int4"
 

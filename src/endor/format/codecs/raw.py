@@ -22,7 +22,7 @@ class RawCodec(ValueCodec):
         return {}
 
     def parts(self, shape, dtype, nnz, params):
-        return {VALUES: (spec.ST_DTYPE_NAMES[dtype], [nnz])}
+        return {VALUES: (spec.SAFETENSORS_NAMES[dtype], [nnz])}
 
     def encode(self, values, tiles, **options):
         if options:
