@@ -20,12 +20,12 @@ def test_numpy_baseline_is_bit_exact(dtype):
     for shape in SHAPES:
         for sparsity in (0.0, 0.5, 1.0):
             dense = harness.random_sparse(shape, dtype, sparsity, seed=5)
-            assert bit_equal(decode.numpy_decoder(endor.compress(dense))(), dense)
+            assert bit_equal(decode.numpy_decoder(endor.compress(dense, values="raw"))(), dense)
 
 
 def test_numpy_baseline_keeps_special_values():
     dense = torch.tensor([-0.0, float("nan"), 0.0, float("-inf"), 1e-42])
-    assert bit_equal(decode.numpy_decoder(endor.compress(dense))(), dense)
+    assert bit_equal(decode.numpy_decoder(endor.compress(dense, values="raw"))(), dense)
 
 
 def _args(*extra):
@@ -51,11 +51,12 @@ def test_every_backend_and_baseline_is_timed_per_case(doc):
         for sparsity in (0.5, 0.9):
             rows = [r for r in doc["results"]
                     if r["dtype"] == dtype and r["sparsity"] == sparsity]
-            got = {(r["method"], r["output"]) for r in rows}
-            want = {("copy", "fresh"), ("copy", "out")}
-            want |= {(b, o) for b in _cpu_backends() for o in ("fresh", "out")}
+            got = {(r["values"], r["method"], r["output"]) for r in rows}
+            want = {("-", "copy", "fresh"), ("-", "copy", "out")}
+            want |= {(c, b, o) for c in ("raw", "exp") for b in _cpu_backends()
+                     for o in ("fresh", "out")}
             if (dtype, sparsity) == ("float16", 0.5):
-                want.add(("numpy", "fresh"))  # the headline case only, by default
+                want.add(("raw", "numpy", "fresh"))  # the headline case only, by default
             assert got == want
             assert all(r["gbps"] > 0 and r["n"] == 1 and r["pct_of_hbm"] is None for r in rows)
 
@@ -75,9 +76,16 @@ def test_ratios_are_against_the_same_case(doc):
             assert r["speedup_vs_numpy"] is None
     # bitmap + values + tile index of 96*130 fp16 elements at 50%
     fp16 = next(r for r in rows if r["dtype"] == "float16" and r["sparsity"] == 0.5
-                and r["method"] == "reference")
+                and r["method"] == "reference" and r["values"] == "raw")
     n = 96 * 130
     assert fp16["read_bytes"] == -(-n // 8) + n // 2 * 2 + 8 * (-(-n // 4096) + 1)
+    # exp rows: the same case's raw row, same backend and output, is the baseline
+    for r in rows:
+        if r["values"] == "exp":
+            raw = next(c for c in rows if c["values"] == "raw" and c["dtype"] == r["dtype"]
+                       and c["sparsity"] == r["sparsity"] and c["method"] == r["method"]
+                       and c["output"] == r["output"])
+            assert r["ratio_vs_raw"] == pytest.approx(raw["median_s"] / r["median_s"])
 
 
 def test_backend_choice_and_errors():

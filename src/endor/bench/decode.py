@@ -120,7 +120,7 @@ def _case(tensor, ets, device, backend_names, *, with_numpy, with_zipnn, hbm_gbp
             ("-", "copy", "out", timed(lambda: reused.copy_(dense)), 2 * dense_bytes, True)]
     for codec, et in ets.items():
         et = et.to(device)
-        read_bytes = et.nbytes
+        read_bytes = sum(t.numel() * t.element_size() for t in et.stored_parts().values())
         lossy = codec in LOSSY
         # int8/int4: every decoder must return the reference decoder's tensor, bit for bit
         expected = decompress(et, backend="reference") if lossy else tensor
