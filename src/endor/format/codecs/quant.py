@@ -170,7 +170,7 @@ class QuantCodec(ValueCodec):
 
     def parts(self, shape, dtype, nnz, params):
         return {QVALUES: self.qvalues_part(nnz),
-                SCALES: (spec.ST_DTYPE_NAMES[dtype], [num_scales(shape, params["group_size"])])}
+                SCALES: (spec.SAFETENSORS_NAMES[dtype], [num_scales(shape, params["group_size"])])}
 
     def prepare(self, tensor: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
                 scales: torch.Tensor | None = None):
