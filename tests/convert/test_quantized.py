@@ -11,7 +11,7 @@ import endor
 from endor.checkpoint import Checkpoint
 from endor.cli import main
 from endor.convert import convert
-from endor.convert.outdir import bit_equal
+from endor.format.equal import bit_equal
 from endor.prune import prune_weight
 from tests.convert.conftest import CALIB_TEXT, SAMPLES, SEQLEN
 from tests.convert.test_pipeline import converted, is_linear, source_tensors

@@ -9,7 +9,8 @@ import torch
 import endor
 from endor.format.codecs.quant import (DEFAULT_GROUP_SIZE, pack_int4, quantize, unpack_int4,
                                        group_index)
-from tests.helpers import DTYPES, INT_VIEW, bit_equal, sparse_tensor
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, INT_VIEW, sparse_tensor
 
 CODECS = {"int8": 8, "int4": 4}
 SHAPES = [(1, 1), (7, 13), (830, 545), (3, 5, 300), (4097,), ()]

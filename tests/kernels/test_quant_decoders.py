@@ -13,7 +13,8 @@ from endor.format.codecs.quant import quantize
 from endor.format import reference
 from endor.kernels import cpu
 from endor.format.decompress import choose
-from tests.helpers import DTYPES, bit_equal, sparse_tensor
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, sparse_tensor
 
 CODECS = ("int8", "int4")
 SHAPES = [(1, 1), (), (7, 13), (830, 545), (3, 67, 129), (0,), (5, 0, 3), (4097,),

@@ -9,7 +9,8 @@ import torch
 
 import endor
 from endor.prune import CalibrationStats, prune_weight
-from tests.helpers import DTYPES, bit_equal
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES
 from tests.prune.inputs import correlated_inputs, random_weight
 
 
