@@ -5,19 +5,22 @@ from pathlib import Path
 
 from setuptools import Extension, setup
 
+BASE_FLAGS = ["-O3", "-std=c11", "-fno-strict-aliasing"]
 SOURCES = {
-    "endor.kernels.cpu._decompress": Path("src/endor/kernels/cpu/decompress.c"),
-    "endor.kernels.cpu._fused": Path("src/endor/kernels/cpu/fused.c"),
+    "endor.kernels.cpu._decompress": (Path("src/endor/kernels/cpu/decompress.c"), []),
+    "endor.kernels.cpu._fused": (Path("src/endor/kernels/cpu/fused.c"), []),
+    # no FMA contraction: quant.c's float16 rounding relies on separately rounded steps
+    "endor.kernels.cpu._quant": (Path("src/endor/kernels/cpu/quant.c"), ["-ffp-contract=off"]),
 }
 
 ext_modules = [
     Extension(
         name,
         sources=[str(source)],
-        extra_compile_args=["-O3", "-std=c11", "-fno-strict-aliasing"],
+        extra_compile_args=BASE_FLAGS + flags,
         optional=True,  # without a compiler, the reference decompressor and linear still work
     )
-    for name, source in SOURCES.items() if source.exists()
+    for name, (source, flags) in SOURCES.items() if source.exists()
 ]
 
 setup(ext_modules=ext_modules)

@@ -18,24 +18,41 @@ def describe_file(path, *, verify: bool = False) -> list[dict]:
             if f.is_compressed(name):
                 entry = f.entry(name)
                 shape, dtype, nnz, codec = entry.shape, entry.dtype, entry.nnz, entry.codec
+                group_size = entry.params.get("group_size")
                 stored = sum(end - start for start, end in f.byte_ranges(name))
                 numel = math.prod(shape)
             else:
                 st = f.header.tensors[name]
                 shape, numel, nnz = list(st.shape), math.prod(st.shape), None
                 dtype = SAFETENSORS_DTYPES[st.dtype]  # torch's names for every row, not "BF16"
-                stored, codec = st.end - st.start, None
+                stored, codec, group_size = st.end - st.start, None, None
             if verify:
                 f.get_tensor(name)  # checks the checksum (and rules 5-6, decoding)
             itemsize = stored // numel if nnz is None and numel else getattr(dtype, "itemsize", 0)
             rows.append({"file": Path(path).name, "name": name, "shape": list(shape),
                          "dtype": str(dtype).replace("torch.", ""), "compressed": nnz is not None,
                          "sparsity": (1 - nnz / numel) if nnz is not None and numel else None,
-                         "numel": numel, "values_codec": codec,
+                         "numel": numel, "values_codec": codec, "group_size": group_size,
                          "bits_per_element": 8 * stored / numel if numel else None,
                          "checksum": nnz is not None or f.dense_checksum(name) is not None,
                          "stored_bytes": stored, "dense_bytes": numel * itemsize})
     return rows
+
+
+def quantization_note(path) -> dict | None:
+    """For a checkpoint converted with int8/int4 values: {"values", "group_size",
+    "quantization", "error"} from its manifest (None otherwise, and for single files)."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    from .checkpoint import Checkpoint
+    manifest = Checkpoint(path).manifest
+    quantization = manifest.get("quantization")
+    if not isinstance(quantization, dict):
+        return None
+    return {"values": manifest.get("values"), "group_size": quantization.get("group_size"),
+            "quantization": quantization.get("rounding"),
+            "error": (manifest.get("summary") or {}).get("quantization_error")}
 
 
 def describe(path, *, verify: bool = False) -> list[dict]:

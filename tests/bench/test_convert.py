@@ -71,12 +71,12 @@ def test_scale_mode_reports_seconds_per_billion_parameters(tmp_path):
     from tests.convert.conftest import make_model_dir
 
     src = make_model_dir(tmp_path / "tiny", "llama", dtype=torch.float16)
-    args = argparse.Namespace(
+    options = dict(
         size_gb=None, method="magnitude", sparsity=0.5, weights="endor", conversions=1,
         workdir=str(tmp_path / "work"), quick=True, repeat=1, warmup=0,
         methods=["magnitude", "wanda", "sparsegpt"], models=[str(src)], layers=1, device="cpu",
         calib_samples=4, calib_seqlen=16)
-    doc = bench.run(args)
+    doc = bench.run(**options)
     assert doc["params"]["mode"] == "scale"
     rows = doc["results"]
     assert [r["method"] for r in rows] == ["magnitude", "wanda", "sparsegpt"]

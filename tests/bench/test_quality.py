@@ -64,3 +64,23 @@ def test_settings():
 def _with_quick(options: dict, quick: bool) -> dict:
     """_settings' arguments: the options but the work directory, and --quick."""
     return {k: v for k, v in options.items() if k != "workdir"} | {"quick": quick}
+
+
+def test_quantized_rows_on_a_tiny_model(tiny_hf_dir, tmp_path):
+    args = parse(["--models", str(tiny_hf_dir), "--window", "32", "--max-windows", "2",
+                  "--calib-samples", "2", "--methods", "wanda,sparsegpt", "--patterns", "50%",
+                  "--values", "raw,int4", "--group-size", "32",
+                  "--workdir", str(tmp_path / "work")])
+    rows = quality.run(**args, quick=False, warmup=0, repeat=1)["results"]
+    assert [(r["method"], r["values"], r["quantization"]) for r in rows[1:]] == [
+        ("wanda", "raw", None), ("wanda", "int4", "rtn"),
+        ("sparsegpt", "raw", None), ("sparsegpt", "int4", "joint")]
+    for raw, quantized in ((rows[1], rows[2]), (rows[3], rows[4])):
+        assert quantized["ratio"] > 1.5 * raw["ratio"]
+        assert quantized["linear_bits_per_element"] < 0.5 * raw["linear_bits_per_element"]
+        assert raw["quantization_error"] is None and 0 < quantized["quantization_error"] < 0.3
+        assert quantized["perplexity"] > 1.0
+    from endor.bench import harness
+    fig = quality.draw(harness.envelope("quality", {}, rows,
+                                        table_columns=quality.TABLE_COLUMNS))
+    assert len(fig.axes) == 1

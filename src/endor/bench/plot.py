@@ -101,7 +101,8 @@ def _draw_decompress(doc: dict):
     for col, device in enumerate(devices):
         ax = axes[0][col]
         mine = [r for r in rows if r["device"] == device]
-        _bars(ax, mine, lambda r: f"{r['dtype']}\ns={r['sparsity']:g}",
+        _bars(ax, mine, lambda r: f"{r['dtype']}\ns={r['sparsity']:g}"
+              + (f"\n{r['values']}" if r.get("values", "raw") != "raw" else ""),
               lambda r: r["method"] + (" out=" if r["output"] == "out" else ""), "gbps")
         ax.set(title=device, ylabel="GB/s (dense bytes produced)", yscale="log")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))

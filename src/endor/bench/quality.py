@@ -32,8 +32,9 @@ NAME = "quality"
 MODELS = ("smollm2", "gemma3-270m")
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = {"50%": (0.5, None), "2:4": (0.5, (2, 4))}
-TABLE_COLUMNS = ["model", "method", "pattern", "perplexity", "vs_dense", "linear_sparsity",
-                 "ratio", "convert_s", "eval_s"]
+VALUES = ("raw", "int8", "int4")
+TABLE_COLUMNS = ["model", "method", "pattern", "values", "perplexity", "vs_dense",
+                 "linear_sparsity", "ratio", "quantization_error", "convert_s", "eval_s"]
 QUICK = {"models": ("smollm2",), "max_windows": 4, "calib_samples": 8}
 # 16 x 512 tokens scored, 32 x 256 calibration: 8.4 min for both models on our 2-core machine;
 # 32 windows x 64 samples took the better part of an hour under load. With half the calibration
@@ -60,6 +61,12 @@ def add_arguments(parser) -> None:
                         help=f"comma-separated (default {','.join(METHODS)})")
     parser.add_argument("--patterns", type=_names(tuple(PATTERNS)), default=tuple(PATTERNS),
                         help="comma-separated: 50%%, 2:4 (default both)")
+    parser.add_argument("--values", type=_names(VALUES), default=("raw",),
+                        help="comma-separated value codecs: raw, int8, int4 (default raw); "
+                             "int8/int4 round the kept weights to nearest after magnitude and "
+                             "Wanda, and quantize jointly with SparseGPT")
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="input columns per int8/int4 scale (default 128)")
     parser.add_argument("--window", type=int, default=512, help="tokens per window (512)")
     parser.add_argument("--max-windows", type=int, default=None,
                         help=f"windows scored per model (default {FULL['max_windows']}; --quick "
@@ -93,7 +100,7 @@ def _evaluate(path, text: str, window: int, max_windows: int) -> dict:
 
 
 def _settings(*, models, methods, patterns, window, max_windows, calib_samples,
-              quick) -> dict:
+              quick, values=("raw",), group_size=128) -> dict:
     base = QUICK if quick else FULL
     models = models or (QUICK["models"] if quick else MODELS)
     max_windows = max_windows if max_windows is not None else base["max_windows"]
@@ -105,22 +112,49 @@ def _settings(*, models, methods, patterns, window, max_windows, calib_samples,
     if not models:
         raise ValueError("--models names no model")
     return {"models": list(models), "methods": list(methods),
-            "patterns": list(patterns), "window": window, "max_windows": max_windows,
-            "calib_samples": calib}
+            "patterns": list(patterns), "values": list(values), "group_size": group_size,
+            "window": window, "max_windows": max_windows, "calib_samples": calib}
 
 
 def _report(row: dict) -> None:
     """One line per finished case on stderr: a full run takes minutes."""
-    print(f"quality: {row['model']} {row['method']} {row['pattern']}: perplexity "
+    print(f"quality: {row['model']} {row['method']} {row['pattern']} {row['values']}: perplexity "
           f"{row['perplexity']:.3f}, decoder-Linear sparsity {row['linear_sparsity']:.3f}",
           file=sys.stderr, flush=True)
 
 
+def _case(source, out, model, method, pattern, values, dense, params, text, calib,
+          convert) -> dict:
+    """Convert, evaluate and remove one checkpoint; its row."""
+    sparsity, nm = PATTERNS[pattern]
+    quantized = {} if values == "raw" else {"values": values,
+                                             "group_size": params["group_size"]}
+    t0 = time.perf_counter()
+    summary = convert(source, out, method=method, sparsity=sparsity, nm=nm, calib_text=calib,
+                      progress=False, resume=False, calib_samples=params["calib_samples"],
+                      **quantized)
+    convert_s = round(time.perf_counter() - t0, 2)
+    row = _evaluate(out, text, params["window"], params["max_windows"])
+    shutil.rmtree(out, ignore_errors=True)
+    linear = summary.get("decoder_linear", {})
+    return {"model": model, "method": method, "pattern": pattern, "values": values,
+            "group_size": params["group_size"] if quantized else None,
+            "quantization": None if not quantized else
+            ("joint" if method == "sparsegpt" else "rtn"),
+            "sparsity": sparsity, "nm": f"{nm[0]}:{nm[1]}" if nm else None, **row,
+            "vs_dense": round(row["perplexity"] / dense["perplexity"], 4),
+            "ratio": summary["total"]["ratio"],
+            "linear_bits_per_element": round(8 * linear["stored_bytes"] / linear["numel"], 4)
+            if linear.get("numel") else None,
+            "quantization_error": summary.get("quantization_error"), "convert_s": convert_s}
+
+
 def run(*, models, methods, patterns, window, max_windows, calib_samples, workdir, quick,
-        warmup, repeat) -> dict:
+        warmup, repeat, values=("raw",), group_size=128) -> dict:
     """`warmup` and `repeat` are the common benchmark options; perplexity is computed once."""
     params = _settings(models=models, methods=methods, patterns=patterns, window=window,
-                       max_windows=max_windows, calib_samples=calib_samples, quick=quick)
+                       max_windows=max_windows, calib_samples=calib_samples, quick=quick,
+                       values=values, group_size=group_size)
     text, calib = evaluation_text(), calibration_text()
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -131,31 +165,28 @@ def run(*, models, methods, patterns, window, max_windows, calib_samples, workdi
             source = resolve_model(model)
             dense = _evaluate(source, text, params["window"], params["max_windows"])
             results.append({"model": model, "method": "dense", "pattern": "dense",
-                            "sparsity": 0.0, "nm": None, **dense, "vs_dense": 1.0,
-                            "ratio": 1.0, "convert_s": None})
+                            "values": "dense", "sparsity": 0.0, "nm": None, **dense,
+                            "vs_dense": 1.0, "ratio": 1.0, "quantization_error": None,
+                            "convert_s": None})
             _report(results[-1])
             for method in params["methods"]:
                 for pattern in params["patterns"]:
-                    sparsity, nm = PATTERNS[pattern]
-                    out = work / f"{len(results)}-{method}"
-                    t0 = time.perf_counter()
-                    summary = convert(source, out, method=method, sparsity=sparsity, nm=nm,
-                                      calib_text=calib, progress=False, resume=False,
-                                      calib_samples=params["calib_samples"])
-                    convert_s = round(time.perf_counter() - t0, 2)
-                    row = _evaluate(out, text, params["window"], params["max_windows"])
-                    results.append({
-                        "model": model, "method": method, "pattern": pattern,
-                        "sparsity": sparsity, "nm": f"{nm[0]}:{nm[1]}" if nm else None, **row,
-                        "vs_dense": round(row["perplexity"] / dense["perplexity"], 4),
-                        "ratio": summary["total"]["ratio"], "convert_s": convert_s})
-                    _report(results[-1])
-                    shutil.rmtree(out, ignore_errors=True)
+                    for values in params["values"]:
+                        results.append(_case(source, work / f"{len(results)}-{method}", model,
+                                             method, pattern, values, dense, params, text,
+                                             calib, convert))
+                        _report(results[-1])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return harness.envelope(NAME, params, results, table_columns=TABLE_COLUMNS,
                             text={"evaluation": "1911 Britannica 'Shakespeare' (endor.data.text)",
                                   "calibration": "pydoc_data.topics (endor.data.text)"})
+
+
+def _label(row: dict) -> str:
+    """A bar's name: the method, plus the value codec when it is not raw."""
+    values = row.get("values", "raw")
+    return row["method"] if values in ("raw", "dense") else f"{row['method']} {values}"
 
 
 def draw(doc: dict):
@@ -171,10 +202,10 @@ def draw(doc: dict):
     for ax, model in zip(axes, models):
         mine = [r for r in rows if r["model"] == model]
         patterns = list(dict.fromkeys(r["pattern"] for r in mine if r["method"] != "dense"))
-        methods = list(dict.fromkeys(r["method"] for r in mine if r["method"] != "dense"))
+        methods = list(dict.fromkeys(_label(r) for r in mine if r["method"] != "dense"))
         width = 0.8 / max(1, len(methods))
         for i, method in enumerate(methods):
-            ppl = {r["pattern"]: r["perplexity"] for r in mine if r["method"] == method}
+            ppl = {r["pattern"]: r["perplexity"] for r in mine if _label(r) == method}
             xs = [k + i * width for k, p in enumerate(patterns) if p in ppl]
             bars = ax.bar(xs, [ppl[p] for p in patterns if p in ppl], width, label=method,
                           color=f"C{i}")

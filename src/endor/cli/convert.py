@@ -77,10 +77,14 @@ def add_parser(sub):
                         "uncompressed, loadable by transformers' from_pretrained (default: endor)")
     # The option's former name, still accepted; not shown in --help.
     p.add_argument("--format", choices=WEIGHT_KINDS, dest="weights", help=argparse.SUPPRESS)
-    p.add_argument("--values", choices=("exp", "raw"), default="exp",
+    p.add_argument("--values", choices=("exp", "raw", "int8", "int4"), default="exp",
                    help="value codec of the Endor tensors: 'exp' codes each value's exponent in "
                         "3 bits (lossless, about 6.5 bits per element at 50%% bf16), 'raw' keeps "
-                        "every bit (format v1's values, 9.02 bits) (default: exp)")
+                        "every bit (format v1's values, 9.02 bits); 'int8' / 'int4' quantize the "
+                        "kept weights in groups of input columns (lossy; jointly with --method "
+                        "sparsegpt, round-to-nearest otherwise) (default: exp)")
+    p.add_argument("--group-size", type=positive_int, default=None, metavar="G",
+                   help="input columns per quantization scale for int8/int4 (default: 128)")
     p.add_argument("--keep-dense", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="leave decoder Linear weights whose name matches a glob pattern unpruned "
                         "and uncompressed, e.g. '*.mlp.down_proj.weight'")
@@ -106,7 +110,7 @@ def run(args) -> int:
                       nm=args.nm, calib_text=calib_text, weights=args.weights,
                       dense_patterns=args.keep_dense, resume=not args.overwrite,
                       verify=args.verify, progress=not args.quiet, values=args.values,
-                      device=args.device, **extra)
+                      device=args.device, group_size=args.group_size, **extra)
     run_info = summary["run"]
     target = None if args.method == "none" else (
         1 - args.nm[0] / args.nm[1] if args.nm else args.sparsity)

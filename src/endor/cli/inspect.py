@@ -2,7 +2,7 @@
 
 import json
 
-from ..inspect import budgets, describe
+from ..inspect import budgets, describe, quantization_note
 
 
 def add_parser(sub):
@@ -16,8 +16,10 @@ def add_parser(sub):
 
 def run(args) -> int:
     rows = describe(args.path, verify=args.verify)
+    note = quantization_note(args.path)
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows if note is None else {"tensors": rows, "quantization": note},
+                         indent=1))
         return 0
     print(f"{'tensor':<60} {'shape':<16} {'dtype':<9} {'values':<6} {'sparsity':>8} "
           f"{'bytes':>12}")
@@ -28,6 +30,11 @@ def run(args) -> int:
               f"{kind:<6} {sparsity:>8} {r['stored_bytes']:>12}")
     for line in codec_summary(rows):
         print(line)
+    if note is not None:
+        error = "not recorded" if note["error"] is None else f"{note['error']:.4f}"
+        print(f"quantized {note['values']} ({note['quantization']}), group size "
+              f"{note['group_size']}: quantization error (relative RMS on the kept weights) "
+              f"{error}")
     stored = sum(r["stored_bytes"] for r in rows)
     dense = sum(r["dense_bytes"] for r in rows)
     print(f"{len(rows)} tensors, {stored / 1e6:.1f} MB stored, {dense / 1e6:.1f} MB dense "
@@ -49,6 +56,8 @@ def codec_summary(rows) -> list[str]:
         mine = [r for r in rows if r["values_codec"] == codec]
         stored = sum(r["stored_bytes"] for r in mine)
         numel = sum(r["numel"] for r in mine)
-        lines.append(f"values {codec}: {len(mine)} tensors, "
+        sizes = sorted({r["group_size"] for r in mine if r.get("group_size")})
+        groups = f", group size {'/'.join(map(str, sizes))}" if sizes else ""
+        lines.append(f"values {codec}{groups}: {len(mine)} tensors, "
                      f"{8 * stored / max(numel, 1):.3f} bits per element")
     return lines

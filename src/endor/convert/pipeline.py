@@ -50,6 +50,7 @@ from .structure import ModelLayout, build_layout, load_config
 from .summary import format_summary, shard_metadata, summarize
 
 DEFAULT_VALUES = "exp"  # value codec of the Endor tensors written (docs/FORMAT.md 1.1)
+_QUANTIZED = ("int8", "int4")  # the lossy codecs (docs/FORMAT.md 1.3)
 
 REST = "rest"
 
@@ -157,6 +158,11 @@ class _Conversion:
             i = layout.layer_of(name)
             self.names[REST if i is None else f"layers.{i}"].append(name)
         self.nnz: dict[str, int] = {}
+        self.values = settings["values"]
+        self.lossy = self.values in _QUANTIZED
+        self.group_size = (settings.get("quantization") or {}).get("group_size")
+        self.scales: dict[str, torch.Tensor] = {}  # SparseGPT's joint scales, until encoded
+        self.errors: dict[str, list[float]] = {}  # name -> [squared error, squared weights]
         self.bytes_done, self.t0 = 0, time.perf_counter()
 
     # -- one shard -----------------------------------------------------------------------
@@ -167,18 +173,40 @@ class _Conversion:
             if name in self.layout.linear_weights:
                 self.nnz[name] = _count_nonzero(t)
             return t
-        et = compress(t, values=self.settings["values"])
+        if not self.lossy:
+            et = compress(t, values=self.values)
+            self.nnz[name] = et.nnz
+            if self.verify and not bit_equal(decompress(et), t):
+                raise FormatError("verification failed: the compressed tensor does not decode "
+                                  "to the pruned weight (encoder fault)", tensor=name)
+            return et
+        return self._quantize(name, t)
+
+    def _quantize(self, name: str, t: torch.Tensor):
+        """int8/int4: round `t` (RTN, or onto SparseGPT's joint scales), record the error on
+        the kept weights, check the decoder returns the quantizer's output."""
+        from ..format.codecs.quant import quantize
+        bits = 8 if self.values == "int8" else 4
+        scales = self.scales.pop(name, None)
+        et = compress(t, values=self.values, group_size=self.group_size, scales=scales)
         self.nnz[name] = et.nnz
-        if self.verify and not bit_equal(decompress(et), t):
+        decoded = decompress(et)
+        if name not in self.errors:  # RTN: the error of this rounding (joint: recorded in _prune)
+            t32 = t.float()
+            self.errors[name] = [float((decoded.float() - t32).square().sum()),
+                                 float(t32.square().sum())]
+        if self.verify and not bit_equal(
+                decoded, quantize(t, bits, self.group_size, scales).dequantized):
             raise FormatError("verification failed: the compressed tensor does not decompress to "
-                              "the pruned weight (encoder fault)", tensor=name)
+                              "the quantized weight (encoder fault)", tensor=name)
         return et
 
     def _finish_shard(self, group: str, stored: dict) -> None:
         """Write the shard of `group` ({name: tensor or EndorTensor}), then read it back."""
         i = self.groups[group]
         nnz = {n: self.nnz.pop(n) for n in stored if n in self.nnz}
-        path = self.writer.write(i, stored, shard_metadata(self.settings, nnz))
+        errors = {n: self.errors.pop(n) for n in stored if n in self.errors}
+        path = self.writer.write(i, stored, shard_metadata(self.settings, nnz, errors or None))
         if self.verify:
             outdir.verify_shard(path, stored)
         stored.clear()
@@ -192,11 +220,20 @@ class _Conversion:
 
     def _prune(self, name: str, weight: torch.Tensor, stats=None) -> torch.Tensor:
         s = self.settings
+        joint = None
+        if self.lossy and s["method"] == "sparsegpt":
+            joint = (8 if self.values == "int8" else 4, self.group_size)
         try:
-            return prune_weight(weight, method=s["method"], sparsity=s["sparsity"] or 0.0,
-                                nm=None if s["nm"] is None else tuple(s["nm"]), stats=stats)
+            pruned = prune_weight(weight, method=s["method"], sparsity=s["sparsity"] or 0.0,
+                                  nm=None if s["nm"] is None else tuple(s["nm"]), stats=stats,
+                                  quantize=joint)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from None
+        if joint is None:
+            return pruned
+        pruned, self.scales[name], relative = pruned
+        self.errors[name] = [relative ** 2, 1.0]
+        return pruned
 
     def rest(self) -> None:
         """Embeddings, final norm, head: streamed in row chunks (rest_shard), never held whole.
@@ -261,7 +298,15 @@ class _Conversion:
                     del stats, originals
                     if pending is not None:
                         pending.result()  # at most one layer waits to be written
-                    pending = background.submit(self._write_layer, i, dict(final))
+                        pending = None
+                    if self.lossy:  # the next layer sees the weights the model will run with
+                        self.progress.stage(i, "writing")
+                        encoded = {n: self._encode(n, t) for n, t in final.items()}
+                        self._finish_shard(group, encoded)
+                        final = {n: decompress(e) if n in self.sparse else e
+                                 for n, e in encoded.items()}
+                    else:
+                        pending = background.submit(self._write_layer, i, dict(final))
                 else:
                     # Already in OUT: its pruned weights, read back, give the next layer's inputs.
                     final = load_file(self.writer.path(self.groups[group]))
@@ -321,7 +366,7 @@ class _Conversion:
 
 
 def _settings(source, method, sparsity, nm, weights, patterns, calib_text, samples, seqlen,
-              values):
+              values, group_size=None):
     calibration = None
     if needs_calibration(method):
         calibration = {"text_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
@@ -331,10 +376,26 @@ def _settings(source, method, sparsity, nm, weights, patterns, calib_text, sampl
                 "values": values if weights == "endor" else None,
                 "dense_patterns": sorted(patterns), "calibration": calibration,
                 "source": source.fingerprint()}
+    if values in _QUANTIZED:
+        settings["quantization"] = {"group_size": group_size,
+                                    "rounding": "joint" if method == "sparsegpt" else "rtn"}
     prior = source.prior_pruning()
     if prior is not None:  # an Endor checkpoint: how its weights were pruned already
         settings["prior_pruning"] = prior
     return settings
+
+
+def _check_values(values, group_size, weights):
+    """(codec, group size or None) for convert's values= / group_size= options."""
+    from ..format.codecs.quant import DEFAULT_GROUP_SIZE, check_group_size
+    if values not in _QUANTIZED:
+        if group_size is not None:
+            raise ValueError("group_size applies to values='int8' or 'int4' only")
+        return values, None
+    if weights != "endor":
+        raise ValueError(f"values={values!r} quantizes Endor tensors; it cannot be combined "
+                         "with dense weights (--format dense)")
+    return values, check_group_size(DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
 
 def _sparse_names(source, layout, patterns) -> set:
@@ -360,7 +421,7 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
             resume: bool = True, verify: bool = True, progress: bool = True,
             calib_samples: int = calibrate.DEFAULT_SAMPLES,
             calib_seqlen: int = calibrate.DEFAULT_SEQLEN, values: str = DEFAULT_VALUES,
-            device=None) -> dict:
+            device=None, group_size: int | None = None) -> dict:
     """Prune (method "none" keeps the weights as they are) and compress the model `src` into
     the checkpoint directory `out`. Returns the summary (also stored in `out/endor.json`) plus a
     "run" entry with this run's timing. See docs/FORMAT.md section 2 for the layout.
@@ -372,12 +433,18 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     ("exp" or "raw", docs/FORMAT.md section 1.1).
 
     `device` ("cpu", "cuda", "cuda:1"; default: CUDA when available) is where calibrated methods
-    run each layer; magnitude pruning and compression always run on the CPU."""
+    run each layer; magnitude pruning and compression always run on the CPU.
+
+    values="int8" | "int4" quantizes the kept weights (lossy; docs/FORMAT.md section 1.3) in
+    groups of `group_size` input columns (default 128): jointly with method "sparsegpt"
+    (each column rounded as it is pruned, the error compensated), round-to-nearest otherwise
+    ("none" quantizes the source's weights as they are)."""
     method, sparsity, nm = check_settings(method, sparsity, nm)
     if weights not in WEIGHT_KINDS:
         raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
     if values not in codec_names():
         raise ValueError(f"values must be one of {codec_names()}, got {values!r}")
+    values, group_size = _check_values(values, group_size, weights)
     if needs_calibration(method) and calib_text is None:
         calib_text = calibration_text()
     device = resolve_device(device)
@@ -389,7 +456,7 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     layout = build_layout(load_config(src_dir))
     sparse = _sparse_names(source, layout, patterns)
     settings = _settings(source, method, sparsity, nm, weights, patterns, calib_text or "",
-                         calib_samples, calib_seqlen, values)
+                         calib_samples, calib_seqlen, values, group_size)
 
     groups = [f"layers.{i}" for i in range(layout.num_layers)] + [REST]
     with outdir.replacing(out, replace=not resume) as work:

@@ -13,11 +13,24 @@ from ..format import EndorFile
 SHARD_META_KEY = "endor.convert"
 
 
-def shard_metadata(settings: dict, nnz: dict) -> dict:
-    """The metadata of one shard: the conversion settings (checked on resume) and the number of
-    non-zeros of every decoder Linear weight it holds (dense ones included)."""
+def shard_metadata(settings: dict, nnz: dict, errors: dict | None = None) -> dict:
+    """The metadata of one shard: the conversion settings (checked on resume), the number of
+    non-zeros of every decoder Linear weight it holds (dense ones included) and, for int8/int4
+    values, each quantized weight's [squared error, squared kept weights] of the rounding."""
+    body = {"settings": settings, "nnz": nnz}
+    if errors:
+        body["quantization_error"] = errors
     return {"format": "pt",  # what transformers' save_pretrained writes; some readers check it
-            SHARD_META_KEY: json.dumps({"settings": settings, "nnz": nnz}, sort_keys=True)}
+            SHARD_META_KEY: json.dumps(body, sort_keys=True)}
+
+
+def read_quantization_error(f: EndorFile) -> dict:
+    """{name: [squared error, squared weights]} recorded in a shard (empty if none)."""
+    try:
+        return dict(json.loads(f.metadata().get(SHARD_META_KEY, "{}"))
+                    .get("quantization_error", {}))
+    except (json.JSONDecodeError, TypeError, ValueError, AttributeError):
+        return {}
 
 
 def read_shard_metadata(f: EndorFile):
@@ -51,15 +64,22 @@ def summarize(out_dir, shard_files: list[str], layer_type, layer_of) -> dict:
     by_type: dict[str, dict] = {}
     by_layer: dict[int, dict] = {}
     linear, total = {}, {"dense_bytes": 0, "stored_bytes": 0, "tensors": 0}
+    error_sq = weight_sq = 0.0
+    codecs: dict[str, dict] = {}
     for file in shard_files:
         path = Path(out_dir) / file
         total["stored_bytes"] += path.stat().st_size
         with EndorFile(path) as f:
             meta = read_shard_metadata(f)
             nnz_of = meta[1] if meta else {}
+            for err, ref in read_quantization_error(f).values():
+                error_sq, weight_sq = error_sq + err, weight_sq + ref
             for name in f.keys():
                 if f.is_compressed(name):
-                    shape, dtype, nnz, _ = f.entry(name)
+                    entry = f.entry(name)
+                    shape, dtype, nnz, _ = entry
+                    codecs.setdefault(entry.codec, {"codec": entry.codec, **entry.params,
+                                                    "tensors": 0})["tensors"] += 1
                     numel = math.prod(shape)
                     dense = numel * dtype.itemsize
                     stored = sum(end - start for start, end in f.byte_ranges(name))
@@ -76,10 +96,16 @@ def summarize(out_dir, shard_files: list[str], layer_type, layer_of) -> dict:
                         _add(row, numel, nnz, dense, stored)
     total["ratio"] = round(total["dense_bytes"] / total["stored_bytes"], 4) \
         if total["stored_bytes"] else 0.0
-    return {"by_type": {k: _finish(v) for k, v in sorted(by_type.items())},
-            "by_layer": [_finish(by_layer[i])["sparsity"] for i in sorted(by_layer)],
-            "decoder_linear": _finish(linear) if linear else {},
-            "total": total}
+    summary = {"by_type": {k: _finish(v) for k, v in sorted(by_type.items())},
+               "by_layer": [_finish(by_layer[i])["sparsity"] for i in sorted(by_layer)],
+               "decoder_linear": _finish(linear) if linear else {},
+               "total": total}
+    if codecs:
+        summary["values"] = [codecs[c] for c in sorted(codecs)]
+    if weight_sq:
+        # sqrt(sum of squared rounding errors / sum of squared kept weights), all weights
+        summary["quantization_error"] = round((error_sq / weight_sq) ** 0.5, 6)
+    return summary
 
 
 def format_summary(summary: dict, target_sparsity: float | None = None) -> str:
@@ -100,6 +126,12 @@ def format_summary(summary: dict, target_sparsity: float | None = None) -> str:
     lines.append(f"{'checkpoint (all tensors)':<28} {t['tensors']:>7} {'':>9} "
                  f"{t['dense_bytes'] / 1e6:>10.1f} {t['stored_bytes'] / 1e6:>10.1f} "
                  f"{t['ratio']:>5.2f}x")
+    for v in summary.get("values", []):
+        extra = f", group size {v['group_size']}" if "group_size" in v else ""
+        lines.append(f"values {v['codec']}{extra}: {v['tensors']} tensors")
+    if "quantization_error" in summary:
+        lines.append(f"quantization error (relative RMS on the kept weights): "
+                     f"{summary['quantization_error']:.4f}")
     got = summary.get("decoder_linear", {}).get("sparsity")
     if got is not None and target_sparsity is None and got > 0:
         lines.append(f"(no pruning: the decoder Linear sparsity {got:.4f} is the source's own "

@@ -70,9 +70,11 @@ def _compress_cpu(flat: np.ndarray):
     return bitmap, values, tiles
 
 
-def compress(tensor: torch.Tensor, values: str = DEFAULT_CODEC) -> EndorTensor:
-    """Compress a float32/float16/bfloat16 tensor of any shape and sparsity, losslessly, its
-    non-zero values stored by value codec `values` (docs/FORMAT.md, section 1.2)."""
+def compress(tensor: torch.Tensor, values: str = DEFAULT_CODEC, **options) -> EndorTensor:
+    """Compress a float32/float16/bfloat16 tensor of any shape and sparsity, its non-zero values
+    stored by value codec `values` (docs/FORMAT.md, section 1.2): losslessly with "raw";
+    "int8" / "int4" quantize them (lossy, docs/FORMAT.md section 1.3; option `group_size`,
+    default 128)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"endor.compress takes a torch.Tensor, got {type(tensor).__name__}")
     if not isinstance(values, str) or values not in codec_names():
@@ -85,6 +87,7 @@ def compress(tensor: torch.Tensor, values: str = DEFAULT_CODEC) -> EndorTensor:
     codec = get_codec(values)
     if tensor.dtype not in codec.dtypes:
         raise ValueError(f"value codec {values!r} does not code {tensor.dtype}")
+    tensor, options = codec.prepare(tensor, **options)
     flat = tensor.detach().contiguous().view(-1).view(spec.INT_VIEW[tensor.dtype])
     if flat.device.type == "cpu":
         bitmap, nonzero, tiles = (torch.from_numpy(a) for a in _compress_cpu(flat.numpy()))
@@ -94,6 +97,6 @@ def compress(tensor: torch.Tensor, values: str = DEFAULT_CODEC) -> EndorTensor:
         nonzero = flat[mask].view(tensor.dtype)
         bitmap = pack_bits(mask)
         tiles = tile_offsets(mask)
-    params, parts = codec.encode(nonzero, tiles)
+    params, parts = codec.encode(nonzero, tiles, **options)
     return EndorTensor.from_codec(tensor.shape, tensor.dtype, bitmap, tiles, nonzero.numel(),
                                   codec.name, params, parts)

@@ -20,6 +20,7 @@ from .header import read_header
 from .read import read_stored
 from .tensor import EndorTensor
 from .checksum import dense_checksum
+from .codecs import get_codec
 from .validate import (Entry, check_dense_entry, check_entry, check_tiles, expected_parts,
                        parse_metadata)
 
@@ -289,6 +290,9 @@ def check_compressed(et: EndorTensor, *, name=None, path=None, verify=True) -> E
         check_tiles(et.tiles, et.numel, et.nnz)
         if verify and not et.verify_checksum():
             raise FormatError("checksum mismatch: the data is corrupt")
+        if et.version >= 2:
+            get_codec(et.values_codec).check_parts(et.codec_params, et.codec_parts, et.shape,
+                                                   et.dtype, et.nnz)
     except FormatError as e:
         raise e.at(path=path, tensor=name) from None
     return et

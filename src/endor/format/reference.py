@@ -24,8 +24,9 @@ def decompress(et: EndorTensor, out: torch.Tensor) -> None:
     mask = unpack_bits(et.bitmap, et.numel)
     if not torch.equal(tile_offsets(mask), et.tiles):
         raise FormatError("bitmap popcounts disagree with the tile index (corrupt data)")
-    values = get_codec(et.values_codec).decode_values(et.codec_params, et.codec_parts, et.tiles,
-                                                      et.dtype)
+    codec = get_codec(et.values_codec)
+    where = {"shape": et.shape, "mask": mask} if codec.positional else {}
+    values = codec.decode_values(et.codec_params, et.codec_parts, et.tiles, et.dtype, **where)
     ints = out.view(spec.INT_VIEW[et.dtype])
     ints.zero_()
     ints[mask] = values.view(spec.INT_VIEW[et.dtype])

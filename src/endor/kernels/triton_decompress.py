@@ -106,6 +106,9 @@ def _decompress_kernel(bitmap_ptr, values_ptr, tiles_ptr, out_ptr, flags_ptr, nu
                 tl.store(flags_ptr + tile64, bad.to(tl.uint8))
 
 
+_QUANT_CODECS = ("int8", "int4")
+
+
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -190,10 +193,14 @@ def decompress(et: EndorTensor, out: torch.Tensor, *, num_warps: int = DEFAULT_N
     """Fill `out` (flat, contiguous, et.dtype, on et.device) with the dense tensor. Enqueued on
     the current CUDA stream: no host sync, no allocation. Bitmap popcounts are trusted (FORMAT.md
     rule 6); call `validate_tiles` or use `decompress_and_validate` for data read from a file.
-    Exp-coded tensors go to triton_exp (one tile per program)."""
+    Exp-coded tensors go to triton_exp (one tile per program), int8/int4 to triton_quant."""
     if et.values_codec == "exp":
         from . import triton_exp
         triton_exp.decode(et, out, num_warps=num_warps)
+        return
+    if et.values_codec in _QUANT_CODECS:
+        from .triton_quant import decode as decode_quantized
+        decode_quantized(et, out, num_warps=num_warps)
         return
     _launch(et, out, None, num_warps, tiles_per_program)
 
@@ -251,4 +258,5 @@ def validate_tiles(et: EndorTensor) -> torch.Tensor:
     return ok
 
 
-register(Backend("triton", ("cuda", "cpu"), decompress, available, codecs=("raw", "exp")))
+register(Backend("triton", ("cuda", "cpu"), decompress, available,
+                 codecs=("raw", "exp", *_QUANT_CODECS)))

@@ -118,7 +118,8 @@ def _check_stats(stats, method: str, in_features: int) -> None:
 
 def prune_weight(weight: torch.Tensor, *, method: str, sparsity: float,
                  nm: tuple[int, int] | None = None,
-                 stats: CalibrationStats | None = None) -> torch.Tensor:
+                 stats: CalibrationStats | None = None,
+                 quantize: tuple[int, int] | None = None):
     """Prune a Linear weight [out_features, in_features] with `method` (one of METHODS).
 
     Returns a new tensor of the same shape and dtype, except for method "none", which returns
@@ -127,8 +128,14 @@ def prune_weight(weight: torch.Tensor, *, method: str, sparsity: float,
     prunes that fraction of every block of 128 columns and updates the rest. `stats` is needed
     by wanda and sparsegpt (see needs_calibration / needs_hessian) and ignored otherwise.
     SparseGPT computes in float32; a kept weight that underflows to zero when cast back to the
-    weight's dtype becomes +0.0 too (the result may be marginally sparser than asked)."""
+    weight's dtype becomes +0.0 too (the result may be marginally sparser than asked).
+
+    quantize=(bits, group_size), sparsegpt only: joint pruning and int`bits` quantization
+    (see sparsegpt_prune); returns (weight, scales, relative rounding error)."""
     method, sparsity, nm = check_settings(method, sparsity, nm)
+    if quantize is not None and method != "sparsegpt":
+        raise ValueError(f"joint quantization is SparseGPT's (quantize=... with method "
+                         f"'sparsegpt'); method {method!r} prunes, then endor.compress rounds")
     if method == "none":
         return weight
     _check_weight(weight)
@@ -141,4 +148,4 @@ def prune_weight(weight: torch.Tensor, *, method: str, sparsity: float,
         return magnitude_prune(weight, sparsity=sparsity, nm=nm)
     if method == "wanda":
         return wanda_prune(weight, stats, sparsity=sparsity, nm=nm)
-    return sparsegpt_prune(weight, stats.hessian, sparsity=sparsity, nm=nm)
+    return sparsegpt_prune(weight, stats.hessian, sparsity=sparsity, nm=nm, quantize=quantize)

@@ -21,6 +21,17 @@ class ValueCodec:
 
     name: str = ""
     dtypes: tuple[torch.dtype, ...] = ()  # the tensor dtypes it codes
+    # True: a value's decoding depends on its element position (decode_values then takes
+    # shape= and mask=, the bool [numel] bitmap).
+    positional: bool = False
+
+    def prepare(self, tensor: torch.Tensor, **options) -> tuple[torch.Tensor, dict]:
+        """compress's first step: (the tensor whose non-zeros are stored, encode's options).
+        Lossless codecs store the tensor itself; a lossy one returns what its decoder will
+        give back."""
+        if options:
+            raise ValueError(f"the {self.name} codec takes no options, got {sorted(options)}")
+        return tensor, {}
 
     def check_params(self, params: Mapping, dtype: torch.dtype) -> dict:
         """Rule 3 for the codec's parameters (the `values` entry less `"codec"`): return them
@@ -38,6 +49,11 @@ class ValueCodec:
         """values [nnz] (the tensor's dtype, in element order) and the tile index ->
         (params, {suffix: part})."""
         raise NotImplementedError
+
+    def check_parts(self, params: Mapping, parts: Mapping[str, torch.Tensor], shape, dtype,
+                    nnz: int) -> None:
+        """Rules on the codec's part contents that a loader checks before decoding (none by
+        default); FormatError if broken."""
 
     def decode_values(self, params: Mapping, parts: Mapping[str, torch.Tensor],
                       tiles: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -82,5 +98,6 @@ def check_values_entry(entry, dtype: torch.dtype) -> tuple[str, dict]:
 
 from . import exp as _exp  # noqa: E402,F401  registers "exp"
 from . import raw as _raw  # noqa: E402,F401  registers "raw"
+from . import quant as _quant  # noqa: E402,F401  registers "int8", "int4"
 
 __all__ = ["ValueCodec", "check_values_entry", "codec_names", "get_codec", "register_codec"]

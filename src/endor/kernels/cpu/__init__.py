@@ -34,6 +34,7 @@ _EXP_ERRORS = {5: "a tile's exponent base is too large for the dtype",
                7: "a tile's escape codes disagree with the escape index",
                8: "an escaped exponent is too large for the dtype"}
 CODECS = ("raw", "exp")
+_quant_codecs = ("int8", "int4")  # decoded by quant.c (cpu/quant.py)
 
 
 def available() -> bool:
@@ -130,6 +131,9 @@ def decompress(et: EndorTensor, out: torch.Tensor, *, isa: str | None = None,
     `huge_pages` asks the kernel for transparent huge pages on the output (Linux), which makes
     a freshly allocated output several times cheaper to fault in. On FormatError the contents
     of `out` are unspecified."""
+    if et.values_codec in _quant_codecs:
+        from .quant import decode as decode_quantized
+        return decode_quantized(et, out, isa=isa, threads=threads)
     if _decompress is None:
         raise RuntimeError("the cpu decompressor extension is not built; reinstall endor with a C "
                            "compiler (pip install -e .) or use backend='reference'")
@@ -159,4 +163,4 @@ def decompress(et: EndorTensor, out: torch.Tensor, *, isa: str | None = None,
         _raise_for(err, tile, et)
 
 
-register(Backend("cpu", ("cpu",), decompress, available, codecs=CODECS))
+register(Backend("cpu", ("cpu",), decompress, available, codecs=(*CODECS, *_quant_codecs)))
