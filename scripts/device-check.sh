@@ -30,31 +30,31 @@ step() {  # step NAME SECONDS COMMAND...
   fi
 }
 
-step build 45 "$PY" setup.py build_ext --inplace -q
-step gpu-info 15 "$PY" -c "import json, torch; assert torch.cuda.is_available(), 'no CUDA device'; \
+step build 40 "$PY" setup.py build_ext --inplace -q
+step gpu-info 10 "$PY" -c "import json, torch; assert torch.cuda.is_available(), 'no CUDA device'; \
 p = torch.cuda.get_device_properties(0); print(json.dumps({'gpu': p.name, 'torch': torch.__version__, \
 'cuda': torch.version.cuda, 'memory_gb': p.total_memory / 1e9}))"
-step gpu-tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu \
+step gpu-tests 50 "$PY" -m pytest -q -p no:cacheprovider -m gpu \
   --junitxml="$OUT_DIR/gpu-tests.xml" tests/kernels/test_triton.py tests/kernels/test_fused.py tests/runtime tests/bench/test_decompress.py \
   tests/format/codecs/test_exp.py tests/integrations/test_hf_quantizer.py
 # Decompression vs HBM on the issue's headline tensor (4096 x 14336 bf16 at 50%) and more, raw and exp
 # values (exp rows: ratio_vs_raw; target >= 60% of HBM for both).
-step bench-decompress 55 "$PY" -m endor bench decompress --device cuda --shape 4096,14336 \
+step bench-decompress 35 "$PY" -m endor bench decompress --device cuda --shape 4096,14336 \
   --dtypes bf16,fp16 --sparsities 0.5,0.7 --numpy none --out "$OUT_DIR"
 # Fused GEMV from HBM (Triton) vs cuBLAS dense GEMV, same matrix, batch 1-16 (issue 11: >= 1.4x
 # at batch 1).
-step bench-gemv 20 "$PY" -m endor bench gemv --device cuda --shape 4096,14336 \
+step bench-gemv 15 "$PY" -m endor bench gemv --device cuda --shape 4096,14336 \
   --dtypes bf16,fp16 --batches 1,4,16 --repeat 10 --out "$OUT_DIR"
 # The link: pinned vs pageable host-to-device, disk with and without the page cache.
 # Two block sizes, 3 timed reads each: five read modes fit the step's limit on a slow disk too.
-step bench-transfer 30 "$PY" -m endor bench transfer --size-mib 512 --blocks-mib 4,16 \
+step bench-transfer 20 "$PY" -m endor bench transfer --size-mib 512 --blocks-mib 4,16 \
   --repeat 3 --out "$OUT_DIR"
 # End to end on 7B-shaped layers (hidden 4096, MLP 11008, 32 heads; 4 layers so the synthetic
 # checkpoints build in seconds): Endor vs dense through the same pipeline vs Accelerate, weights
 # in CPU RAM, then on disk (the checkpoints are built once, by the first run). Per-layer time is
 # what a 32-layer 7B model would show per layer; the ratios are the figures of merit.
 for offload in cpu disk; do
-  step "bench-e2e-$offload" 45 "$PY" -m endor bench e2e --device cuda --offload "$offload" \
+  step "bench-e2e-$offload" 30 "$PY" -m endor bench e2e --device cuda --offload "$offload" \
     --hidden 4096 --intermediate 11008 --layers 4 --heads 32 --kv-heads 32 --vocab 32000 \
     --dtype float16 --new-tokens 8 --warmup 0 --repeat 2 --max-seconds 25 \
     --workdir "$WORK" --out "$OUT_DIR/e2e-$offload"
@@ -64,8 +64,8 @@ done
 # layer (hidden 8192, MLP 28672, vocab 128256) pruned with SparseGPT on the GPU, 16 x 2048
 # calibration tokens: seconds for the layer (layers_per_s), peak RSS and peak GPU memory (the
 # issue's bar: at most 60 s per layer). The synthetic checkpoint is 6 GB of disk.
-step convert-gpu-tests 30 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/convert
-step bench-convert-70b 100 "$PY" -m endor bench convert --methods sparsegpt --models 70b \
+step convert-gpu-tests 15 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/convert
+step bench-convert-70b 55 "$PY" -m endor bench convert --methods sparsegpt --models 70b \
   --layers 1 --device cuda --calib-samples 16 --calib-seqlen 2048 --workdir "$WORK" \
   --out "$OUT_DIR/convert-70b"
 # SmolLM2 pruned on the GPU and on the CPU, perplexities within 2% and the speed-up: a few
