@@ -120,7 +120,8 @@ class _Conversion:
         """Write the shard of `group` ({name: tensor or EndorTensor}), then read it back."""
         i = self.groups[group]
         nnz = {n: self.nnz.pop(n) for n in stored if n in self.nnz}
-        path = self.writer.write(i, stored, shard_metadata(self.settings, nnz))
+        path = self.writer.write(i, stored, shard_metadata(self.settings, nnz),
+                                 order=_expert_order(stored))
         if self.verify:
             outdir.verify_shard(path, stored)
         stored.clear()
@@ -131,11 +132,12 @@ class _Conversion:
                                       f"{rate / 1e6:.1f} MB/s", refresh=False)
         self.progress.update(1)
 
-    def _prune(self, name: str, weight: torch.Tensor, stats=None) -> torch.Tensor:
+    def _prune(self, name: str, weight: torch.Tensor, stats=None, method=None) -> torch.Tensor:
         from ..prune import prune_weight
         s = self.settings
         try:
-            return prune_weight(weight, method=s["method"], sparsity=s["sparsity"] or 0.0,
+            return prune_weight(weight, method=method or s["method"],
+                                sparsity=s["sparsity"] or 0.0,
                                 nm=None if s["nm"] is None else tuple(s["nm"]), stats=stats)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from None
@@ -163,6 +165,16 @@ class _Conversion:
                     _return_free_memory()  # pruning and encoding temporaries
                 self._finish_shard(f"layers.{i}", stored)
 
+    def _fused(self, i: int, tensors: dict) -> dict:
+        """Layer i's tensors (full stored names) as the model names them: experts fused."""
+        from ..moe import to_model_names
+        if i not in self.layout.moe_layers:
+            return tensors
+        try:
+            return to_model_names(self.layout.model, tensors)
+        except ValueError as e:
+            raise FormatError(str(e), path=self.source.path) from None
+
     # -- calibrated methods --------------------------------------------------------------
     def calibrated_layers(self, todo: list[int], tokens: torch.Tensor, hessian: bool) -> None:
         layout, model = self.layout, self.layout.model
@@ -173,15 +185,21 @@ class _Conversion:
             params = {f"{layout.layers_prefix}.{i}.{n}": p for n, p in layer.named_parameters()}
             if i in todo:
                 originals = {name: self.source.read(name) for name in self.names[group]}
-                missing = sorted(set(params) - set(originals))
+                as_model = self._fused(i, originals)
+                missing = sorted(set(params) - set(as_model))
                 if missing:
                     raise FormatError(f"the source lacks {', '.join(missing)}, needed to run "
                                       f"layer {i} on the calibration data", path=self.source.path)
-                _set_params(model, {n: originals[n].float() for n in params})
+                _set_params(model, {n: as_model[n].float() for n in params})
+                del as_model
                 targets = {n: model.get_submodule(n.removesuffix(".weight"))
-                           for n in self.names[group] if n in self.sparse}
+                           for n in self.names[group]
+                           if n in self.sparse and not self.layout.is_expert_weight(n)}
                 stats = calibrate.collect_stats(layer, calls[i], hidden, targets, hessian=hessian)
-                final = {n: self._prune(n, t, stats.get(n)) if n in targets else t
+                # Experts have no module to hook (transformers fuses them): magnitude, recorded
+                # in endor.json as "expert_pruning".
+                final = {n: self._prune(n, t, stats.get(n)) if n in targets else
+                         self._prune(n, t, method="magnitude") if n in self.sparse else t
                          for n, t in originals.items()}
                 del stats, originals
                 self._finish_shard(group, {n: self._encode(n, t) for n, t in final.items()})
@@ -189,6 +207,7 @@ class _Conversion:
                 # Already in OUT: its pruned weights, read back, give the next layer's inputs.
                 final = load_file(self.writer.path(self.groups[group]))
             if i < max(todo):
+                final = self._fused(i, final)
                 _set_params(model, {n: final[n].float() for n in params})
                 hidden = calibrate.propagate(layer, calls[i], hidden)
             _set_params(model, {n: torch.empty_like(p, device="meta") for n, p in params.items()})
@@ -219,7 +238,21 @@ class _Conversion:
             _set_params(model, {n: torch.empty_like(t, device="meta") for n, t in loaded.items()})
 
 
-def _settings(source, method, sparsity, nm, weights, patterns, calib_text, samples, seqlen):
+def _expert_order(stored: dict) -> list[str] | None:
+    """An MoE layer's per-expert tensors in storage order (expert 0's gate, up, down, then
+    expert 1's...): each expert one contiguous byte range. None for a dense layer."""
+    from ..moe import parse_expert_name
+    roles = {"gate": 0, "up": 1, "down": 2}
+    experts = []
+    for name in stored:
+        parsed = parse_expert_name(name)
+        if parsed is not None:
+            experts.append((parsed[0], parsed[1], roles[parsed[2]], name))
+    return [e[-1] for e in sorted(experts)] or None
+
+
+def _settings(source, layout, method, sparsity, nm, weights, patterns, calib_text, samples,
+              seqlen):
     from ..prune import needs_calibration
     calibration = None
     if needs_calibration(method):
@@ -229,6 +262,10 @@ def _settings(source, method, sparsity, nm, weights, patterns, calib_text, sampl
                 "nm": None if nm is None else list(nm), "weights": weights,
                 "dense_patterns": sorted(patterns), "calibration": calibration,
                 "source": source.fingerprint()}
+    if layout.moe_layers and method != "none":
+        # Each expert is pruned alone; calibrated methods hook nn.Linear inputs, and experts
+        # are fused parameters with no module of their own.
+        settings["expert_pruning"] = "magnitude" if needs_calibration(method) else method
     prior = source.prior_pruning()
     if prior is not None:  # an Endor checkpoint: how its weights were pruned already
         settings["prior_pruning"] = prior
@@ -237,7 +274,8 @@ def _settings(source, method, sparsity, nm, weights, patterns, calib_text, sampl
 
 def _sparse_names(source, layout, patterns) -> set:
     """Decoder Linear weights to prune and compress: all of them but those matching a pattern."""
-    linear = [n for n in source.names() if n in layout.linear_weights]
+    linear = [n for n in source.names()
+              if n in layout.linear_weights or layout.is_expert_weight(n)]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in linear):
             example = linear[0] if linear else "(none)"
@@ -293,7 +331,7 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     source = open_source(src_dir)
     layout = build_layout(load_config(src_dir))
     sparse = _sparse_names(source, layout, patterns)
-    settings = _settings(source, method, sparsity, nm, weights, patterns, calib_text or "",
+    settings = _settings(source, layout, method, sparsity, nm, weights, patterns, calib_text or "",
                          calib_samples, calib_seqlen)
 
     groups = [f"layers.{i}" for i in range(layout.num_layers)] + [REST]

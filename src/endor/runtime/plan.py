@@ -76,6 +76,7 @@ class TensorPlan:
     compressed: bool
     checksum: str | None  # an Endor tensor's stored XXH3
     out: int | None  # offset of the dense result in the slot's dense buffer; None: image view
+    stored: str = ""  # its name in the shard, relative to the layer, when it differs from name
 
     @property
     def nbytes(self) -> int:
@@ -86,7 +87,8 @@ class TensorPlan:
 class LayerPlan:
     index: int
     file: Path
-    file_size: int
+    file_size: int  # bytes read per load: the whole shard, or an MoE layer's prefix before its
+    # experts (read one by one: runtime/experts.py)
     tensors: tuple[TensorPlan, ...]
     dense_buffer_bytes: int  # what decoding this layer needs in a slot's dense buffer
     weight_bytes: int  # the layer's weights, dense, as they count against the budget
@@ -98,11 +100,15 @@ class LayerPlan:
         return any(tp.out is None for tp in self.tensors)
 
 
-def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict) -> LayerPlan:
+def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict, *, skip=(),
+               model_name=None) -> LayerPlan:
     """Lay out decoder layer `index` stored in `f` (tensor names `prefix` + relative name) for a
-    model whose layer holds `expected` = {relative name: (shape, dtype)}."""
-    names = {n[len(prefix):]: n for n in f.keys() if n.startswith(prefix)}
-    unexpected = sorted(set(f.keys()) - set(names.values()))
+    model whose layer holds `expected` = {relative name: (shape, dtype)}. `skip`: relative
+    stored names read elsewhere (an MoE layer's experts, stored last: only the shard's prefix
+    before them is read); `model_name`: stored relative name -> the model's (endor.moe)."""
+    all_names = {n[len(prefix):]: n for n in f.keys() if n.startswith(prefix)}
+    names = {(model_name or str)(rel): full for rel, full in all_names.items() if rel not in skip}
+    unexpected = sorted(set(f.keys()) - set(all_names.values()))
     if unexpected:
         raise FormatError(f"holds {unexpected[:3]} outside decoder layer {index} ({prefix}*)",
                           path=f.path)
@@ -158,9 +164,14 @@ def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict) -> LayerPl
         in_place = (not any_compressed and stored_dtype == dtype
                     and parts[0].staging is None)
         out = None if in_place else reserve(math.prod(shape) * dtype.itemsize)
-        plans.append(TensorPlan(rel, torch.Size(shape), dtype, parts, compressed, digest, out))
+        stored = full[len(prefix):]
+        plans.append(TensorPlan(rel, torch.Size(shape), dtype, parts, compressed, digest, out,
+                                stored if stored != rel else ""))
     weight_bytes = sum(p.nbytes for p in plans)
-    return LayerPlan(index, f.path, f.header.file_size, tuple(plans), cursor, weight_bytes)
+    read = f.header.file_size
+    if skip:
+        read = max((p.end for tp in plans for p in tp.parts), default=f.header.data_start)
+    return LayerPlan(index, f.path, read, tuple(plans), cursor, weight_bytes)
 
 
 @dataclass(frozen=True)
