@@ -125,7 +125,7 @@ def plan_experts(index: int, f: EndorFile, prefix: str, names: ExpertNames,
 
 def _typed(image: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
     raw = image[start:end]
-    if raw.data_ptr() % dtype.itemsize:
+    if raw.data_ptr() % dtype.itemsize or raw.storage_offset() % dtype.itemsize:
         raw = raw.clone()  # an unaligned part (odd byte counts before it): a small copy
     return raw.view(dtype)
 
