@@ -88,6 +88,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="stop timing rounds once the next would end past this many seconds "
                              "(at least one timed round; the rows' n says how many ran)")
+    from .e2e_moe import add_moe_arguments
+    add_moe_arguments(parser)
     parser.add_argument("--workdir", default=None,
                         help="where the synthetic and converted checkpoints are cached (default "
                              "$ENDOR_CACHE/bench-e2e or ~/.cache/endor/bench-e2e; --quick: a "
@@ -336,6 +338,9 @@ def run(args) -> dict:
 
     args.device = getattr(args, "device", "cpu")
     args.offload = getattr(args, "offload", "disk")
+    if getattr(args, "moe", False):
+        from .e2e_moe import run_moe
+        return run_moe(args)
     if args.new_tokens is None:
         args.new_tokens = 4 if args.quick else 8
     systems = _check_args(args)
