@@ -44,7 +44,7 @@ DEFAULT_MOE_SHAPE = dict(hidden=1024, expert_intermediate=768, experts=64, top_k
 QUICK_MOE_SHAPE = dict(hidden=128, expert_intermediate=96, experts=16, top_k=4, layers=3,
                        heads=4, kv_heads=2, vocab=1024)
 TABLE_COLUMNS = ["system", "decode_tokens_per_s", "s_per_token", "n", "mb_read_per_token",
-                 "expert_hit_rate", "read_ms", "decompress_ms", "compute_ms", "stall_ms",
+                 "expert_hit_rate", "top_decile_share", "read_ms", "decompress_ms", "compute_ms", "stall_ms",
                  "tokens_match"]
 
 
@@ -131,6 +131,24 @@ def record_choices(model) -> tuple[list, list]:
     return seen, handles
 
 
+def top_decile_share(choices: list, num_experts: int) -> float | None:
+    """Of the decode tokens' expert picks, the share that went to each layer's most picked
+    10% of experts (uniform routing: about 0.1 plus noise)."""
+    counts: dict = {}
+    for name, idx in choices:
+        if idx.shape[0] == 1:
+            layer = counts.setdefault(name, {})
+            for e in idx.flatten().tolist():
+                layer[e] = layer.get(e, 0) + 1
+    picks = top = 0
+    for name, layer in counts.items():
+        num = max(1, round(0.1 * num_experts))
+        ranked = sorted(layer.values(), reverse=True)
+        picks += sum(ranked)
+        top += sum(ranked[:num])
+    return top / picks if picks else None
+
+
 def _ideal_bytes(path, choices: list, decode_tokens: int) -> float:
     """Attention + router + norms (every non-expert tensor of a layer) + the chosen experts'
     stored bytes, per decode token: what a token must read with no cache at all."""
@@ -193,6 +211,7 @@ def _time(models: dict, prompt, args) -> dict:
                 ideal = _ideal_bytes(model.endor_stats()["path"], choices,
                                      stats["decode_tokens"]) if name.endswith("nocache") \
                     else None
+                stats["top_decile_share"] = top_decile_share(choices, args.num_experts)
                 runs[name].append((stats["decode_s"] / stats["decode_tokens"], stats, tokens,
                                    ideal))
     out = {}
@@ -230,6 +249,7 @@ def run_moe(args) -> dict:
         prompt = torch.randint(config.vocab_size, (1, args.prompt_len),
                                generator=torch.Generator().manual_seed(0))
         threads = thread_split(torch.device("cpu"), True)[0]
+        args.num_experts = shape["experts"]
         rows, ratios = [], {}
         for router in routers:
             models = {}
@@ -254,8 +274,9 @@ def run_moe(args) -> dict:
                 reference = reference if reference is not None else tokens
                 row = _row(f"{system}/{router}", t, stats, tokens, reference, True)
                 row["router"] = router
-                for key in ("expert_hit_rate", "expert_hits", "expert_misses",
-                            "expert_cache_capacity_bytes", "expert_cache_policy"):
+                for key in ("top_decile_share", "expert_hit_rate", "expert_hits",
+                            "expert_misses", "expert_cache_capacity_bytes",
+                            "expert_cache_policy"):
                     if key in stats:
                         row[key] = stats[key]
                 if ideal:
