@@ -190,7 +190,7 @@ class ExpertStore:
     """Dense weights of chosen experts, from the cache, RAM (cpu offload) or disk."""
 
     def __init__(self, layers: list[ExpertLayer], *, held: bool, cache_bytes: int,
-                 policy: str, backend: str, direct: bool, metrics):
+                 policy: str, backend: str, direct: bool, metrics, device=None):
         self.layers = {x.index: x for x in layers}
         self.backend, self.metrics = backend, metrics
         self.cache = ExpertCache(0 if held else cache_bytes, policy)
@@ -205,8 +205,12 @@ class ExpertStore:
         self._span = round_up(span) + ALIGN
         self._buffers = [aligned_buffer(self._span) for _ in range(READ_THREADS)]
         biggest = max(layers, key=lambda x: x.intermediate * x.hidden)
-        self._gate_up = torch.empty(2 * biggest.intermediate * biggest.hidden, dtype=biggest.dtype)
-        self._down = torch.empty(biggest.intermediate * biggest.hidden, dtype=biggest.dtype)
+        # Compressed bytes stay in host memory; a GPU gets them right before decoding there.
+        self.device = torch.device(device or "cpu")
+        self._gate_up = torch.empty(2 * biggest.intermediate * biggest.hidden,
+                                    dtype=biggest.dtype, device=self.device)
+        self._down = torch.empty(biggest.intermediate * biggest.hidden, dtype=biggest.dtype,
+                                 device=self.device)
         self._check_all()
 
     # ---- load time ------------------------------------------------------------------------
@@ -308,6 +312,8 @@ class ExpertStore:
                 self.cache.put((index, e), image)
                 read = layer.experts[e].nbytes
             t1 = time.perf_counter()
+            if self.device.type != "cpu":
+                image = image.to(self.device)
             decode_expert(layer, layer.experts[e], image, gate_up, down, self.backend)
             if read and k + len(self._buffers) < len(order):  # its buffer is free: next read
                 later = order[k + len(self._buffers)]

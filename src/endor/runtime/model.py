@@ -142,7 +142,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                                           .get_submodule(moe[i].module).gate_up_proj.dtype)
                              for i in sorted(moe)], held=offload == "cpu", cache_bytes=cache,
                             policy=expert_cache, backend=backend, direct=direct_io,
-                            metrics=metrics)
+                            metrics=metrics, device=device)
         for i, names in moe.items():
             replace_experts(layers[i], names, RoutedExperts(
                 layers[i].get_submodule(names.module), i, store.weights))
