@@ -255,3 +255,19 @@ def test_manifest_records_how_experts_were_pruned(moe):
         assert f.is_compressed("model.layers.0.mlp.experts.5.down_proj.weight")
         assert f.is_compressed("model.layers.0.mlp.shared_expert.up_proj.weight")
         assert not f.is_compressed("model.layers.0.mlp.gate.weight")  # the router stays dense
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("offload", ["disk", "cpu"])
+def test_routed_experts_on_the_gpu_match_the_model_in_gpu_memory(moe, offload):
+    path, _, _ = moe("qwen2_moe")
+    reference, _ = load_in_memory(path, device="cuda")
+    expected = greedy(reference, PROMPT.cuda(), NEW_TOKENS)
+    model = load_model(path, device="cuda", offload=offload, max_memory=0)
+    try:
+        assert greedy(model, PROMPT.cuda(), NEW_TOKENS) == expected
+        stats = model.endor_stats()
+        assert stats["expert_misses"] > 0 if offload == "disk" else \
+            stats["expert_held_bytes"] > 0
+    finally:
+        model.endor_close()
