@@ -44,8 +44,8 @@ DEFAULT_MOE_SHAPE = dict(hidden=1024, expert_intermediate=768, experts=64, top_k
 QUICK_MOE_SHAPE = dict(hidden=128, expert_intermediate=96, experts=16, top_k=4, layers=3,
                        heads=4, kv_heads=2, vocab=1024)
 TABLE_COLUMNS = ["system", "decode_tokens_per_s", "s_per_token", "n", "mb_read_per_token",
-                 "expert_hit_rate", "top_decile_share", "read_ms", "decompress_ms", "compute_ms", "stall_ms",
-                 "tokens_match"]
+                 "expert_hit_rate", "top_decile_share", "read_ms", "decompress_ms", "compute_ms",
+                 "stall_ms", "tokens_match"]
 
 
 def add_moe_arguments(parser) -> None:
