@@ -13,7 +13,7 @@ from endor.format import EndorFile, save_file
 from endor.loading import load_in_memory
 from endor.moe import parse_expert_name
 from endor.runtime import load_model
-from endor.runtime.experts import ExpertCache, Expert, ExpertLayer, ExpertTensor, decode_expert
+from endor.runtime.experts import Expert, ExpertLayer, ExpertTensor, decode_expert
 from tests.helpers import DTYPES, bit_equal, sparse_tensor
 from tests.moe_models import ARCHS, save_moe
 from tests.runtime.checkpoints import greedy
@@ -143,40 +143,6 @@ def test_a_cache_big_enough_hits_every_expert_after_the_first_run(moe):
         assert stats["bytes_read_per_token"] == 0  # every core resident, every expert cached
     finally:
         model.endor_close()
-
-
-def test_expert_cache_policies():
-    def image(n):
-        return torch.zeros(n, dtype=torch.uint8)
-
-    lru = ExpertCache(30, "lru")
-    for key in "abc":
-        lru.get(key)
-        lru.put(key, image(10))
-    lru.get("a")  # a is now the most recent
-    lru.get("d")
-    lru.put("d", image(10))
-    assert set(lru.items) == {"a", "c", "d"} and lru.nbytes == 30
-
-    lfu = ExpertCache(30, "lfu")
-    for key, uses in (("a", 3), ("b", 1), ("c", 2)):
-        for _ in range(uses):
-            lfu.get(key)
-        lfu.put(key, image(10))
-    lfu.get("d")
-    lfu.put("d", image(10))  # used once, as b: b (least used, least recent) goes
-    assert set(lfu.items) == {"a", "c", "d"}
-    lfu.get("e")
-    lfu.put("e", image(10))  # once; the least used resident (d) has as many: replaced
-    lfu.put("f", image(10))  # never counted: c and a are used more, f stays out
-    assert "f" not in lfu.items
-    big = ExpertCache(5)
-    big.put("x", image(10))  # larger than the whole cache: not kept
-    assert not big.items
-    with pytest.raises(ValueError, match="expert_cache"):
-        ExpertCache(1, "fifo")
-    with pytest.raises(ValueError, match="expert_cache"):
-        load_model("unused", expert_cache="fifo")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -34,10 +33,10 @@ from ..format import EndorFile, EndorTensor, spec
 from ..format.io import check_compressed
 from ..kernels import decompress
 from ..moe import ExpertNames
+from .expert_cache import POLICIES, ExpertCache
 from .plan import ST_DTYPES
 from .reader import ALIGN, aligned_buffer, round_up
 
-POLICIES = ("lru", "lfu")
 READ_THREADS = 8  # expert reads in flight: top-k of a layer at once (threads wait in the kernel)
 
 
@@ -147,43 +146,6 @@ def decode_expert(layer: ExpertLayer, expert: Expert, image: torch.Tensor, gate_
                 raise e.at(path=layer.file) from None
         else:
             out.copy_(parts[0].view(-1))
-
-
-class ExpertCache:
-    """Compressed expert images within `capacity` bytes; LRU or LFU (use counts kept for every
-    expert seen, so a returning popular expert wins its place back)."""
-
-    def __init__(self, capacity: int, policy: str = "lru"):
-        if policy not in POLICIES:
-            raise ValueError(f"expert_cache must be one of {POLICIES}, got {policy!r}")
-        self.capacity, self.policy = max(int(capacity), 0), policy
-        self.items: OrderedDict = OrderedDict()
-        self.uses: dict = {}
-        self.nbytes = 0
-
-    def get(self, key):
-        self.uses[key] = self.uses.get(key, 0) + 1
-        image = self.items.get(key)
-        if image is not None:
-            self.items.move_to_end(key)
-        return image
-
-    def put(self, key, image: torch.Tensor) -> None:
-        size = image.numel()
-        if size > self.capacity or key in self.items:
-            return
-        while self.nbytes + size > self.capacity:
-            victim = self._victim()
-            if self.policy == "lfu" and self.uses[victim] > self.uses.get(key, 0):
-                return  # every resident expert is used more often than this one
-            self.nbytes -= self.items.pop(victim).numel()
-        self.items[key] = image.clone()
-        self.nbytes += size
-
-    def _victim(self):
-        if self.policy == "lru":
-            return next(iter(self.items))
-        return min(self.items, key=lambda k: self.uses[k])  # ties: least recent first
 
 
 class ExpertStore:
