@@ -12,8 +12,3 @@ def sparse_tensor(shape, dtype, sparsity, *, seed=0):
     t = torch.randn(shape, generator=g).to(dtype)
     t[torch.rand(shape, generator=g) < sparsity] = 0
     return t
-
-
-def bit_equal(a, b) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(INT_VIEW[a.dtype]), b.contiguous().view(INT_VIEW[b.dtype]))

@@ -6,7 +6,8 @@ import torch
 from endor import FormatError
 from endor.loading import load_in_memory
 from tests.evaluate.tiny_models import char_tokenizer, tiny_model, write_endor_checkpoint
-from tests.helpers import DTYPES, bit_equal
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES
 
 
 def assert_same_model(a, b):

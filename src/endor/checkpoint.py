@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .errors import FormatError
 from .format import EndorFile, save_file
-from .format import spec
 
 MANIFEST = "endor.json"
 INDEX = "model.safetensors.index.json"
@@ -84,15 +83,31 @@ class CheckpointWriter:
         return self.out_dir / MANIFEST
 
 
+def require_checkpoint(path) -> Path:
+    """`path` as a Path if it looks like a converted checkpoint (a directory with a manifest);
+    otherwise an error that says what it is and what to run."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint directory: {path}")
+    if not path.is_dir():
+        raise FormatError("is a file, not a checkpoint directory; convert a model into one with "
+                          "`endor convert SRC OUT`", path=path)
+    if not (path / MANIFEST).is_file():
+        if (path / "config.json").is_file():
+            raise FormatError(f"is a HuggingFace model directory, not an Endor checkpoint (no "
+                              f"{MANIFEST}); convert it first: `endor convert {path} OUT "
+                              "--method none` (or --method wanda to prune)", path=path)
+        raise FormatError(f"not an Endor checkpoint (no {MANIFEST}); create one with "
+                          "`endor convert SRC OUT`", path=path)
+    return path
+
+
 class Checkpoint:
     """A converted checkpoint, opened for reading: manifest checked, every shard header checked."""
 
     def __init__(self, path):
-        self.path = Path(path)
+        self.path = require_checkpoint(path)
         manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
-            raise FormatError(f"not an Endor checkpoint (no {MANIFEST}); create one with "
-                              "`endor convert SRC OUT`", path=self.path)
         if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
             raise FormatError(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes",
                               path=manifest_path)

@@ -18,11 +18,21 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from .checkpoint import Checkpoint
+from .convert import convert
+from .data.models import embedded_model_dir
+from .data.text import evaluation_text
+from .evaluate import perplexity
+from .loading import load_in_memory, load_tokenizer
+from .runtime import open_model
+from .runtime.reader import evict_files
+
 PROMPT = "William Shakespeare was born in Stratford-upon-Avon, and"
 
 
 def _layer_files(path: Path) -> list[Path]:
-    from .checkpoint import Checkpoint
     ck = Checkpoint(path)
     return [path / s.file for s in ck.shards]
 
@@ -35,7 +45,6 @@ def _size_bytes(path: Path) -> int:
 def convert_pair(src: Path, out: Path, *, method: str, sparsity: float) -> dict[str, Path]:
     """The pruned model as an Endor checkpoint and as a dense one. Pruning runs once: the dense
     copy is converted from the Endor checkpoint with method "none"."""
-    from .convert import convert
     tag = f"smollm2-{method}{round(sparsity * 100)}"
     paths = {"endor": out / f"{tag}-endor", "dense": out / f"{tag}-dense"}
     convert(src, paths["endor"], method=method, sparsity=sparsity, weights="endor")
@@ -44,9 +53,6 @@ def convert_pair(src: Path, out: Path, *, method: str, sparsity: float) -> dict[
 
 
 def measure_perplexity(path, *, window: int, max_windows: int) -> float:
-    from .data.text import evaluation_text
-    from .evaluate import perplexity
-    from .loading import load_in_memory
     model, tokenizer = load_in_memory(path)
     result = perplexity(model, tokenizer, evaluation_text(), window=window,
                         max_windows=max_windows)
@@ -57,11 +63,6 @@ def measure_perplexity(path, *, window: int, max_windows: int) -> float:
 def generate_offloaded(path: Path, prompt: str, *, new_tokens: int, max_memory: int,
                        prefetch: int) -> dict:
     """Greedy generation from disk, cold page cache; returns tokens and the runtime's stats."""
-    import torch
-
-    from .bench.harness import evict_files
-    from .loading import load_tokenizer
-    from .runtime import open_model
     tokenizer = load_tokenizer(path)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with open_model(path, device="cpu", offload="disk", max_memory=max_memory,
@@ -79,7 +80,6 @@ def generate_offloaded(path: Path, prompt: str, *, new_tokens: int, max_memory: 
 
 def run(out: Path, *, method="wanda", sparsity=0.5, new_tokens=64, budget_fraction=0.25,
         window=512, max_windows=16, prefetch=2) -> dict:
-    from .data.models import embedded_model_dir
     t0 = time.perf_counter()
     print("== Endor demo: SmolLM2-135M-Instruct (embedded), "
           f"{method} {sparsity:.0%}, weights streamed from disk", flush=True)

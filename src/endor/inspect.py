@@ -6,7 +6,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .checkpoint import Checkpoint
 from .format import EndorFile
+from .format.spec import SAFETENSORS_DTYPES
 
 
 def describe_file(path, *, verify: bool = False) -> list[dict]:
@@ -21,7 +23,8 @@ def describe_file(path, *, verify: bool = False) -> list[dict]:
                     f.get_tensor(name)  # checks rules 5-7 and decodes
             else:
                 st = f.header.tensors[name]
-                shape, dtype, numel, nnz = list(st.shape), st.dtype, math.prod(st.shape), None
+                shape, numel, nnz = list(st.shape), math.prod(st.shape), None
+                dtype = SAFETENSORS_DTYPES[st.dtype]  # torch's names for every row, not "BF16"
                 stored = st.end - st.start
             itemsize = stored // numel if nnz is None and numel else getattr(dtype, "itemsize", 0)
             rows.append({"file": Path(path).name, "name": name, "shape": list(shape),
@@ -35,7 +38,6 @@ def describe(path, *, verify: bool = False) -> list[dict]:
     """Rows for a file, or for every shard of a checkpoint directory."""
     path = Path(path)
     if path.is_dir():
-        from .checkpoint import Checkpoint
         ck = Checkpoint(path)
         return [row for s in ck.shards for row in describe_file(path / s.file, verify=verify)]
     return describe_file(path, verify=verify)

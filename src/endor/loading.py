@@ -8,7 +8,10 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import MANIFEST, Checkpoint
+from .data.models import hub_offline, resolve_model
 from .errors import FormatError
+from .moe import model_names, to_model_names, use_eager_experts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -21,9 +24,6 @@ def load_in_memory(path, *, dtype=None, device="cpu"):
     `dtype` None keeps the stored dtype; a floating dtype casts every floating tensor to it.
     `tokenizer` is None when the directory holds no tokenizer (e.g. synthetic checkpoints).
     Code from the directory is never run (no trust_remote_code)."""
-    from .checkpoint import MANIFEST
-    from .data.models import hub_offline, resolve_model
-
     hub_offline()
     dtype = _check_dtype(dtype)
     device = torch.device(device)
@@ -31,6 +31,7 @@ def load_in_memory(path, *, dtype=None, device="cpu"):
     if (path / MANIFEST).is_file():
         model = _load_endor_checkpoint(path, dtype=dtype, device=device)
     else:
+        # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(
@@ -45,6 +46,7 @@ def load_tokenizer(path):
     path = Path(path)
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
         return None
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -68,10 +70,10 @@ def _config_dtype(config) -> torch.dtype:
 
 
 def _load_endor_checkpoint(path: Path, *, dtype, device: torch.device):
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    from .checkpoint import Checkpoint
 
     checkpoint = Checkpoint(path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -81,8 +83,6 @@ def _load_endor_checkpoint(path: Path, *, dtype, device: torch.device):
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(
             config, dtype=dtype or _config_dtype(config), trust_remote_code=False)
-
-    from .moe import model_names, to_model_names, use_eager_experts
 
     expected = set(model.state_dict())
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})

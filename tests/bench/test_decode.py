@@ -9,7 +9,8 @@ import endor
 from endor.bench import decode, harness
 from endor.cli import build_parser
 from endor.kernels import backends
-from tests.helpers import DTYPES, bit_equal
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES
 
 SHAPES = [(), (1, 1), (7, 13), (830, 545), (3, 5, 7), (0,), (4097,)]
 

@@ -9,7 +9,8 @@ import torch
 
 from endor.bench import formats, harness, peers
 from endor.cli import build_parser
-from tests.helpers import DTYPES, bit_equal
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES
 
 SHAPES = [(), (1, 1), (7, 13), (830, 545), (3, 5, 7), (17,), (0,), (0, 5), (5, 0)]
 SPARSITIES = [0.0, 0.6, 1.0]

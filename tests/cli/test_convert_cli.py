@@ -84,10 +84,10 @@ def test_errors_are_reported_not_raised(src, tmp_path, capsys):
     assert main(["convert", str(src), str(out), "--method", "magnitude", "--quiet"]) == 0
     capsys.readouterr()
     assert main(["convert", str(src), str(out), "--method", "magnitude", "--sparsity", "0.75",
-                 "--quiet"]) == 2
+                 "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "endor: error" in err and "--overwrite" in err
+    assert "endor convert: error" in err and "--overwrite" in err
     assert main(["convert", str(src), str(out), "--method", "magnitude", "--sparsity", "0.75",
                  "--overwrite", "--quiet"]) == 0
-    assert main(["convert", str(tmp_path / "missing"), str(out), "--quiet"]) == 2
-    assert "endor: error" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "missing"), str(out), "--quiet"]) == 1
+    assert "endor convert: error" in capsys.readouterr().err

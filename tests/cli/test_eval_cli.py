@@ -35,13 +35,24 @@ def test_plain_output_and_bos_override(checkpoint, capsys):
     assert out.startswith("perplexity ") and "bos no" in out and "of 32" in out
 
 
-def test_errors_exit_with_code_2(checkpoint, capsys):
-    assert main(["eval", str(checkpoint / "nothing-here")]) == 2
+def test_failures_exit_1_usage_errors_2(checkpoint, capsys):
+    assert main(["eval", str(checkpoint / "nothing-here")]) == 1
     assert "no model at" in capsys.readouterr().err
     (checkpoint / "short.txt").write_text("a")
     assert main(["eval", str(checkpoint / "ckpt"), "--text", str(checkpoint / "short.txt"),
-                 "--bos", "no"]) == 2
+                 "--bos", "no"]) == 1
     assert "too short" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["eval", str(checkpoint / "ckpt"), "--window", "1"])
     assert e.value.code == 2
+
+
+def test_json_still_shows_progress_on_stderr(checkpoint, capsys):
+    argv = ["eval", str(checkpoint / "ckpt"), "--text", str(checkpoint / "text.txt"),
+            "--window", "16", "--max-windows", "2", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # stdout: one JSON document, nothing else
+    assert "perplexity" in captured.err and "batch" in captured.err
+    assert main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

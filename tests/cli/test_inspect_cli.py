@@ -22,5 +22,16 @@ def test_inspect_file(tmp_path, capsys):
 def test_inspect_corrupt_file_is_a_clear_error(tmp_path, capsys):
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
-    assert main(["inspect", str(path)]) == 2
-    assert "endor: error" in capsys.readouterr().err
+    assert main(["inspect", str(path)]) == 1
+    assert "endor inspect: error" in capsys.readouterr().err
+
+
+def test_table_has_a_header_and_one_dtype_vocabulary(tmp_path, capsys):
+    path = tmp_path / "m.safetensors"
+    endor.save_file({"w": endor.compress(sparse_tensor((8, 8), torch.bfloat16, 0.5)),
+                     "b": torch.ones(8, dtype=torch.bfloat16)}, path)
+    assert main(["inspect", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["tensor", "shape", "dtype", "stored", "sparsity", "bytes"]
+    rows = {line.split()[0]: line for line in lines[1:3]}
+    assert "bfloat16" in rows["b"] and "bfloat16" in rows["w"] and "BF16" not in rows["b"]

@@ -6,8 +6,9 @@ import torch
 import endor
 from endor.checkpoint import Checkpoint, CheckpointWriter
 from endor.convert.endor_source import EndorSource
-from endor.convert.source import open_source
-from tests.helpers import bit_equal, sparse_tensor
+from endor.convert.endor_source import open_source
+from endor.format.equal import bit_equal
+from tests.helpers import sparse_tensor
 
 
 def tensors():

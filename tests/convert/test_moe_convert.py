@@ -16,7 +16,7 @@ from endor.moe import parse_expert_name
 from endor.prune import prune_weight
 from endor.runtime import load_model
 from tests.convert.conftest import CALIB_TEXT, SAMPLES, SEQLEN, make_tokenizer
-from tests.helpers import bit_equal
+from endor.format.equal import bit_equal
 from tests.moe_models import save_moe
 from tests.runtime.checkpoints import greedy
 

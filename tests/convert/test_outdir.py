@@ -10,19 +10,6 @@ from endor.checkpoint import CheckpointWriter
 from endor.convert import outdir
 
 
-def test_bit_equal_compares_bits_not_values():
-    nan_a = torch.tensor([0x7FC00001], dtype=torch.int32).view(torch.float32)
-    nan_b = torch.tensor([0x7FC00002], dtype=torch.int32).view(torch.float32)
-    assert outdir.bit_equal(nan_a, nan_a.clone())
-    assert not outdir.bit_equal(nan_a, nan_b)  # both NaN, other payloads
-    assert not outdir.bit_equal(torch.tensor([0.0]), torch.tensor([-0.0]))
-    assert not outdir.bit_equal(torch.zeros(2), torch.zeros(2, dtype=torch.float16))
-    assert not outdir.bit_equal(torch.zeros(2, 1), torch.zeros(1, 2))
-    assert outdir.bit_equal(torch.zeros(0, 3, dtype=torch.bfloat16),
-                            torch.zeros(0, 3, dtype=torch.bfloat16))
-    assert outdir.bit_equal(torch.arange(5), torch.arange(5))
-
-
 def header_of(path) -> bytes:
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
@@ -88,3 +75,70 @@ def test_resume_over_a_damaged_shard_says_what_to_do(tmp_path):
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"\x00" * 3)
     with pytest.raises(endor.FormatError, match="delete this shard.*--overwrite"):
         outdir.prepare(writer, {"method": "none"}, resume=True)
+
+
+def _old_checkpoint(out):
+    out.mkdir()
+    for name in ("endor.json", "model-00001-of-00002.safetensors", "tokenizer.json",
+                 "chat_template.jinja"):
+        (out / name).write_text("old " + name)
+
+
+def test_replacing_swaps_the_new_checkpoint_in_whole(tmp_path):
+    out = tmp_path / "out"
+    _old_checkpoint(out)
+    with outdir.replacing(out, replace=True) as work:
+        assert work != out and work.parent == out.parent
+        (work / "endor.json").write_text("new")
+        assert (out / "tokenizer.json").read_text() == "old tokenizer.json"  # untouched so far
+    assert sorted(p.name for p in out.iterdir()) == ["endor.json"]  # no stale file survives
+    assert (out / "endor.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # staging (old) removed
+
+
+def test_replacing_that_fails_midway_leaves_the_old_checkpoint(tmp_path):
+    out = tmp_path / "out"
+    _old_checkpoint(out)
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    with pytest.raises(OSError, match="disk full"):
+        with outdir.replacing(out, replace=True) as work:
+            (work / "endor.json").write_text("half")
+            raise OSError(28, "disk full")
+    assert {p.name: p.read_text() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_replacing_clears_a_killed_runs_staging_and_writes_in_place_when_empty(tmp_path):
+    out = tmp_path / "out"
+    _old_checkpoint(out)
+    stale = outdir.staging_dir(out)
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_text("half of a killed run")
+    with outdir.replacing(out, replace=True) as work:
+        assert sorted(work.iterdir()) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with outdir.replacing(empty, replace=True) as work:
+        assert work == empty
+    with outdir.replacing(out, replace=False) as work:  # resuming writes into OUT itself
+        assert work == out
+
+
+def test_replacing_refuses_a_directory_that_is_no_checkpoint(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match="holds no Endor checkpoint.*new or empty"):
+        with outdir.replacing(home, replace=True):
+            pass
+    assert (home / "thesis.tex").read_text() == "precious"
+
+
+def test_settings_differences_read_as_options_not_dicts():
+    theirs = {"method": "wanda", "calibration": {"samples": 64, "text_sha256": "a"},
+              "source": "sha256:1"}
+    ours = {"method": "wanda", "calibration": {"samples": 8, "text_sha256": "b"},
+            "source": "sha256:2"}
+    text = outdir._differences(theirs, ours)
+    assert text == ("calibration.samples 64 in OUT, 8 now; calibration text differs; "
+                    "it was converted from another source model")

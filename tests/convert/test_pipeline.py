@@ -10,7 +10,8 @@ import endor
 from endor import checkpoint
 from endor.checkpoint import Checkpoint
 from endor.convert import calibrate, convert, outdir
-from endor.convert.outdir import SettingsMismatch, bit_equal
+from endor.convert.outdir import SettingsMismatch
+from endor.format.equal import bit_equal
 from endor.prune import CalibrationStats, needs_hessian, prune_weight
 from tests.convert.conftest import CALIB_TEXT, SAMPLES, SEQLEN, make_model_dir
 
@@ -351,8 +352,13 @@ def test_bad_arguments(llama_dir, tmp_path):
         convert(llama_dir, out, method="none", nm=(2, 4))
     with pytest.raises(ValueError, match="weights"):
         convert(llama_dir, out, weights="gzip")
-    with pytest.raises(ValueError, match="differ"):
+    with pytest.raises(ValueError, match="must not be SRC"):
         convert(llama_dir, llama_dir)
+    with pytest.raises(ValueError, match="must not be SRC"):
+        convert(llama_dir, llama_dir.parent, resume=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        convert(llama_dir, tmp_path / "file")
     assert not out.exists()
 
 

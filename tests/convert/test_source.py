@@ -6,8 +6,9 @@ import torch
 from safetensors.torch import save_file
 
 import endor
-from endor.convert.source import SourceCheckpoint, open_source
-from tests.helpers import bit_equal
+from endor.convert.endor_source import open_source
+from endor.convert.source import SourceCheckpoint
+from endor.format.equal import bit_equal
 
 
 def write_dir(path, tensors_per_file: dict, *, index=True):

@@ -5,7 +5,8 @@ import torch
 
 import endor
 from endor.format import spec
-from tests.helpers import DTYPES, bit_equal, sparse_tensor
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, sparse_tensor
 
 SHAPES = [(1, 1), (7, 13), (830, 545), (3, 5, 7), (0,), (0, 4), (), (4097,), (8191,)]
 

@@ -5,7 +5,8 @@ import torch
 from safetensors import safe_open
 
 import endor
-from tests.helpers import DTYPES, bit_equal, sparse_tensor
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, sparse_tensor
 
 
 def test_save_and_load_mixed_file(tmp_path):
@@ -83,6 +84,34 @@ def test_identical_inputs_give_identical_files(tmp_path):
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     with endor.open_file(tmp_path / "a.safetensors") as f:
         assert f.metadata() == meta
+
+
+def test_tensors_are_read_into_owned_memory_never_mapped(tmp_path):
+    """No mapping of the file outlives open_file or a read; what was read is a copy."""
+    path = tmp_path / "owned.safetensors"
+    endor.save_file({"d": torch.randn(64, 64), "e": endor.compress(torch.randn(64, 64))}, path)
+    with endor.open_file(path) as f:
+        dense, compressed = f.get_tensor("d"), f.get_compressed("e")
+        with open("/proc/self/maps") as maps:
+            assert str(path) not in maps.read()
+        before = dense.clone()
+        path.write_bytes(b"\0" * path.stat().st_size)  # same size, every byte changed
+        assert torch.equal(dense, before) and compressed.verify_checksum()
+        path.write_bytes(b"")  # truncated: the next read is an error naming the file
+        with pytest.raises(endor.FormatError, match="owned.safetensors.*truncated"):
+            f.get_tensor("d")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_get_the_process_umask(tmp_path, umask):
+    import os
+
+    before = os.umask(umask)
+    try:
+        endor.save_file({"d": torch.zeros(2)}, tmp_path / "m.safetensors")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

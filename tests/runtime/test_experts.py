@@ -14,7 +14,8 @@ from endor.loading import load_in_memory
 from endor.moe import parse_expert_name
 from endor.runtime import load_model
 from endor.runtime.experts import Expert, ExpertLayer, ExpertTensor, decode_expert
-from tests.helpers import DTYPES, bit_equal, sparse_tensor
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, sparse_tensor
 from tests.moe_models import ARCHS, save_moe
 from tests.runtime.checkpoints import greedy
 

@@ -9,7 +9,7 @@ import endor
 from endor.checkpoint import Checkpoint
 from endor.runtime import load_model, open_model
 from tests.runtime.checkpoints import greedy
-from tests.runtime.conftest import NEW_TOKENS, PROMPT
+from tests.conftest import NEW_TOKENS, PROMPT
 
 ARCHS = ["llama", "qwen2", "opt", "gemma3"]
 

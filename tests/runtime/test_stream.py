@@ -10,7 +10,8 @@ from endor.runtime.plan import LayerPlan, Part, TensorPlan
 from endor.runtime.reader import ShardReader
 from endor.runtime.stream import LayerStream, decode_layer, read_slot_count
 from endor.runtime.weights import check_streamed
-from tests.helpers import bit_equal, sparse_tensor
+from endor.format.equal import bit_equal
+from tests.helpers import sparse_tensor
 
 
 def _place(image: bytearray, offset: int, t: torch.Tensor) -> tuple[int, int]:

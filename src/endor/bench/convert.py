@@ -24,6 +24,10 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+import torch
+
+from ..convert.synthetic import write_synthetic_checkpoint
 from . import harness
 
 NAME = "convert"
@@ -53,6 +57,7 @@ def add_arguments(parser) -> None:
 
 def synthetic_config(size_gb: float | None, quick: bool):
     """A Llama-shaped config of about `size_gb` GB in fp16 (more layers for more GB)."""
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from transformers import LlamaConfig
 
     if quick and size_gb is None:
@@ -86,7 +91,6 @@ with open(sys.argv[1], "w") as f:
 
 def _rss_poller(pid: int, peaks: dict, stop: threading.Event) -> None:
     """Peaks of RssAnon / RssFile of the launcher's child, from /proc (Linux), every 50 ms."""
-    import psutil
     try:
         launcher = psutil.Process(pid)
     except psutil.Error:
@@ -143,9 +147,6 @@ def _gb(n) -> float | None:
 
 
 def run(args) -> dict:
-    from ..convert.synthetic import write_synthetic_checkpoint
-    import torch
-
     if args.conversions < 1:
         raise ValueError(f"--conversions must be at least 1, got {args.conversions}")
     if not 0 <= args.sparsity < 1:

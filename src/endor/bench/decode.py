@@ -13,6 +13,9 @@ import math
 import numpy as np
 import torch
 
+from ..format import compress, spec
+from ..format.equal import bit_equal
+from ..kernels import backends, decompress
 from . import harness
 
 NAME = "decode"
@@ -44,7 +47,6 @@ def add_arguments(parser) -> None:
 def numpy_decoder(et):
     """The naive CPU decoder users write first: numpy unpackbits + boolean-mask assignment.
     Returns a no-argument function producing the dense tensor."""
-    from ..format import spec
     int_dtype = spec.INT_VIEW[et.dtype]
     bitmap = et.bitmap.cpu().numpy()
     values = et.values.cpu().view(int_dtype).numpy()
@@ -56,13 +58,6 @@ def numpy_decoder(et):
         out[mask] = values
         return torch.from_numpy(out).view(et.dtype).view(shape)
     return decode
-
-
-def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    from ..format import spec
-    view = spec.INT_VIEW[a.dtype]
-    return a.shape == b.shape and torch.equal(a.contiguous().view(view).cpu(),
-                                              b.contiguous().view(view).cpu())
 
 
 def _devices(choice: str) -> list[torch.device]:
@@ -80,7 +75,6 @@ INTERPRETED_ON_CPU = ("triton",)
 
 
 def _backends(device: torch.device, wanted: list[str] | None) -> list[str]:
-    from ..kernels import backends
     found = backends()
     if wanted:
         unknown = sorted(set(wanted) - set(found))
@@ -94,7 +88,6 @@ def _backends(device: torch.device, wanted: list[str] | None) -> list[str]:
 
 def _case(tensor, et, device, backend_names, *, with_numpy, hbm_gbps, warmup, repeat) -> list:
     """Every row of one (device, dtype, sparsity): copies, numpy, each backend fresh and out=."""
-    import endor
     dense = tensor.to(device)
     et = et.to(device)
     dense_bytes = dense.numel() * dense.element_size()
@@ -106,15 +99,15 @@ def _case(tensor, et, device, backend_names, *, with_numpy, hbm_gbps, warmup, re
             ("copy", "out", timed(lambda: reused.copy_(dense)), 2 * dense_bytes)]
     if with_numpy and device.type == "cpu":
         decode = numpy_decoder(et)
-        if not _bit_equal(decode(), tensor):
+        if not bit_equal(decode(), tensor):
             raise RuntimeError("the numpy baseline did not decode bit-exactly")
         rows.append(("numpy", "fresh", timed(decode), read_bytes + dense_bytes))
     for name in backend_names:
-        if not _bit_equal(endor.decompress(et, backend=name), tensor):
+        if not bit_equal(decompress(et, backend=name), tensor):
             raise RuntimeError(f"backend {name!r} did not decode bit-exactly on {device}")
-        rows.append((name, "fresh", timed(lambda: endor.decompress(et, backend=name)),
+        rows.append((name, "fresh", timed(lambda: decompress(et, backend=name)),
                      read_bytes + dense_bytes))
-        rows.append((name, "out", timed(lambda: endor.decompress(et, backend=name, out=reused)),
+        rows.append((name, "out", timed(lambda: decompress(et, backend=name, out=reused)),
                      read_bytes + dense_bytes))
 
     copy = {output: stats for method, output, stats, _ in rows if method == "copy"}
@@ -136,7 +129,6 @@ def _case(tensor, et, device, backend_names, *, with_numpy, hbm_gbps, warmup, re
 
 def run(args) -> dict:
     load_before = harness.system_load()
-    import endor
     shape = args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)
     if math.prod(shape) == 0:
         raise ValueError(f"--shape {shape} has no elements")
@@ -147,7 +139,7 @@ def run(args) -> dict:
     for dtype in args.dtypes:
         for sparsity in args.sparsities:
             tensor = harness.random_sparse(shape, dtype, sparsity, seed=args.seed)
-            et = endor.compress(tensor)
+            et = compress(tensor)
             with_numpy = args.numpy == "all" or (args.numpy == "headline"
                                                  and (dtype, sparsity) == HEADLINE)
             for device in devices:

@@ -36,13 +36,23 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import Checkpoint
+from ..convert import convert
+from ..convert.synthetic import write_synthetic_checkpoint
+from ..runtime import load_model
+from ..runtime.model import thread_split
+from ..runtime.reader import ShardReader, aligned_buffer
+from ..runtime.weights import layer_files
 from . import harness
+from .baseline import evict_on_read, load_accelerate
 
 NAME = "e2e"
 DONE_WHEN = {"endor_vs_dense_min": 1.5, "endor_vs_accelerate_min": 2.0,
@@ -88,7 +98,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="stop timing rounds once the next would end past this many seconds "
                              "(at least one timed round; the rows' n says how many ran)")
-    from .e2e_moe import add_moe_arguments
+    from .e2e_moe import add_moe_arguments  # local: e2e_moe builds on this module's helpers
     add_moe_arguments(parser)
     parser.add_argument("--workdir", default=None,
                         help="where the synthetic and converted checkpoints are cached (default "
@@ -97,6 +107,7 @@ def add_arguments(parser) -> None:
 
 
 def _config(args):
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from transformers import LlamaConfig
 
     shape = {k: getattr(args, k) or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)[k]
@@ -110,8 +121,6 @@ def _config(args):
 
 def _prepare(config, args, workdir: Path) -> dict:
     """Synthetic HF checkpoint -> converted "endor" and "dense" checkpoints (cached by shape)."""
-    from ..convert.synthetic import write_synthetic_checkpoint
-
     key = hashlib.sha256(json.dumps([config.to_dict(), args.dtype, args.sparsity],
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = workdir / f"llama-{key}"
@@ -138,17 +147,13 @@ def _convert_all(hf: Path, outs: dict, sparsity: float, *, parallel: bool | None
             else os.cpu_count() or 1
         parallel = cores >= 8
     if not parallel or len(outs) < 2:
-        from ..convert import convert
         for weights, out in outs.items():
             convert(hf, out, method="magnitude", sparsity=sparsity, weights=weights,
                     progress=False)
         return
-    import subprocess
-    import sys
 
-    import endor
     env = dict(os.environ)  # the children import this very endor, installed or not
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(endor.__file__).parents[1]),
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
                                                       env.get("PYTHONPATH")]))
     children = [subprocess.Popen([sys.executable, "-c", _CONVERT_CHILD, str(hf), str(out),
                                   repr(float(sparsity)), weights], env=env,
@@ -172,9 +177,6 @@ def _convert_all(hf: Path, outs: dict, sparsity: float, *, parallel: bool | None
 
 def _shards(path) -> tuple[list[Path], Path]:
     """(the decoder layers' shards, in order; the "rest" shard)."""
-    from ..checkpoint import Checkpoint
-    from ..runtime.weights import layer_files
-
     layers, rest = layer_files(Checkpoint(path))
     return [Path(f.path) for f in layers], Path(rest.path)
 
@@ -238,8 +240,6 @@ def _row(system: str, t: harness.Stats, stats: dict, tokens, reference, cold: bo
 
 
 def _disk_row(files, args) -> dict:
-    from ..runtime.reader import ShardReader, aligned_buffer
-
     reader = ShardReader()
     buf = aligned_buffer(max(f.stat().st_size for f in files))
     total = sum(f.stat().st_size for f in files)
@@ -332,14 +332,10 @@ def _ratios(by: dict, rounds: dict) -> dict:
 
 
 def run(args) -> dict:
-    from ..runtime import load_model
-    from ..runtime.baseline import evict_on_read, load_accelerate
-    from ..runtime.model import thread_split
-
     args.device = getattr(args, "device", "cpu")
     args.offload = getattr(args, "offload", "disk")
     if getattr(args, "moe", False):
-        from .e2e_moe import run_moe
+        from .e2e_moe import run_moe  # local: e2e_moe builds on this module's helpers
         return run_moe(args)
     if args.new_tokens is None:
         args.new_tokens = 4 if args.quick else 8

@@ -24,14 +24,22 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import Checkpoint
+from ..convert.synthetic import write_synthetic_checkpoint
+from ..moe import parse_expert_name, use_eager_experts
+from ..runtime import load_model
+from ..runtime.model import thread_split
+from ..runtime.weights import layer_files
 from . import harness
-from .e2e import _convert_all, _generate, _row, _shards
+from .baseline import evict_on_read, load_accelerate
+from .e2e import _convert_all, _generate, _row, _shards, _workdir
 
 NAME = "e2e"
 DONE_WHEN = {"experts_vs_whole_layers_min": 4.0, "experts_vs_accelerate_min": 15.0,
@@ -82,8 +90,6 @@ def _config(args):
 
 
 def _prepare(config, args, workdir: Path) -> dict:
-    from ..convert.synthetic import write_synthetic_checkpoint
-
     key = hashlib.sha256(json.dumps([config.to_dict(), args.dtype, args.sparsity],
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = workdir / f"qwen3moe-{key}"
@@ -152,10 +158,6 @@ def top_decile_share(choices: list, num_experts: int) -> float | None:
 def _ideal_bytes(path, choices: list, decode_tokens: int) -> float:
     """Attention + router + norms (every non-expert tensor of a layer) + the chosen experts'
     stored bytes, per decode token: what a token must read with no cache at all."""
-    from ..checkpoint import Checkpoint
-    from ..moe import parse_expert_name
-    from ..runtime.weights import layer_files
-
     files, _ = layer_files(Checkpoint(path))
     core, experts = {}, {}
     for i, f in enumerate(files):
@@ -178,10 +180,6 @@ def _ideal_bytes(path, choices: list, decode_tokens: int) -> float:
 
 
 def _load(system: str, paths: dict, budget: int, args, threads):
-    from ..moe import use_eager_experts
-    from ..runtime import load_model
-    from ..runtime.baseline import evict_on_read, load_accelerate
-
     if system == "accelerate-cold":
         model = load_accelerate(paths["dense"], max_memory=budget, compute_threads=threads)
         use_eager_experts(model)  # the same expert-by-expert arithmetic as ours
@@ -224,9 +222,6 @@ def _time(models: dict, prompt, args) -> dict:
 
 
 def run_moe(args) -> dict:
-    from ..runtime.model import thread_split
-    from .e2e import _workdir
-
     if args.device != "cpu" or args.offload != "disk":
         raise ValueError("--moe runs with --device cpu --offload disk")
     if args.new_tokens is None:
@@ -309,5 +304,4 @@ def run_moe(args) -> dict:
                                 table_columns=TABLE_COLUMNS)
     finally:
         if temp is not None:
-            import shutil
             shutil.rmtree(temp, ignore_errors=True)

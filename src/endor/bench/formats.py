@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..format import compress
+from ..format.equal import bit_equal
+from ..kernels import choose, decompress
 from . import harness, peers
 
 NAME = "formats"
@@ -47,16 +50,14 @@ class Codec:
 
 
 def codecs() -> list[Codec]:
-    import endor
-    from ..kernels.registry import choose
     auto = choose("auto", torch.device("cpu")).name
     found = [
         Codec("dense", "dense copy (torch clone): the memcpy baseline", lambda t: t,
               lambda t: t.clone(), lambda t: t.numel() * t.element_size()),
-        Codec("endor", f"endor.decompress backend auto ({auto})", endor.compress,
-              endor.decompress, lambda et: et.nbytes),
-        Codec("endor-reference", "endor.decompress backend reference", endor.compress,
-              lambda et: endor.decompress(et, backend="reference"), lambda et: et.nbytes),
+        Codec("endor", f"endor.decompress backend auto ({auto})", compress,
+              decompress, lambda et: et.nbytes),
+        Codec("endor-reference", "endor.decompress backend reference", compress,
+              lambda et: decompress(et, backend="reference"), lambda et: et.nbytes),
     ]
     for p in peers.available_peers().values():
         found.append(Codec(p.name, p.description, p.encode, p.decode, p.nbytes))
@@ -72,18 +73,11 @@ def bits_bound(dtype: torch.dtype, sparsity: float) -> float:
     return (1.0 - sparsity) * dtype.itemsize * 8 + 1.0
 
 
-def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    from ..format import spec
-    view = spec.INT_VIEW[a.dtype]
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.contiguous().view(view), b.contiguous().view(view)))
-
-
 def measure_codec(codec: Codec, tensor: torch.Tensor, *, warmup: int, repeat: int) -> dict:
     t0 = time.perf_counter()
     encoded = codec.encode(tensor)
     encode_s = time.perf_counter() - t0
-    if not _bit_equal(codec.decode(encoded), tensor):
+    if not bit_equal(codec.decode(encoded), tensor):
         raise RuntimeError(f"format {codec.name!r} did not round-trip bit-exactly; its numbers "
                            "would be meaningless")
     stats = harness.measure(lambda: codec.decode(encoded), warmup=warmup, repeat=repeat)

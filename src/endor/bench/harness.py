@@ -14,9 +14,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
-from ..runtime.reader import evict_page_cache  # noqa: F401  (benchmarks use it from here)
+from ..runtime.reader import evict_files, evict_page_cache  # noqa: F401  (re-exported)
 
 SCHEMA = "endor-bench/1"
 
@@ -62,11 +63,6 @@ def measure(fn: Callable[[], object], *, warmup: int = 1, repeat: int = 5, devic
     return Stats(statistics.median(times), min(times), max(times), len(times))
 
 
-def evict_files(paths) -> bool:
-    """evict_page_cache for each path (all of them, even after a failure); True if all went."""
-    return all([evict_page_cache(p) for p in paths])
-
-
 def machine_info() -> dict:
     info = {
         "platform": platform.platform(),
@@ -84,11 +80,7 @@ def machine_info() -> dict:
                     break
     except OSError:
         pass
-    try:
-        import psutil
-        info["ram_gb"] = round(psutil.virtual_memory().total / 1e9, 1)
-    except ImportError:
-        pass
+    info["ram_gb"] = round(psutil.virtual_memory().total / 1e9, 1)
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info["gpu"] = p.name

@@ -94,7 +94,7 @@ def _ct_functions():
     `sparse-bitmask` compressor's two functions; later releases keep only the format's config and
     its bit (un)packing helpers, so the compressor's few lines of glue are restated here around
     them, as they were in the library."""
-    try:
+    try:  # lazy: optional (the bench extra)
         from compressed_tensors.compressors.sparse_compressors.sparse_bitmask import (
             bitmask_compress, bitmask_decompress)
         return bitmask_compress, bitmask_decompress, "compressed_tensors sparse_bitmask"
@@ -119,6 +119,7 @@ def _ct_functions():
 
 def ct_origin() -> str:
     """Which compressed-tensors code the `ct-bitmask` peer runs (recorded in results)."""
+    # lazy: optional (the bench extra)
     import compressed_tensors
     return f"{_ct_functions()[2]} (compressed-tensors {compressed_tensors.__version__})"
 
@@ -171,21 +172,25 @@ def _from_bytes(data: bytes, shape: torch.Size, dtype: torch.dtype) -> torch.Ten
 
 
 def _zstd_encode(t: torch.Tensor) -> _Blob:
+    # lazy: optional (the bench extra)
     import zstandard
     return _Blob(zstandard.ZstdCompressor(level=3).compress(_dense_bytes(t)), t.shape, t.dtype)
 
 
 def _zstd_decode(e: _Blob) -> torch.Tensor:
+    # lazy: optional (the bench extra)
     import zstandard
     return _from_bytes(zstandard.ZstdDecompressor().decompress(e.data), e.shape, e.dtype)
 
 
 def _lz4_encode(t: torch.Tensor) -> _Blob:
+    # lazy: optional (the bench extra)
     import lz4.frame
     return _Blob(lz4.frame.compress(_dense_bytes(t)), t.shape, t.dtype)
 
 
 def _lz4_decode(e: _Blob) -> torch.Tensor:
+    # lazy: optional (the bench extra)
     import lz4.frame
     return _from_bytes(lz4.frame.decompress(e.data), e.shape, e.dtype)
 

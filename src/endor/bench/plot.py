@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 def _figure(ncols: int = 1, nrows: int = 1, *, width: float = 5.0, height: float = 3.6):
+    # lazy: matplotlib is heavy; only drawing needs it
     from matplotlib.figure import Figure
     fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False)

@@ -12,12 +12,20 @@ little calibration."""
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from ..convert import convert
+from ..data.models import resolve_model
+from ..data.text import calibration_text, evaluation_text
+from ..evaluate import perplexity
+from ..loading import load_in_memory
 from . import harness
 
 NAME = "quality"
@@ -35,8 +43,6 @@ FULL = {"max_windows": 16, "calib_samples": 32}
 
 def _names(choices):
     def parse(text: str) -> tuple[str, ...]:
-        import argparse
-
         names = tuple(n.strip() for n in text.split(",") if n.strip())
         bad = [n for n in names if n not in choices]
         if bad or not names:
@@ -68,8 +74,6 @@ def add_arguments(parser) -> None:
 
 def decoder_linear_sparsity(model) -> float:
     """Fraction of exact zeros over every nn.Linear weight inside the decoder layers."""
-    import torch
-
     zeros = total = 0
     for name, module in model.named_modules():
         if ".layers." in name and isinstance(module, torch.nn.Linear):
@@ -79,9 +83,6 @@ def decoder_linear_sparsity(model) -> float:
 
 
 def _evaluate(path, text: str, window: int, max_windows: int) -> dict:
-    from ..evaluate import perplexity
-    from ..loading import load_in_memory
-
     model, tokenizer = load_in_memory(path)
     t0 = time.perf_counter()
     result = perplexity(model, tokenizer, text, window=window, max_windows=max_windows)
@@ -116,10 +117,6 @@ def _report(row: dict) -> None:
 
 
 def run(args) -> dict:
-    from ..convert import convert
-    from ..data.models import resolve_model
-    from ..data.text import calibration_text, evaluation_text
-
     params = _settings(args)
     text, calib = evaluation_text(), calibration_text()
     if args.workdir is not None:
@@ -161,6 +158,7 @@ def run(args) -> dict:
 def draw(doc: dict):
     """The benchmark's picture: per model, perplexity (log scale) of each method at each pattern,
     the dense model as a dashed line. Returns a matplotlib Figure (Agg canvas, no pyplot)."""
+    # lazy: matplotlib is heavy; only drawing needs it
     from matplotlib.figure import Figure
 
     rows = doc["results"]

@@ -14,6 +14,7 @@ import errno
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -130,7 +131,6 @@ def write_test_file(path: Path, nbytes: int, *, seed: int = 0) -> None:
 
 def _disk_rows(path: Path, size: int, blocks_mib: list[int], depth: int, *, warmup: int,
                repeat: int) -> list:
-    from concurrent.futures import ThreadPoolExecutor
     # Huge pages as the runtime's read buffers have, and 4 KiB pages to show what they are worth.
     buffer = host_region(max(blocks_mib) * MIB * max(1, depth))
     small_pages = host_region(max(blocks_mib) * MIB, huge_pages=False)

@@ -15,3 +15,10 @@ def at_least(minimum: int):
         return number
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+def non_empty(value: str) -> str:
+    """An argparse type: any text but the empty string."""
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value

@@ -1,13 +1,17 @@
 """`endor convert SRC OUT`: prune and compress a HuggingFace model into an Endor checkpoint."""
 
 import argparse
+import sys
+from pathlib import Path
+
+from ..convert import convert, format_summary
+from ..prune import parse_nm
 
 METHODS = ("none", "magnitude", "wanda", "sparsegpt")
 
 
 def nm_argument(text: str):
     """argparse type for --nm: '2:4' -> (2, 4); anything else is a usage error."""
-    from ..prune import parse_nm
     try:
         return parse_nm(text)
     except (ValueError, TypeError) as e:
@@ -63,32 +67,35 @@ def add_parser(sub):
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="skip reading every shard back after writing it")
     p.add_argument("--overwrite", action="store_true",
-                   help="start over instead of resuming into an existing OUT")
+                   help="start over: the new checkpoint is written beside OUT and replaces "
+                        "it whole once complete (every old file goes; a failure leaves the "
+                        "old checkpoint as it was)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    import sys
-    from pathlib import Path
-
-    from ..convert import convert, format_summary
-
     calib_text = None
     if args.calib is not None:
-        calib_text = Path(args.calib).read_text(encoding="utf-8")
+        calib = Path(args.calib)
+        if not calib.is_file():
+            what = "is a directory" if calib.is_dir() else "no such file"
+            raise FileNotFoundError(f"--calib {calib}: {what}; give a UTF-8 text file")
+        try:
+            calib_text = calib.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--calib {calib}: not UTF-8 text ({e.reason} at byte "
+                             f"{e.start})") from None
     extra = {k: v for k, v in (("calib_samples", args.calib_samples),
                                 ("calib_seqlen", args.calib_seqlen)) if v is not None}
-    try:
-        summary = convert(args.src, args.out, method=args.method, sparsity=args.sparsity,
-                          nm=args.nm, calib_text=calib_text, weights=args.weights,
-                          dense_patterns=args.keep_dense, resume=not args.overwrite,
-                          verify=args.verify, progress=not args.quiet, **extra)
-    except ValueError as e:  # FormatError included: bad input, named in the message
-        print(f"endor: error: {e}", file=sys.stderr)
-        return 2
+    summary = convert(args.src, args.out, method=args.method, sparsity=args.sparsity,
+                      nm=args.nm, calib_text=calib_text, weights=args.weights,
+                      dense_patterns=args.keep_dense, resume=not args.overwrite,
+                      verify=args.verify, progress=not args.quiet, **extra)
     run_info = summary["run"]
-    print(format_summary(summary))
+    target = None if args.method == "none" else (
+        1 - args.nm[0] / args.nm[1] if args.nm else args.sparsity)
+    print(format_summary(summary, target))
     print(f"wrote {run_info['out']} in {run_info['seconds']:.1f} s "
           f"({run_info['gbps']:.3f} GB/s of source; {run_info['shards_written']} shards written, "
           f"{run_info['shards_skipped']} already complete)")

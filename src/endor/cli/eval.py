@@ -1,6 +1,13 @@
 """`endor eval MODEL [--text FILE]`: perplexity of a model on a text (the shipped evaluation text
 by default), with the protocol of endor.evaluate.perplexity."""
 
+import json
+import sys
+from pathlib import Path
+
+from ..data.text import evaluation_text
+from ..evaluate import perplexity
+from ..loading import load_in_memory
 from .args import at_least
 
 
@@ -21,29 +28,19 @@ def add_parser(sub):
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="compute dtype (default: as stored)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    import json
-    import sys
-    from pathlib import Path
-
-    from ..data.text import evaluation_text
-    from ..evaluate import perplexity
-    from ..loading import load_in_memory
-
     text = Path(args.text).read_text(encoding="utf-8") if args.text else evaluation_text()
     model, tokenizer = load_in_memory(args.model, dtype=args.dtype)
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model} holds no tokenizer; perplexity needs one")
     add_bos = {"auto": None, "yes": True, "no": False}[args.bos]
-    try:
-        result = perplexity(model, tokenizer, text, window=args.window, add_bos=add_bos,
-                            max_windows=args.max_windows, progress=not args.json)
-    except ValueError as e:  # a text too short to score, a tokenizer without BOS
-        print(f"endor: error: {e}", file=sys.stderr)
-        return 2
+    # Progress goes to stderr, so --json keeps stdout one JSON document and still shows it.
+    result = perplexity(model, tokenizer, text, window=args.window, add_bos=add_bos,
+                        max_windows=args.max_windows, progress=not args.quiet)
     result = {"model": str(args.model), "text": args.text or "evaluation_text", **result}
     if args.json:
         print(json.dumps(result))

@@ -2,14 +2,22 @@
 streamed as it is generated, then prefill time, decode tokens/s, bytes moved per token and the
 time split of the stream."""
 
-from .args import at_least
+import json
+import sys
+
+import torch
+
+from ..checkpoint import require_checkpoint
+from ..loading import load_tokenizer
+from ..runtime import load_model
+from .args import at_least, non_empty
 
 
 def add_parser(sub):
     p = sub.add_parser("generate", help="generate text, streaming weights from disk or RAM",
                        description=__doc__)
     p.add_argument("model", help="a converted checkpoint directory (endor convert)")
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--prompt", required=True, type=non_empty, help="the text to continue")
     p.add_argument("--max-new-tokens", type=at_least(1), default=32, metavar="N",
                    help="tokens to generate (default 32)")
     p.add_argument("--device", default="cpu", help="where it computes: cpu or cuda (default cpu)")
@@ -46,30 +54,21 @@ def _report(stats: dict) -> str:
 
 
 def run(args) -> int:
-    import json
-    import sys
-
-    import torch
-
-    from ..loading import load_tokenizer
-    from ..runtime import load_model
-
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(require_checkpoint(args.model))
     if tokenizer is None:
         raise FileNotFoundError(f"{args.model} holds no tokenizer; copy the source model's "
                                 "tokenizer files into it")
+    prompt_ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    if prompt_ids.shape[1] == 0:
+        raise ValueError(f"--prompt {args.prompt!r} gives no tokens; give some text")
+    model = load_model(args.model, device=args.device, offload=args.offload,
+                       max_memory=args.max_memory, prefetch=args.prefetch,
+                       direct_io=not args.buffered_io, backend=args.backend)
     try:
-        model = load_model(args.model, device=args.device, offload=args.offload,
-                           max_memory=args.max_memory, prefetch=args.prefetch,
-                           direct_io=not args.buffered_io,
-                           backend=args.backend)
-    except ValueError as e:  # a budget too small, an unknown device or backend
-        print(f"endor generate: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(model.device)
+        ids = prompt_ids.to(model.device)
         streamer = None
         if not args.json:
+            # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
             from transformers import TextStreamer
 
             print(args.prompt, end="", flush=True)

@@ -1,5 +1,9 @@
 """`endor inspect PATH`: list the tensors of an Endor file or checkpoint and their compression."""
 
+import json
+
+from ..inspect import describe
+
 
 def add_parser(sub):
     p = sub.add_parser("inspect", help="list tensors, sparsity and sizes of a file or checkpoint")
@@ -11,18 +15,16 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    import json
-
-    from ..inspect import describe
-
     rows = describe(args.path, verify=args.verify)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
+    print(f"{'tensor':<60} {'shape':<16} {'dtype':<9} {'stored':<6} {'sparsity':>8} "
+          f"{'bytes':>12}")
     for r in rows:
         sparsity = "" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
         print(f"{r['name']:<60} {str(r['shape']):<16} {r['dtype']:<9} "
-              f"{'endor' if r['compressed'] else 'dense':<6} {sparsity:>6} {r['stored_bytes']:>12}")
+              f"{'endor' if r['compressed'] else 'dense':<6} {sparsity:>8} {r['stored_bytes']:>12}")
     stored = sum(r["stored_bytes"] for r in rows)
     dense = sum(r["dense_bytes"] for r in rows)
     print(f"{len(rows)} tensors, {stored / 1e6:.1f} MB stored, {dense / 1e6:.1f} MB dense "

@@ -3,7 +3,7 @@
     from endor.convert import convert
     summary = convert("smollm2", "out/", method="wanda", sparsity=0.5)
 
-Importing this package imports neither transformers nor the pruning code; `convert` does."""
+Importing this package does not import transformers; `convert` does."""
 
 from .pipeline import convert
 from .summary import format_summary

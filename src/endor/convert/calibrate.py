@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..prune import CalibrationStats
+
 DEFAULT_SAMPLES = 64  # 64 x 256 = 16k tokens: a few minutes for a 135M model on 2 CPU cores
 DEFAULT_SEQLEN = 256
 
@@ -73,6 +75,7 @@ def segments(token_ids: torch.Tensor, nsamples: int, seqlen: int) -> torch.Tenso
 
 
 def tokenize(src, text: str) -> torch.Tensor:
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
@@ -127,8 +130,6 @@ def collect_stats(layer: nn.Module, call: LayerCall, hidden: list, targets: dict
     """CalibrationStats of the inputs of every Linear in `targets` ({weight name: module}).
     Linears that receive the very same input tensor (q/k/v, gate/up) share one accumulator,
     so the Gram matrix of a shared input is computed once."""
-    from ..prune import CalibrationStats
-
     leader_of: dict[str, str] = {}
     stats: dict[str, CalibrationStats] = {}
     seen: dict[int, tuple[str, torch.Tensor]] = {}  # id(input) -> (leader, input), per forward

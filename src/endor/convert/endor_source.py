@@ -21,7 +21,9 @@ from ..errors import FormatError
 from ..format import EndorTensor, spec
 from ..format.header import StoredTensor
 from ..format.io import check_compressed
-from .source import TORCH_DTYPES, fingerprint, read_stored
+from ..format.spec import SAFETENSORS_DTYPES
+from ..kernels import decompress
+from .source import SourceCheckpoint, fingerprint, read_stored
 
 _PRUNING_KEYS = ("method", "sparsity", "nm", "calibration")
 
@@ -64,10 +66,10 @@ class EndorSource:
             parts = tuple(stored[p] for p in spec.part_names(name))
             return _Entry(file, tuple(shape), dtype, parts, digest)
         st: StoredTensor = stored[name]
-        if st.dtype not in TORCH_DTYPES:
+        if st.dtype not in SAFETENSORS_DTYPES:
             raise FormatError(f"dtype {st.dtype} is not supported", path=self.path / file,
                               tensor=name)
-        return _Entry(file, tuple(st.shape), TORCH_DTYPES[st.dtype], (st,), None)
+        return _Entry(file, tuple(st.shape), SAFETENSORS_DTYPES[st.dtype], (st,), None)
 
     def _prior_pruning(self) -> list:
         """How the weights were pruned before this conversion: the source's own prior pruning,
@@ -106,8 +108,6 @@ class EndorSource:
 
     def read(self, name: str) -> torch.Tensor:
         """A new dense CPU tensor holding `name` (decompressed, checksum verified)."""
-        from ..kernels import decompress
-
         entry = self._get(name)
         path = self.path / entry.file
         parts = [read_stored(path, part, name) for part in entry.parts]
@@ -129,3 +129,12 @@ class EndorSource:
 
     def prior_pruning(self) -> list:
         return list(self._prior)
+
+
+def open_source(path):
+    """The reader for a conversion source: an Endor checkpoint directory (it has endor.json)
+    as an EndorSource, decompressing on read; any other directory as an HF checkpoint."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return EndorSource(path)
+    return SourceCheckpoint(path)

@@ -1,8 +1,12 @@
-"""The output directory of a conversion: resuming into it safely, starting it over, copying the
-source's config and tokenizer files, and checking each shard right after it is written."""
+"""The output directory of a conversion: resuming into it safely, replacing it whole
+(--overwrite), copying the source's config and tokenizer files, and checking each shard right
+after it is written."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import filecmp
 import json
 import os
@@ -16,7 +20,7 @@ import torch
 from ..checkpoint import INDEX, MANIFEST, CheckpointWriter
 from ..errors import FormatError
 from ..format import EndorTensor, open_file, spec
-from .source import TORCH_DTYPES as _SAFETENSORS_DTYPES
+from ..format.spec import SAFETENSORS_DTYPES
 from .summary import read_shard_metadata
 
 _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
@@ -25,7 +29,6 @@ _SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 _NOT_COPIED = re.compile(r"(\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt|onnx|tmp|partial)$)|"
                          r"(^(model\.safetensors\.index\.json|endor\.json)$)|(^\.)")
 _VERIFY_CHUNK = 32 * 2**20
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class SettingsMismatch(ValueError):
@@ -36,16 +39,105 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
+def _flatten(settings, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in (settings or {}).items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def _differences(theirs: dict, ours: dict) -> str:
-    keys = sorted(set(theirs) | set(ours))
-    diff = [f"{k}: {theirs.get(k)!r} in OUT, {ours.get(k)!r} now" for k in keys
-            if _canonical(theirs.get(k)) != _canonical(ours.get(k))]
+    """The settings that differ, one phrase each, in the options' words (no raw dicts)."""
+    theirs, ours = _flatten(theirs), _flatten(ours)
+    diff = []
+    for key in sorted(set(theirs) | set(ours)):
+        a, b = theirs.get(key), ours.get(key)
+        if _canonical(a) == _canonical(b):
+            continue
+        if key == "source":
+            diff.append("it was converted from another source model")
+        elif key.endswith("sha256"):
+            diff.append(f"{key.rsplit('.', 2)[0]} text differs")
+        else:
+            diff.append(f"{key} {json.dumps(a)} in OUT, {json.dumps(b)} now")
     return "; ".join(diff) or "different settings"
 
 
 def _mismatch(out: Path, what: str) -> SettingsMismatch:
     return SettingsMismatch(f"{out} already holds a conversion with other settings ({what}); "
-                            "write to a new OUT, or pass --overwrite (resume=False) to replace it")
+                            "write to a new OUT, or pass --overwrite to replace it")
+
+
+def check_out(out: Path, src: Path) -> None:
+    """OUT must be a directory (or not exist yet) and must not be or hold SRC."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"OUT {out} is a file; give a directory (new, or a checkpoint to "
+                         "resume or replace)")
+    if out.exists():
+        where = out.resolve()
+        if where == src.resolve() or where in src.resolve().parents:
+            raise ValueError(f"OUT {out} must not be SRC {src} or a directory holding it")
+
+
+def _holds_checkpoint(out: Path) -> bool:
+    return any(p.name == MANIFEST or _SHARD_RE.match(p.name) or p.name.endswith(
+        ".safetensors.tmp") for p in out.iterdir())
+
+
+def staging_dir(out: Path) -> Path:
+    """Where --overwrite writes the new checkpoint: beside OUT (same filesystem, so the swap is
+    a rename), hidden."""
+    return out.with_name(f".{out.name}.endor-new")
+
+
+@contextlib.contextmanager
+def replacing(out: Path, *, replace: bool):
+    """Yields the directory a conversion writes into. Resuming (not `replace`), or with nothing
+    to replace, that is OUT itself. Otherwise it is a fresh staging directory beside OUT that is
+    swapped in whole once the conversion has finished, so no file of the old checkpoint
+    (tokenizer, chat template, generation config, manifest) survives, and a conversion that
+    fails or is killed midway leaves the old checkpoint as it was (a killed one also leaves the
+    staging directory, removed by the next --overwrite)."""
+    if not replace or not out.is_dir() or not any(out.iterdir()):
+        yield out
+        return
+    if not _holds_checkpoint(out):
+        raise ValueError(f"OUT {out} is not empty and holds no Endor checkpoint; --overwrite "
+                         "replaces only a checkpoint: choose a new or empty directory")
+    work = staging_dir(out)
+    shutil.rmtree(work, ignore_errors=True)  # a killed earlier --overwrite's
+    work.mkdir()
+    try:
+        yield work
+        _swap(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the old checkpoint now, or the failed new one
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Put `new` in place of `out`; afterwards `new` holds the old checkpoint. One atomic
+    renameat2(RENAME_EXCHANGE) where the OS and filesystem offer it (Linux >= 3.15), so a crash
+    at any moment leaves OUT the old or the new checkpoint; elsewhere two renames."""
+    exchange = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if exchange is not None:
+        at_cwd = -100
+        if exchange(at_cwd, os.fsencode(new), at_cwd, os.fsencode(out), _RENAME_EXCHANGE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(code, f"cannot swap in the new checkpoint: {os.strerror(code)}",
+                          str(out))
+    old = out.with_name(f".{out.name}.endor-old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out, old)
+    os.rename(new, out)
+    os.rename(old, new)
 
 
 def prepare(writer: CheckpointWriter, settings: dict, *, resume: bool) -> list[int]:
@@ -111,19 +203,6 @@ def copy_side_files(src: Path, out: Path) -> list[str]:
     return copied
 
 
-def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same dtype, shape and bits (NaN payloads and -0.0 included)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.numel() == 0:
-        return True
-    view = _INT_OF_SIZE[a.element_size()]
-    a, b = a.contiguous().view(view), b.contiguous().view(view)
-    if a.device.type == b.device.type == "cpu":
-        return bool(np.array_equal(a.numpy(), b.numpy()))  # single pass, no thread start-up
-    return torch.equal(a, b)
-
-
 def _same_bytes_on_disk(path: Path, start: int, want: torch.Tensor) -> bool:
     """Whether the file's bytes [start, start + nbytes) are `want`'s bytes, read in chunks with
     positioned reads (no memory map: its pages would count in RSS)."""
@@ -146,7 +225,7 @@ def _same_bytes_on_disk(path: Path, start: int, want: torch.Tensor) -> bool:
 def _stored_as(path: Path, stored, want: torch.Tensor) -> bool:
     """Whether a safetensors entry holds exactly `want` (dtype, shape and bytes)."""
     return (stored is not None and list(stored.shape) == list(want.shape)
-            and _SAFETENSORS_DTYPES.get(stored.dtype) == want.dtype
+            and SAFETENSORS_DTYPES.get(stored.dtype) == want.dtype
             and _same_bytes_on_disk(path, stored.start, want))
 
 

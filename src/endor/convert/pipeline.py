@@ -24,14 +24,20 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointWriter
+from ..data.text import calibration_text
 from ..errors import FormatError
 from ..format import compress, load_file
+from ..format.equal import bit_equal
+from ..format.spec import DTYPES, INT_OF_SIZE
 from ..kernels import decompress
-from ..format.spec import DTYPES
+from ..moe import parse_expert_name, to_model_names
+from ..prune import METHODS, needs_calibration, needs_hessian, prune_weight
+from ..prune.nm import check_nm
 from . import calibrate, outdir
-from .source import open_source
+from .endor_source import open_source
 from .structure import ModelLayout, build_layout, load_config
 from .summary import format_summary, shard_metadata, summarize
 
@@ -54,7 +60,7 @@ def resolve_source(src) -> Path:
 
 def _count_nonzero(t: torch.Tensor) -> int:
     """Non-zero elements in the format's sense: any bit set (-0.0 counts)."""
-    return int(np.count_nonzero(t.contiguous().view(outdir._INT_OF_SIZE[t.element_size()])
+    return int(np.count_nonzero(t.contiguous().view(INT_OF_SIZE[t.element_size()])
                                 .numpy()))
 
 
@@ -111,7 +117,7 @@ class _Conversion:
             return t
         et = compress(t)
         self.nnz[name] = et.nnz
-        if self.verify and not outdir.bit_equal(decompress(et), t):
+        if self.verify and not bit_equal(decompress(et), t):
             raise FormatError("verification failed: the compressed tensor does not decode to "
                               "the pruned weight (encoder fault)", tensor=name)
         return et
@@ -133,7 +139,6 @@ class _Conversion:
         self.progress.update(1)
 
     def _prune(self, name: str, weight: torch.Tensor, stats=None, method=None) -> torch.Tensor:
-        from ..prune import prune_weight
         s = self.settings
         try:
             return prune_weight(weight, method=method or s["method"],
@@ -147,7 +152,7 @@ class _Conversion:
         for target, origin in self.layout.tied.items():
             # transformers ties these on load (and only if equal): storing both would duplicate
             if target in tensors and origin in tensors and \
-                    outdir.bit_equal(tensors[target], tensors[origin]):
+                    bit_equal(tensors[target], tensors[origin]):
                 del tensors[target]
         self._finish_shard(REST, tensors)
 
@@ -167,7 +172,6 @@ class _Conversion:
 
     def _fused(self, i: int, tensors: dict) -> dict:
         """Layer i's tensors (full stored names) as the model names them: experts fused."""
-        from ..moe import to_model_names
         if i not in self.layout.moe_layers:
             return tensors
         try:
@@ -241,7 +245,6 @@ class _Conversion:
 def _expert_order(stored: dict) -> list[str] | None:
     """An MoE layer's per-expert tensors in storage order (expert 0's gate, up, down, then
     expert 1's...): each expert one contiguous byte range. None for a dense layer."""
-    from ..moe import parse_expert_name
     roles = {"gate": 0, "up": 1, "down": 2}
     experts = []
     for name in stored:
@@ -253,7 +256,6 @@ def _expert_order(stored: dict) -> list[str] | None:
 
 def _settings(source, layout, method, sparsity, nm, weights, patterns, calib_text, samples,
               seqlen):
-    from ..prune import needs_calibration
     calibration = None
     if needs_calibration(method):
         calibration = {"text_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
@@ -304,11 +306,6 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     checkpoint directory, read decompressed: `convert(A, B, method="none", weights="dense")`
     makes the dense twin of the pruned checkpoint A without pruning again (B's manifest lists
     A's pruning under "prior_pruning")."""
-    from tqdm.auto import tqdm
-
-    from ..prune import METHODS, needs_calibration, needs_hessian
-    from ..prune.nm import check_nm
-
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if weights not in ("endor", "dense"):
@@ -321,13 +318,11 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
             raise ValueError("N:M sparsity needs a pruning method (magnitude, wanda, sparsegpt)")
         nm = check_nm(nm)
     if needs_calibration(method) and calib_text is None:
-        from ..data.text import calibration_text
         calib_text = calibration_text()
     patterns = list(dense_patterns or [])
     src_dir = resolve_source(src)
     out = Path(out)
-    if out.exists() and out.resolve() == src_dir.resolve():
-        raise ValueError("OUT must differ from SRC")
+    outdir.check_out(out, src_dir)
     source = open_source(src_dir)
     layout = build_layout(load_config(src_dir))
     sparse = _sparse_names(source, layout, patterns)
@@ -335,25 +330,27 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
                          calib_samples, calib_seqlen)
 
     groups = [f"layers.{i}" for i in range(layout.num_layers)] + [REST]
-    writer = CheckpointWriter(out, groups, weights=weights)
-    done = outdir.prepare(writer, settings, resume=resume)
-    outdir.copy_side_files(src_dir, out)
-    bar = tqdm(total=len(groups), initial=len(done), unit="shard", desc="endor convert",
-               disable=not progress)
-    job = _Conversion(source, layout, writer, settings, sparse, verify=verify, progress=bar)
-    todo = [i for i in range(layout.num_layers) if i not in done]
-    with bar:
-        if len(groups) - 1 not in done:
-            job.rest()
-        if todo and needs_calibration(method):
-            tokens = calibrate.segments(calibrate.tokenize(src_dir, calib_text),
-                                        calib_samples, calib_seqlen)
-            job.calibrated_layers(todo, tokens, needs_hessian(method))
-        else:
-            job.streamed_layers(todo)
-    summary = summarize(out, [s.file for s in writer.shards], layout.layer_type,
-                        layout.layer_of)
-    writer.finish({k: v for k, v in settings.items() if k != "weights"} | {"summary": summary})
+    with outdir.replacing(out, replace=not resume) as work:
+        writer = CheckpointWriter(work, groups, weights=weights)
+        done = outdir.prepare(writer, settings, resume=resume)
+        outdir.copy_side_files(src_dir, work)
+        bar = tqdm(total=len(groups), initial=len(done), unit="shard", desc="endor convert",
+                   disable=not progress)
+        job = _Conversion(source, layout, writer, settings, sparse, verify=verify, progress=bar)
+        todo = [i for i in range(layout.num_layers) if i not in done]
+        with bar:
+            if len(groups) - 1 not in done:
+                job.rest()
+            if todo and needs_calibration(method):
+                tokens = calibrate.segments(calibrate.tokenize(src_dir, calib_text),
+                                            calib_samples, calib_seqlen)
+                job.calibrated_layers(todo, tokens, needs_hessian(method))
+            else:
+                job.streamed_layers(todo)
+        summary = summarize(work, [s.file for s in writer.shards], layout.layer_type,
+                            layout.layer_of)
+        writer.finish({k: v for k, v in settings.items() if k != "weights"}
+                      | {"summary": summary})
     seconds = time.perf_counter() - job.t0
     return {**summary, "run": {
         "out": str(out), "seconds": round(seconds, 3), "source_bytes": source.total_bytes,

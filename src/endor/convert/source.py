@@ -1,5 +1,5 @@
-"""A HuggingFace checkpoint directory read tensor by tensor, never whole (`open_source` also
-opens Endor checkpoint directories, through endor_source.EndorSource).
+"""A HuggingFace checkpoint directory read tensor by tensor, never whole
+(`endor_source.open_source` tells it apart from an Endor checkpoint directory).
 
 Tensors are read with explicit positioned reads (`os.preadv`) into a fresh buffer instead of
 through safetensors' mmap: pages of a mapped file count in the process's RSS for as long as the
@@ -18,19 +18,14 @@ import torch
 
 from ..errors import FormatError
 from ..format.header import StoredTensor, read_header
+from ..format.read import read_stored  # noqa: F401  (also endor_source's)
+from ..format.spec import SAFETENSORS_DTYPES
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
 _FINGERPRINT_BYTES = 1 << 20
-_READ_CHUNK = 1 << 28  # Linux reads at most ~2 GiB per call; stay well below
 
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 
 
 def _shard_files(root: Path) -> tuple[list[str], dict[str, str] | None]:
@@ -90,7 +85,7 @@ class SourceCheckpoint:
                 if name in self._where:
                     raise FormatError(f"tensor is stored twice (in {self._where[name][0].name} "
                                       f"and {file})", path=self.path, tensor=name)
-                if stored.dtype not in TORCH_DTYPES:
+                if stored.dtype not in SAFETENSORS_DTYPES:
                     raise FormatError(f"dtype {stored.dtype} is not supported",
                                       path=self.path / file, tensor=name)
                 self._where[name] = (self.path / file, stored)
@@ -106,7 +101,7 @@ class SourceCheckpoint:
         return name in self._where
 
     def dtype(self, name: str) -> torch.dtype:
-        return TORCH_DTYPES[self._stored(name).dtype]
+        return SAFETENSORS_DTYPES[self._stored(name).dtype]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._stored(name).shape
@@ -139,34 +134,6 @@ class SourceCheckpoint:
         return None
 
 
-def read_stored(path: Path, stored: StoredTensor, name: str) -> torch.Tensor:
-    """A new CPU tensor holding one safetensors entry of `path`, read with positioned reads
-    into a fresh buffer (no mmap)."""
-    out = torch.empty(stored.shape, dtype=TORCH_DTYPES[stored.dtype])
-    size = stored.end - stored.start
-    if size == 0:
-        return out
-    buffer = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
-    assert len(buffer) == size
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise FormatError(f"cannot read: {e.strerror or e}", path=path, tensor=name) from e
-    try:
-        done = 0
-        while done < size:
-            n = os.preadv(fd, [buffer[done:done + _READ_CHUNK]], stored.start + done)
-            if n <= 0:
-                raise FormatError(f"the file ended after {done} of {size} bytes of this "
-                                  "tensor (truncated?)", path=path, tensor=name)
-            done += n
-    except OSError as e:
-        raise FormatError(f"cannot read: {e.strerror or e}", path=path, tensor=name) from e
-    finally:
-        os.close(fd)
-    return out
-
-
 def fingerprint(root: Path, tensors, files: list[str], extra_files=("config.json",)) -> str:
     """sha256 over `extra_files` (config...), every tensor's (name, dtype, shape), and each
     weight file's name, size and first and last MiB (other weights of the same architecture
@@ -184,13 +151,3 @@ def fingerprint(root: Path, tensors, files: list[str], extra_files=("config.json
             f.seek(max(0, size - _FINGERPRINT_BYTES))
             h.update(f.read(_FINGERPRINT_BYTES))
     return "sha256:" + h.hexdigest()
-
-
-def open_source(path):
-    """The reader for a conversion source: an Endor checkpoint directory (it has endor.json)
-    as an EndorSource, decompressing on read; any other directory as an HF checkpoint."""
-    path = Path(path)
-    if (path / "endor.json").is_file():
-        from .endor_source import EndorSource
-        return EndorSource(path)
-    return SourceCheckpoint(path)

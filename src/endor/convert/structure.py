@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import FormatError
+from ..moe import is_experts_module, parse_expert_name
+
 
 @dataclass
 class ModelLayout:
@@ -38,7 +41,6 @@ class ModelLayout:
     def is_expert_weight(self, name: str) -> bool:
         """A per-expert projection of an MoE decoder layer, as checkpoints store them
         (`...layers.3.mlp.experts.7.up_proj.weight`): 2-D, pruned and compressed like a Linear."""
-        from ..moe import parse_expert_name
         return self.layer_of(name) in self.moe_layers and parse_expert_name(name) is not None
 
     def layer(self, i: int) -> nn.Module:
@@ -46,15 +48,16 @@ class ModelLayout:
 
 
 def load_config(src: Path):
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from transformers import AutoConfig
     try:
         return AutoConfig.from_pretrained(str(src), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        from ..errors import FormatError
         raise FormatError(f"config.json cannot be read by transformers: {e}", path=src) from None
 
 
 def _model_class(config):
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     import transformers
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)
@@ -66,6 +69,7 @@ def _model_class(config):
 def build_layout(config, *, dtype: torch.dtype = torch.float32) -> ModelLayout:
     """The model of `config` with parameters on meta (built in about a second whatever its size)
     and its decoder structure."""
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from accelerate import init_empty_weights
 
     cls = _model_class(config)
@@ -88,7 +92,6 @@ def build_layout(config, *, dtype: torch.dtype = torch.float32) -> ModelLayout:
     tied = {}
     if hasattr(model, "get_expanded_tied_weights_keys"):
         tied = dict(model.get_expanded_tied_weights_keys(all_submodels=True))
-    from ..moe import is_experts_module
     moe = frozenset(i for i, layer in enumerate(model.get_submodule(prefix))
                     if any(is_experts_module(m) for m in layer.modules()))
     return ModelLayout(model, prefix, num_layers, linear, tied, moe)

@@ -82,8 +82,10 @@ def summarize(out_dir, shard_files: list[str], layer_type, layer_of) -> dict:
             "total": total}
 
 
-def format_summary(summary: dict) -> str:
-    """A table for people: one row per layer type, then totals."""
+def format_summary(summary: dict, target_sparsity: float | None = None) -> str:
+    """A table for people: one row per layer type, then totals; with `target_sparsity` (the
+    fraction pruning aimed at, None for method "none") a line saying where zeros beyond it, or
+    any zeros at all without pruning, came from."""
     lines = [f"{'layer type':<28} {'tensors':>7} {'sparsity':>9} {'dense MB':>10} "
              f"{'stored MB':>10} {'ratio':>6}"]
     rows = list(summary["by_type"].items())
@@ -98,6 +100,13 @@ def format_summary(summary: dict) -> str:
     lines.append(f"{'checkpoint (all tensors)':<28} {t['tensors']:>7} {'':>9} "
                  f"{t['dense_bytes'] / 1e6:>10.1f} {t['stored_bytes'] / 1e6:>10.1f} "
                  f"{t['ratio']:>5.2f}x")
+    got = summary.get("decoder_linear", {}).get("sparsity")
+    if got is not None and target_sparsity is None and got > 0:
+        lines.append(f"(no pruning: the decoder Linear sparsity {got:.4f} is the source's own "
+                     "zeros)")
+    elif got is not None and target_sparsity is not None and got > target_sparsity + 5e-4:
+        lines.append(f"(sparsity {got:.4f} > the {target_sparsity:.4f} pruned: the source "
+                     "already held zeros among the weights kept)")
     return "\n".join(lines)
 
 

@@ -14,6 +14,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
+from .structure import build_layout
+
+from ..format.io import chmod_as_created
 
 DEFAULT_MAX_SHARD_BYTES = 512 * 2**20
 
@@ -33,7 +38,6 @@ def _random_tensor(name: str, shape, dtype, std: float, seed: int) -> torch.Tens
 def parameter_shapes(config) -> dict:
     """{name: shape} of the model `config` describes, as save_pretrained would store it (tied
     copies left out), without allocating any weight."""
-    from .structure import build_layout
     layout = build_layout(config)
     shapes = {n: tuple(p.shape) for n, p in layout.model.named_parameters()}
     for target, origin in layout.tied.items():
@@ -65,8 +69,6 @@ def write_synthetic_checkpoint(out_dir, config, *, seed: int = 0,
                                dtype: torch.dtype = torch.float16,
                                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Write a random-weight checkpoint of `config` (e.g. a LlamaConfig) to `out_dir`."""
-    from safetensors.torch import save_file
-
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
     if max_shard_bytes < 1:
@@ -91,6 +93,7 @@ def write_synthetic_checkpoint(out_dir, config, *, seed: int = 0,
         tensors = {n: _random_tensor(n, shapes[n], dtype, std, seed) for n in names}
         tmp = out / (file + ".tmp")
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        chmod_as_created(tmp)
         os.replace(tmp, out / file)
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map.update({n: file for n in names})

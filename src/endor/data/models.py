@@ -24,6 +24,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import xxhash
+
 CACHED_DTYPE = "bfloat16"
 MARKER = "endor-source.json"  # written last inside a cached directory: its presence means complete
 
@@ -104,8 +107,6 @@ def _assemble_gemma(package_dir: Path) -> Path:
 
 
 def _file_digest(path: Path) -> str:
-    import xxhash
-
     h = xxhash.xxh3_64()
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
@@ -134,6 +135,11 @@ def dequantize_gguf(gguf_file, out_dir=None) -> Path:
     gguf_file = Path(gguf_file)
     if not gguf_file.is_file():
         raise FileNotFoundError(f"no such GGUF file: {gguf_file}")
+    with open(gguf_file, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":  # a ValueError: data sits below format (and its FormatError)
+        raise ValueError(f"{gguf_file} is not a GGUF file (it starts with {magic!r}, not "
+                         f"b'GGUF'{'; the file is empty' if not magic else ''})")
     if out_dir is None:
         name = _embedded_file_name(gguf_file) or f"{gguf_file.stem}-{_file_digest(gguf_file)}"
         out_dir = cache_dir() / "models" / name
@@ -147,7 +153,10 @@ def dequantize_gguf(gguf_file, out_dir=None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         _dequantize_into(gguf_file, tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        mask = _umask()
+        tmp.chmod(0o777 & ~mask)  # mkdtemp makes it 0700
+        for written in tmp.iterdir():  # safetensors writes 0600: a shared cache must be readable
+            written.chmod(0o666 & ~mask)
         try:
             os.rename(tmp, out_dir)
         except OSError:
@@ -159,6 +168,17 @@ def dequantize_gguf(gguf_file, out_dir=None) -> Path:
     return out_dir
 
 
+def _umask() -> int:
+    """The process umask, read without changing it (Linux); elsewhere swapped and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
 def hub_offline() -> None:
     """Keep transformers off the network. Must run before huggingface_hub is first imported (it
     reads the variable once); every endor entry point that loads transformers calls it first."""
@@ -167,7 +187,7 @@ def hub_offline() -> None:
 
 def _dequantize_into(gguf_file: Path, out_dir: Path) -> None:
     hub_offline()
-    import torch
+    # lazy: heavy, and after hub_offline() (transformers reads the offline switch)
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 

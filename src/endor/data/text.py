@@ -30,6 +30,7 @@ MIN_PROSE_SHARE = 0.3
 
 def calibration_text() -> str:
     """Every help topic of `pydoc_data.topics`, in sorted topic order, blank-line separated."""
+    # lazy: a 0.7 MB module, read only when calibration text is asked for
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[name].strip() for name in sorted(topics))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm import tqdm
 
 LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits of one batch; sets the batch size
 
@@ -91,8 +92,6 @@ def perplexity(model, tokenizer, text: str, *, window: int = 512, add_bos: bool 
     vocab_size = model.config.get_text_config().vocab_size
     batches = list(_batches(windows, vocab_size))
     if progress:
-        from tqdm import tqdm
-
         batches = tqdm(batches, desc="perplexity", unit="batch")
     nll_sum, scored = 0.0, 0
     with torch.inference_mode():

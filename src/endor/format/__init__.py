@@ -1,7 +1,10 @@
-"""The on-disk and in-memory format (docs/FORMAT.md). Depends on nothing else in endor."""
+"""The on-disk and in-memory format (docs/FORMAT.md) and the decoder contract (the backend registry
+and the reference decoder). Depends on nothing else in endor but `errors`."""
 
+from .decompress import Backend, backends, decompress, register
 from .encode import compress
 from .io import EndorFile, load_file, open_file, save_file
 from .tensor import EndorTensor
 
-__all__ = ["EndorFile", "EndorTensor", "compress", "load_file", "open_file", "save_file"]
+__all__ = ["Backend", "EndorFile", "EndorTensor", "backends", "compress", "decompress", "load_file",
+           "open_file", "register", "save_file"]

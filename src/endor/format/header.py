@@ -8,10 +8,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import FormatError
-from .spec import MAX_HEADER_BYTES
-
-ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-            "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+from .spec import ITEMSIZE, MAX_HEADER_BYTES
 
 
 @dataclass(frozen=True)

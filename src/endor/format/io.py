@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,7 +15,9 @@ from safetensors.torch import save_file as _st_save_file
 
 from ..errors import FormatError
 from . import spec
+from .decompress import decompress
 from .header import read_header
+from .read import read_stored
 from .tensor import EndorTensor
 from .validate import check_entry, check_tiles, expected_parts, parse_metadata
 
@@ -57,10 +60,14 @@ def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None,
     tmp = path.with_name(path.name + ".tmp")
     try:
         if order is None:
-            _st_save_file(flat, str(tmp), metadata=user_meta or None)
+            try:
+                _st_save_file(flat, str(tmp), metadata=user_meta or None)
+            except SafetensorError as e:
+                raise _as_os_error(e, path) from None
             _sort_metadata(tmp)
         else:
             _write_ordered(flat, _storage_order(flat, entries, order), tmp, user_meta)
+        chmod_as_created(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -110,6 +117,34 @@ def _write_ordered(flat: dict, names: list[str], path: Path, metadata: dict) -> 
 _ST_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                    torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
                    torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+def _as_os_error(e: SafetensorError, path) -> Exception:
+    """The library reports a full or failing disk as a SafetensorError; callers (and the CLI)
+    expect the OSError it is, with its errno and the file's name."""
+    found = re.search(r"os error (\d+)", str(e))
+    if found is None:
+        return e
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it (os.umask can only swap, racing threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_as_created(path) -> None:
+    """Give a file the safetensors library wrote (it creates them 0600) the mode open() gives:
+    0666 less the umask, so a checkpoint can be shared between users as any other file."""
+    os.chmod(path, 0o666 & ~process_umask())
 
 
 def _sort_metadata(path: Path) -> None:
@@ -138,7 +173,10 @@ class EndorFile:
             raise FileNotFoundError(f"no such Endor/safetensors file: {self.path}")
         self.header = read_header(self.path)
         try:
-            self._st = safe_open(str(self.path), framework="pt")
+            # The library's own layout checks (no overlaps, no holes); its memory map is dropped
+            # at once: tensors are read with positioned reads (_read), never through a map.
+            with safe_open(str(self.path), framework="pt"):
+                pass
         except (SafetensorError, OSError, ValueError) as e:
             raise FormatError(f"not a valid safetensors file: {e}", path=self.path) from None
         try:
@@ -174,7 +212,7 @@ class EndorFile:
         self.close()
 
     def close(self) -> None:
-        self._st = None
+        """Nothing to release: no file stays open or mapped between reads."""
 
     def keys(self) -> list[str]:
         return sorted([*self.dense_names, *self._entries])
@@ -206,10 +244,9 @@ class EndorFile:
             raise KeyError(f"{name!r} is not in {self.path}")
 
     def _read(self, name: str) -> torch.Tensor:
-        try:
-            return self._st.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise FormatError(f"cannot read part: {e}", path=self.path, tensor=name) from None
+        """A copy in memory this process owns: a later change to the file cannot alter it, and
+        a file that shrank since open is a FormatError, never a SIGBUS."""
+        return read_stored(self.path, self.header.tensors[name], name)
 
     def get_compressed(self, name: str, *, verify: bool = True) -> EndorTensor:
         """One Endor tensor, compressed, on the CPU; checks rules 5 and 7 (unless verify=False,
@@ -225,7 +262,6 @@ class EndorFile:
         """One tensor, dense (decompressed if stored compressed)."""
         self._require(name)
         if name in self._entries:
-            from ..kernels import decompress
             try:
                 return decompress(self.get_compressed(name), device=device, backend=backend)
             except FormatError as e:

@@ -10,8 +10,6 @@ from . import spec
 from .checksum import PREFIX
 
 _ENTRY_FIELDS = {"shape", "dtype", "nnz", "tile_size", "checksum"}
-_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int64: "I64", torch.float32: "F32",
-                       torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def _is_int(x) -> bool:
@@ -77,7 +75,7 @@ def expected_parts(shape: torch.Size, dtype: torch.dtype, nnz: int) -> dict[str,
     numel = math.prod(shape)
     return {
         spec.BITMAP_SUFFIX: ("U8", [spec.bitmap_bytes(numel)]),
-        spec.VALUES_SUFFIX: (_SAFETENSORS_DTYPES[dtype], [nnz]),
+        spec.VALUES_SUFFIX: (spec.SAFETENSORS_NAMES[dtype], [nnz]),
         spec.TILES_SUFFIX: ("I64", [spec.num_tiles(numel) + 1]),
     }
 

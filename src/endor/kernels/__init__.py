@@ -1,11 +1,9 @@
-"""Decoders behind one registry. Importing this compiles nothing and touches no GPU: the CPU
-extension is built at install time and Triton kernels compile on first use."""
+"""Fast decoders, registered into the format's registry (`endor.format.decompress`) on import.
+Importing this compiles nothing and touches no GPU: the CPU extension is built at install time and
+Triton kernels compile on first use."""
 
-from . import reference
-from .registry import Backend, backends, decompress, register
+from ..format.decompress import Backend, backends, choose, decompress, register
+from . import cpu as _cpu  # noqa: F401  registers "cpu"
+from . import triton_decode as _triton  # noqa: F401  registers "triton"
 
-register(Backend("reference", ("cpu", "cuda"), reference.decode, lambda: True))
-from . import cpu as _cpu  # noqa: E402,F401  registers "cpu"
-from . import triton_decode as _triton  # noqa: E402,F401  registers "triton"
-
-__all__ = ["Backend", "backends", "decompress", "register"]
+__all__ = ["Backend", "backends", "choose", "decompress", "register"]

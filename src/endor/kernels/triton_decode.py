@@ -47,6 +47,7 @@ import torch
 
 from ..errors import FormatError
 from ..format import spec
+from ..format.decompress import Backend, register
 from ..format.tensor import EndorTensor
 
 TILE_BYTES = spec.TILE_BITMAP_BYTES
@@ -122,6 +123,7 @@ def available() -> bool:
 @functools.cache
 def _kernel(interpret: bool):
     global tl
+    # lazy: triton is heavy and optional; kernels compile on first use
     import triton.language
 
     tl = triton.language
@@ -243,9 +245,4 @@ def validate_tiles(et: EndorTensor) -> torch.Tensor:
     return ok
 
 
-def _register() -> None:
-    from .registry import Backend, register
-    register(Backend("triton", ("cuda", "cpu"), decode, available))
-
-
-_register()
+register(Backend("triton", ("cuda", "cpu"), decode, available))

@@ -31,10 +31,10 @@ from torch import nn
 from ..errors import FormatError
 from ..format import EndorFile, EndorTensor, spec
 from ..format.io import check_compressed
+from ..format.spec import SAFETENSORS_DTYPES
 from ..kernels import decompress
 from ..moe import ExpertNames
 from .expert_cache import POLICIES, ExpertCache
-from .plan import ST_DTYPES
 from .reader import ALIGN, aligned_buffer, round_up
 
 READ_THREADS = 8  # expert reads in flight: top-k of a layer at once (threads wait in the kernel)
@@ -89,13 +89,14 @@ def plan_experts(index: int, f: EndorFile, prefix: str, names: ExpertNames,
                 part_names = spec.part_names(full)
             else:
                 st = f.header.tensors[full]
-                shape, stored_dtype, digest = torch.Size(st.shape), ST_DTYPES.get(st.dtype), None
+                shape, digest = torch.Size(st.shape), None
+                stored_dtype = SAFETENSORS_DTYPES.get(st.dtype)
                 part_names = (full,)
             if stored_dtype != dtype or len(shape) != 2:
                 raise FormatError(f"is {stored_dtype} {list(shape)}; experts must be 2-D "
                                   f"{dtype} (the model's dtype)", path=f.path, tensor=full)
             parts = [(f.header.tensors[p].start, f.header.tensors[p].end,
-                      ST_DTYPES[f.header.tensors[p].dtype]) for p in part_names]
+                      SAFETENSORS_DTYPES[f.header.tensors[p].dtype]) for p in part_names]
             ranges += [(s, t) for s, t, _ in parts]
             tensors.append((parts, torch.Size(shape), f.is_compressed(full), digest))
         start, end = min(s for s, _ in ranges), max(t for _, t in ranges)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError
+from ..kernels import choose
 from .metrics import Metrics
 from .plan import parse_size, plan_layer, plan_memory
 from .reader import ShardReader
@@ -29,7 +30,7 @@ from .weights import (check_streamed, find_layer_list, layer_files, load_residen
 OFFLOAD = ("disk", "cpu")
 
 
-def _check_device(device) -> torch.device:
+def check_device(device) -> torch.device:
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -47,6 +48,7 @@ def _check_device(device) -> torch.device:
 def _empty_model(path, dtype: torch.dtype):
     """The architecture of config.json with every parameter on the meta device; buffers (e.g.
     the rotary inv_freq, which no checkpoint holds) are computed for real."""
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -100,7 +102,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
 
     Returns the model (generate() works) with endor_stats(), endor_reset_stats() and
     endor_close() attached; or use `with endor.runtime.open_model(...) as model:`."""
-    device = _check_device(device)
+    device = check_device(device)
     if offload not in OFFLOAD:
         raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
@@ -111,7 +113,6 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
             compute_threads, int) or compute_threads < 1):
         raise ValueError(f"compute_threads must be a positive integer, got {compute_threads!r}")
     budget = parse_size(max_memory, device=str(device))
-    from ..kernels.registry import choose
     choose(backend, device)  # an unknown or unavailable backend fails now, not mid-generation
 
     ckpt = Checkpoint(path)
@@ -171,7 +172,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
             raise
         for i in memory.streamed:
             _install_stream_hooks(layers[i], i, stream, expert_views.get(i))
-    _install_metric_hooks(model, metrics, threads, device)
+    install_metric_hooks(model, metrics, threads, device)
     _attach_api(model, stream, store, metrics, memory, plans, reader,
                 {"path": str(ckpt.path), "weights": ckpt.weights, "device": str(device),
                  "offload": offload, "prefetch": prefetch, "backend": backend,
@@ -204,7 +205,7 @@ def _install_stream_hooks(layer: nn.Module, index: int, stream: LayerStream,
     layer.register_forward_hook(swap_out, always_call=True)
 
 
-def _install_metric_hooks(model: nn.Module, metrics: Metrics, threads: int | None = None,
+def install_metric_hooks(model: nn.Module, metrics: Metrics, threads: int | None = None,
                           device: torch.device | None = None) -> None:
     """Phase and timing of every forward; torch runs it with `threads` threads (restored after:
     the caller's setting is untouched outside the model's forward). On a CUDA `device` the

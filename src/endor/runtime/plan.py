@@ -15,7 +15,7 @@ import torch
 
 from ..errors import FormatError
 from ..format import EndorFile, spec
-from ..format.header import ITEMSIZE
+from ..format.spec import ITEMSIZE, SAFETENSORS_DTYPES
 
 OUT_ALIGN = 64  # cache line: every dense output and staged part starts on one
 
@@ -23,9 +23,6 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
           "gb": 10**9, "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
           "tib": 2**40}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
-ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-              "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def parse_size(value, *, device: str = "cpu") -> int | None:
@@ -131,7 +128,7 @@ def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict, *, skip=()
 
     def part(stored_name: str) -> Part:
         st = f.header.tensors[stored_name]
-        dtype = ST_DTYPES[st.dtype]
+        dtype = SAFETENSORS_DTYPES[st.dtype]
         aligned = st.start % dtype.itemsize == 0
         return Part(st.start, st.end, dtype, None if aligned else reserve(st.end - st.start))
 
@@ -148,7 +145,7 @@ def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict, *, skip=()
             compressed = True
         else:
             st = f.header.tensors[full]
-            stored_shape, stored_dtype, digest = torch.Size(st.shape), ST_DTYPES[st.dtype], None
+            stored_shape, stored_dtype, digest = torch.Size(st.shape), SAFETENSORS_DTYPES[st.dtype], None
             parts = (part(full),)
             compressed = False
         if tuple(stored_shape) != tuple(shape):

@@ -21,6 +21,7 @@ import mmap
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -168,7 +169,6 @@ class ShardReader:
     def _submit(self, fd: int, view: memoryview, nbytes: int, pending: PendingRead) -> list:
         with self._lock:
             if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
                 self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="endor-io")
             pool = self._pool
         end = round_up(nbytes)
@@ -205,6 +205,11 @@ def evict_page_cache(path) -> bool:
         return _drop_cached(fd)
     finally:
         os.close(fd)
+
+
+def evict_files(paths) -> bool:
+    """evict_page_cache for each path (all of them, even after a failure); True if all went."""
+    return all([evict_page_cache(p) for p in paths])
 
 
 def _timed_range(fd, view, start, stop, nbytes, pending: PendingRead) -> int:

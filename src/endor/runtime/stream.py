@@ -43,13 +43,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import torch
-import xxhash
 
 from ..errors import FormatError
 from ..format.tensor import EndorTensor
 from ..kernels import decompress
+from .images import image_digest, part_view
 from .metrics import LoadTimes, Metrics
-from .plan import LayerPlan, Part
+from .plan import LayerPlan
 from .reader import PendingRead, ShardReader, aligned_buffer
 
 _WORKER_POLL_S = 0.5
@@ -61,11 +61,6 @@ DENSE_SLOTS = 1
 # On a GPU, decode kernels (their own stream) run beside the compute stream's, so a second
 # decoded layer lets layer j+1 decode while layer j computes.
 DENSE_SLOTS_CUDA = 2
-
-
-def image_digest(image: torch.Tensor, nbytes: int) -> int:
-    """XXH3-64 of a whole shard image: one pass, far faster than the disk (GIL released)."""
-    return xxhash.xxh3_64_intdigest(memoryview(image.numpy())[:nbytes])
 
 
 def read_slot_count(layers: list[LayerPlan], prefetch: int, dense_slot_bytes: int,
@@ -360,15 +355,6 @@ class LayerStream:
             load.views = decode_layer(load.layer, load.image, dense.buffer, self.backend)
         load.times.decompress_s = time.perf_counter() - t0
         load.image = None
-
-
-def part_view(image: torch.Tensor, dense: torch.Tensor, part: Part) -> torch.Tensor:
-    raw = image[part.start:part.end]
-    if part.staging is not None:  # not aligned for a typed view: copy to an aligned spot first
-        staged = dense[part.staging:part.staging + raw.numel()]
-        staged.copy_(raw)
-        raw = staged
-    return raw.view(part.dtype)
 
 
 def decode_layer(plan: LayerPlan, image: torch.Tensor, dense: torch.Tensor,

@@ -14,9 +14,10 @@ from ..checkpoint import Checkpoint
 from ..errors import FormatError
 from ..format import EndorFile, EndorTensor
 from ..format.io import check_compressed
-from .plan import ST_DTYPES, LayerPlan
+from ..format.spec import SAFETENSORS_DTYPES
+from .images import image_digest, part_view
+from .plan import LayerPlan
 from .reader import ShardReader, aligned_buffer
-from .stream import image_digest, part_view
 
 _LAYER_GROUP = re.compile(r"^layers\.(\d+)$")
 
@@ -44,7 +45,7 @@ def layer_files(ckpt: Checkpoint) -> tuple[list[EndorFile], EndorFile]:
 def stored_dtype(f: EndorFile, name: str) -> torch.dtype | None:
     if f.is_compressed(name):
         return f.entry(name)[1]
-    return ST_DTYPES.get(f.header.tensors[name].dtype)
+    return SAFETENSORS_DTYPES.get(f.header.tensors[name].dtype)
 
 
 def model_dtype(files: list[EndorFile]) -> torch.dtype:

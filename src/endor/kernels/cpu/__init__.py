@@ -13,6 +13,7 @@ import torch
 
 from ...errors import FormatError
 from ...format import spec
+from ...format.decompress import Backend, register
 from ...format.tensor import EndorTensor
 
 try:
@@ -126,9 +127,4 @@ def decode(et: EndorTensor, out: torch.Tensor, *, isa: str | None = None,
         _raise_for(err, tile, et)
 
 
-def _register() -> None:
-    from ..registry import Backend, register
-    register(Backend("cpu", ("cpu",), decode, available))
-
-
-_register()
+register(Backend("cpu", ("cpu",), decode, available))

@@ -3,9 +3,9 @@
 import torch
 
 from ..errors import FormatError
-from ..format import spec
-from ..format.encode import tile_offsets
-from ..format.tensor import EndorTensor
+from . import spec
+from .encode import tile_offsets
+from .tensor import EndorTensor
 
 
 def unpack_bits(bitmap: torch.Tensor, numel: int) -> torch.Tensor:

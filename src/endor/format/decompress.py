@@ -1,4 +1,6 @@
-"""One small registry of decoders; `decompress` picks one, so callers never branch on the device."""
+"""The decoder contract: one small registry of decoders; `decompress` picks one, so callers never
+branch on the device. The format owns it with its reference decoder; `endor.kernels` registers the
+fast backends (CPU C extension, Triton) into it when imported (`import endor` does that)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import FormatError
-from ..format.tensor import EndorTensor
+from . import reference
+from .tensor import EndorTensor
 
 
 @dataclass(frozen=True)
@@ -46,8 +48,8 @@ def choose(backend: str, device: torch.device) -> Backend:
         raise ValueError(f"backend {backend!r} runs on {', '.join(b.device_types)}, not on "
                          f"{device.type}")
     if not b.available():
-        raise RuntimeError(f"backend {backend!r} is not available here ({b.name} needs its "
-                           "compiled extension / triton); use backend='auto'")
+        raise ValueError(f"backend {backend!r} is not available here ({b.name} needs its "
+                         "compiled extension / triton); use backend='auto'")
     return b
 
 
@@ -75,3 +77,4 @@ def decompress(et: EndorTensor, *, device=None, out: torch.Tensor | None = None,
     return out.view(et.shape)
 
 
+register(Backend("reference", ("cpu", "cuda"), reference.decode, lambda: True))

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .reader import evict_page_cache
 from ..checkpoint import Checkpoint
-from .metrics import Metrics
-from .model import _check_device, _install_metric_hooks
-from .plan import parse_size, plan_memory, stored_nbytes
-from .weights import layer_files
+from ..runtime.metrics import Metrics
+from ..runtime.model import check_device, install_metric_hooks
+from ..runtime.plan import parse_size, plan_memory, stored_nbytes
+from ..runtime.reader import evict_page_cache
+from ..runtime.weights import layer_files
 
 
 def _layer_path(names: list[str], index: int, file) -> str:
@@ -40,6 +40,7 @@ def _layer_path(names: list[str], index: int, file) -> str:
 
 def _tensor_modules(path) -> list[str]:
     """The modules owning a parameter or buffer in the model config.json describes."""
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -53,6 +54,7 @@ def _tensor_modules(path) -> list[str]:
 @contextlib.contextmanager
 def _quiet_transformers():
     """No progress bar or "parameters are on the meta device" notice while loading."""
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from transformers.utils import logging
 
     level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
@@ -78,9 +80,10 @@ def load_accelerate(path, *, device="cpu", offload: str = "disk", max_memory=Non
     Returns the transformers model with endor_stats() (the same metrics as load_model: prefill
     time, decode tokens/s), endor_files (the shards Accelerate reads each forward) and
     endor_close(). compute_threads: torch threads during each forward (default: unchanged)."""
+    # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from transformers import AutoModelForCausalLM
 
-    device = _check_device(device)
+    device = check_device(device)
     if offload not in ("disk", "cpu"):
         raise ValueError(f"offload must be 'disk' or 'cpu', got {offload!r}")
     if offload == "cpu" and device.type == "cpu":
@@ -106,7 +109,7 @@ def load_accelerate(path, *, device="cpu", offload: str = "disk", max_memory=Non
                                                      offload_folder=folder, dtype="auto")
     model.eval()
     metrics = Metrics()
-    _install_metric_hooks(model, metrics, compute_threads, device)
+    install_metric_hooks(model, metrics, compute_threads, device)
     streamed = [files[i].path for i in memory.streamed]
 
     def endor_stats() -> dict:

@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import endor
-from endor.kernels import backends
-from tests.helpers import DTYPES, bit_equal, sparse_tensor
+from endor.format.decompress import backends
+from endor.format.equal import bit_equal
+from tests.helpers import DTYPES, sparse_tensor
 
 # Triton runs on the CPU only under its (slow) interpreter: tests/kernels/test_triton.py covers it.
 CPU_BACKENDS = [name for name, b in backends().items()

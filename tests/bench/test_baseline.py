@@ -1,9 +1,9 @@
 import pytest
 
-from endor.bench.harness import evict_files
-from endor.runtime.baseline import evict_on_read, load_accelerate
+from endor.runtime.reader import evict_files
+from endor.bench.baseline import evict_on_read, load_accelerate
 from tests.runtime.checkpoints import greedy
-from tests.runtime.conftest import NEW_TOKENS, PROMPT
+from tests.conftest import NEW_TOKENS, PROMPT
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "opt", "gemma3"])
