@@ -9,10 +9,12 @@ weights:
 
     union of the batch's choices -> cache hits: the compressed bytes held in RAM
                                  -> misses: O_DIRECT reads of their byte ranges, all issued at
-                                    once (the disk queues them), then taken in order
+                                    once (8 in flight; the disk queues them), taken in order
     each expert: verify (XXH3 of its bytes vs the digest taken at load), decode gate and up
-    into one [2I, H] buffer and down into [I, H]... computed, and the buffers reused.
+    into one [2I, H] buffer and down into [H, I], compute, reuse the buffers for the next.
 
+When the layers' attention and router stream too (a budget below them), the layer stream keeps
+reading the next layers' prefixes on its own threads while this layer's experts are read.
 The cache holds compressed expert images within the memory budget left after the resident
 weights, evicting by LRU or by use count (LFU); its hits and misses go to endor_stats()."""
 
