@@ -156,7 +156,9 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                 layer_views_source(moe, expert_views)))
     reader = ShardReader(direct=direct_io)
     stream = None
-    threads, decode_threads = thread_split(device, bool(memory.streamed), compute_threads)
+    # Routed experts read and decode beside the compute too: the same split as streaming.
+    threads, decode_threads = thread_split(device, bool(memory.streamed) or bool(routed and moe),
+                                           compute_threads)
     if memory.streamed:
         streamed = [plans[i] for i in memory.streamed]
         try:
