@@ -24,14 +24,35 @@ def test_expert_cache_policies():
             lfu.get(key)
         lfu.put(key, image(10))
     lfu.get("d")
-    lfu.put("d", image(10))  # used once, as b: b (least used, least recent) goes
+    lfu.put("d", image(10))  # used once, as b (the least used resident): b stays
+    assert set(lfu.items) == {"a", "b", "c"}
+    lfu.get("d")
+    lfu.put("d", image(10))  # twice now, more than b: b goes
     assert set(lfu.items) == {"a", "c", "d"}
     lfu.get("e")
-    lfu.put("e", image(10))  # once; the least used resident (d) has as many: replaced
-    lfu.put("f", image(10))  # never counted: c and a are used more, f stays out
+    lfu.put("e", image(10))  # once, as the least used resident (d): d stays
+    assert set(lfu.items) == {"a", "c", "d"}
+    lfu.get("e")
+    lfu.put("e", image(10))  # twice now: more than d, which goes
+    assert set(lfu.items) == {"a", "c", "e"}
+    lfu.put("f", image(10))  # never counted: stays out
     assert "f" not in lfu.items
+
+
+def test_lfu_keeps_a_hit_rate_where_lru_thrashes():
+    """A cyclic sweep over 5 experts through 3 slots: LRU never hits, LFU keeps 3 of 5."""
+    caches = {p: ExpertCache(30, p) for p in ("lru", "lfu")}
+    hits = dict.fromkeys(caches, 0)
+    for _ in range(10):
+        for key in "abcde":
+            for policy, cache in caches.items():
+                if cache.get(key) is not None:
+                    hits[policy] += 1
+                else:
+                    cache.put(key, torch.zeros(10, dtype=torch.uint8))
+    assert hits["lru"] == 0 and hits["lfu"] == 9 * 3
     big = ExpertCache(5)
-    big.put("x", image(10))  # larger than the whole cache: not kept
+    big.put("x", torch.zeros(10, dtype=torch.uint8))  # larger than the whole cache: not kept
     assert not big.items
     with pytest.raises(ValueError, match="expert_cache"):
         ExpertCache(1, "fifo")
