@@ -34,9 +34,11 @@ step gpu-info 15 "$PY" -c "import json, torch; assert torch.cuda.is_available(),
 p = torch.cuda.get_device_properties(0); print(json.dumps({'gpu': p.name, 'torch': torch.__version__, \
 'cuda': torch.version.cuda, 'memory_gb': p.total_memory / 1e9}))"
 step gpu-tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu \
-  --junitxml="$OUT_DIR/gpu-tests.xml" tests/kernels/test_triton.py tests/runtime tests/bench/test_decode.py
-# Decode vs HBM on the issue's headline tensor (4096 x 14336 bf16 at 50%) and more.
-step bench-decode 45 "$PY" -m endor bench decode --device cuda --shape 4096,14336 \
+  --junitxml="$OUT_DIR/gpu-tests.xml" tests/kernels/test_triton.py tests/runtime tests/bench/test_decode.py \
+  tests/format/codecs/test_exp.py
+# Decode vs HBM on the issue's headline tensor (4096 x 14336 bf16 at 50%) and more, raw and exp
+# values (exp rows: ratio_vs_raw; target >= 60% of HBM for both).
+step bench-decode 55 "$PY" -m endor bench decode --device cuda --shape 4096,14336 \
   --dtypes bf16,fp16 --sparsities 0.5,0.7 --numpy none --out "$OUT_DIR"
 # The link: pinned vs pageable host-to-device, disk with and without the page cache.
 # Two block sizes, 3 timed reads each: five read modes fit the step's limit on a slow disk too.
@@ -47,7 +49,7 @@ step bench-transfer 30 "$PY" -m endor bench transfer --size-mib 512 --blocks-mib
 # in CPU RAM, then on disk (the checkpoints are built once, by the first run). Per-layer time is
 # what a 32-layer 7B model would show per layer; the ratios are the figures of merit.
 for offload in cpu disk; do
-  step "bench-e2e-$offload" 50 "$PY" -m endor bench e2e --device cuda --offload "$offload" \
+  step "bench-e2e-$offload" 45 "$PY" -m endor bench e2e --device cuda --offload "$offload" \
     --hidden 4096 --intermediate 11008 --layers 4 --heads 32 --kv-heads 32 --vocab 32000 \
     --dtype float16 --new-tokens 8 --warmup 0 --repeat 2 --max-seconds 25 \
     --workdir "$WORK" --out "$OUT_DIR/e2e-$offload"

@@ -16,20 +16,24 @@ def describe_file(path, *, verify: bool = False) -> list[dict]:
     with EndorFile(path) as f:
         for name in f.keys():
             if f.is_compressed(name):
-                shape, dtype, nnz, _ = f.entry(name)
+                entry = f.entry(name)
+                shape, dtype, nnz, codec = entry.shape, entry.dtype, entry.nnz, entry.codec
                 stored = sum(end - start for start, end in f.byte_ranges(name))
                 numel = math.prod(shape)
-                if verify:
-                    f.get_tensor(name)  # checks rules 5-7 and decodes
             else:
                 st = f.header.tensors[name]
                 shape, numel, nnz = list(st.shape), math.prod(st.shape), None
                 dtype = SAFETENSORS_DTYPES[st.dtype]  # torch's names for every row, not "BF16"
-                stored = st.end - st.start
+                stored, codec = st.end - st.start, None
+            if verify:
+                f.get_tensor(name)  # checks the checksum (and rules 5-6, decoding)
             itemsize = stored // numel if nnz is None and numel else getattr(dtype, "itemsize", 0)
             rows.append({"file": Path(path).name, "name": name, "shape": list(shape),
                          "dtype": str(dtype).replace("torch.", ""), "compressed": nnz is not None,
                          "sparsity": (1 - nnz / numel) if nnz is not None and numel else None,
+                         "numel": numel, "values_codec": codec,
+                         "bits_per_element": 8 * stored / numel if numel else None,
+                         "checksum": nnz is not None or f.dense_checksum(name) is not None,
                          "stored_bytes": stored, "dense_bytes": numel * itemsize})
     return rows
 

@@ -1,7 +1,7 @@
 """Bytes changed on disk before a model is loaded: every stored tensor, in both shard kinds, is
-either caught (an endor.FormatError naming file and tensor; `endor inspect --verify` and `endor
-generate` exit 1 with one line) or, for what the format does not yet checksum, marked xfail
-until format v2 (issue 16, item 1) lands."""
+caught: an endor.FormatError naming file and tensor; `endor inspect --verify` and `endor
+generate` exit 1 with one line. Format v2's checksums cover dense tensors and every tensor's
+shape and dtype (docs/FORMAT.md)."""
 
 import json
 import struct
@@ -14,8 +14,6 @@ from endor.cli import main
 from endor.runtime import load_model
 from tests.adversarial.conftest import assert_one_line_error, flip_bytes, shard_of
 
-NEEDS_V2 = pytest.mark.xfail(strict=True,
-                             reason="needs format v2 dense/shape checksums (codec)")
 # (shard group, tensor): an Endor tensor and a dense tensor in a layer shard and in 'rest'.
 ENDOR_TENSORS = [("layers.1", "model.layers.1.mlp.up_proj.weight"),
                  ("rest", "model.embed_tokens.weight")]
@@ -56,7 +54,6 @@ def test_endor_tensor_bytes_flipped(ckpt, group, name, part, capsys):
     _every_reader_refuses(ckpt_dir, shard, name, capsys)
 
 
-@NEEDS_V2
 @pytest.mark.parametrize("group,name", DENSE_TENSORS, ids=["layer-shard", "rest-shard"])
 def test_dense_tensor_bytes_flipped(ckpt, group, name, capsys):
     ckpt_dir = ckpt[0]
@@ -76,7 +73,6 @@ def _rewrite_header(path, edit):
     path.write_bytes(bytes(data))
 
 
-@NEEDS_V2
 def test_endor_tensor_reshaped_in_the_metadata(tmp_path):
     path = tmp_path / "one.safetensors"
     endor.save_file({"w": endor.compress(torch.randn(6, 10))}, path)
@@ -90,7 +86,6 @@ def test_endor_tensor_reshaped_in_the_metadata(tmp_path):
         endor.load_file(path)
 
 
-@NEEDS_V2
 def test_dense_tensor_reshaped_in_the_header(tmp_path):
     path = tmp_path / "one.safetensors"
     endor.save_file({"w": endor.compress(torch.randn(6, 10)), "d": torch.randn(6, 10)}, path)

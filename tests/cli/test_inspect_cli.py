@@ -15,8 +15,21 @@ def test_inspect_file(tmp_path, capsys):
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert rows["w"]["compressed"] and abs(rows["w"]["sparsity"] - 0.75) < 0.05
     assert rows["w"]["dense_bytes"] == 64 * 64 * 2 and rows["b"]["dense_bytes"] == 256
+    assert rows["w"]["values_codec"] == "exp" and rows["b"]["values_codec"] is None
+    assert rows["w"]["bits_per_element"] < 0.25 * 16 + 1 and rows["b"]["checksum"]
     assert main(["inspect", str(path)]) == 0
-    assert "2 tensors" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 tensors" in out and "values exp: 1 tensors" in out and "bits per element" in out
+
+
+def test_inspect_shows_bits_per_codec(tmp_path, capsys):
+    path = tmp_path / "m.safetensors"
+    t = sparse_tensor((64, 64), torch.bfloat16, 0.5)
+    endor.save_file({"a": endor.compress(t, values="raw"), "b": endor.compress(t)}, path)
+    assert main(["inspect", str(path)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("values ")]
+    bits = {ln.split()[1].rstrip(":"): float(ln.split()[-4]) for ln in lines}
+    assert set(bits) == {"raw", "exp"} and bits["exp"] < bits["raw"]
 
 
 def test_inspect_corrupt_file_is_a_clear_error(tmp_path, capsys):

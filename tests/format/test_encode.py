@@ -16,7 +16,7 @@ SHAPES = [(1, 1), (7, 13), (830, 545), (3, 5, 7), (0,), (0, 4), (), (4097,), (81
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.99, 1.0])
 def test_parts_follow_the_spec(shape, dtype, sparsity):
     t = sparse_tensor(shape, dtype, sparsity)
-    et = endor.compress(t)
+    et = endor.compress(t, values="raw")
     n = math.prod(shape)
     assert et.shape == t.shape and et.dtype == dtype and et.numel == n
     assert et.bitmap.dtype == torch.uint8 and et.bitmap.shape == (spec.bitmap_bytes(n),)
@@ -35,7 +35,7 @@ def test_negative_zero_nan_inf_subnormal_are_nonzero():
         info = torch.finfo(dtype)
         specials = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"),
                                  info.tiny / 2, -info.tiny / 4, 0.0], dtype=dtype)
-        et = endor.compress(specials)
+        et = endor.compress(specials, values="raw")
         assert et.nnz == 6  # all but the two +0.0
         assert int(et.bitmap[0]) == 0b01111110
 
@@ -43,14 +43,14 @@ def test_negative_zero_nan_inf_subnormal_are_nonzero():
 def test_nan_payloads_survive():
     raw = torch.tensor([0x7FC1, 0xFFFF - 65536, 0x7C01, 0], dtype=torch.int16)  # fp16 NaNs
     t = raw.view(torch.float16)
-    assert bit_equal(endor.decompress(endor.compress(t), backend="reference"), t)
+    assert bit_equal(endor.decompress(endor.compress(t, values="raw"), backend="reference"), t)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("sparsity", [0.5, 0.7])
 def test_size_within_a_twentieth_of_a_bit_of_the_bound(dtype, sparsity):
     t = sparse_tensor((1024, 1024), dtype, sparsity)
-    et = endor.compress(t)
+    et = endor.compress(t, values="raw")
     actual_sparsity = 1 - et.nnz / et.numel
     bound = (1 - actual_sparsity) * dtype.itemsize * 8 + 1
     bits = et.nbytes * 8 / et.numel
@@ -59,13 +59,13 @@ def test_size_within_a_twentieth_of_a_bit_of_the_bound(dtype, sparsity):
 
 def test_rejects_unsupported_input():
     with pytest.raises(endor.FormatError, match="int64"):
-        endor.compress(torch.zeros(3, dtype=torch.int64))
+        endor.compress(torch.zeros(3, dtype=torch.int64), values="raw")
     with pytest.raises(TypeError):
-        endor.compress([1.0, 2.0])
+        endor.compress([1.0, 2.0], values="raw")
     with pytest.raises(endor.FormatError, match="rank"):
-        endor.compress(torch.zeros([1] * 9))
+        endor.compress(torch.zeros([1] * 9), values="raw")
 
 
 def test_non_contiguous_input():
     t = sparse_tensor((40, 30), torch.float16, 0.5).t()
-    assert bit_equal(endor.decompress(endor.compress(t)), t)
+    assert bit_equal(endor.decompress(endor.compress(t, values="raw")), t)

@@ -20,7 +20,7 @@ def test_cpu_encoder_equals_torch_encoder(dtype, shape, sparsity, chunk_tiles, m
     t = sparse_tensor(shape, dtype, sparsity, seed=len(shape))
     if t.numel() > 2:
         t.view(-1)[1] = -0.0  # a non-zero to the format
-    et = encode.compress(t)
+    et = encode.compress(t, values="raw")
     flat = t.reshape(-1).view(INT_VIEW[dtype])
     mask = flat != 0
     assert torch.equal(et.bitmap, encode.pack_bits(mask))

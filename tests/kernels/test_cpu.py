@@ -34,7 +34,7 @@ pytestmark = needs_extension
 @functools.lru_cache(maxsize=None)
 def compressed(shape, dtype, sparsity, seed=0):
     dense = sparse_tensor(shape, dtype, sparsity, seed=seed)
-    return dense, endor.compress(dense)
+    return dense, endor.compress(dense, values="raw")
 
 
 def decode(et, *, isa, threads=None, fill=0x5A):
@@ -92,7 +92,7 @@ def special_values(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_special_values_keep_their_bits(isa, dtype):
     dense = special_values(dtype)
-    et = endor.compress(dense)
+    et = endor.compress(dense, values="raw")
     assert et.nnz == 2501  # every other element: -0.0, NaNs and subnormals all count
     assert bit_equal(decode(et, isa=isa), dense)
 
@@ -117,7 +117,7 @@ def raw_tensors(draw):
 @given(t=raw_tensors(), isa=st.sampled_from(cpu.supported_isas() or ("scalar",)),
        threads=st.integers(1, 4))
 def test_property_any_bits_any_path(t, isa, threads):
-    assert bit_equal(decode(endor.compress(t), isa=isa, threads=threads), t)
+    assert bit_equal(decode(endor.compress(t, values="raw"), isa=isa, threads=threads), t)
 
 
 # ------------------------------------------------------------------ threads, out=, selection
@@ -219,7 +219,7 @@ def test_bit_moved_between_tiles_is_rejected(isa):
     # Same total popcount and nnz: only the per-tile check sees it.
     dense = torch.ones(2 * 4096, dtype=torch.float16)
     dense[4095] = 0
-    et = endor.compress(dense)
+    et = endor.compress(dense, values="raw")
     bitmap = et.bitmap.clone()
     bitmap[511] |= 0x80  # element 4095 (tile 0) claims a value...
     bitmap[512] &= 0xFE  # ...that element 4096 (tile 1) gives up

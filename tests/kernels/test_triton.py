@@ -71,7 +71,7 @@ def fenced_values(et, margin=5000):
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_decode_is_bit_exact(shape, dtype, sparsity):
     dense = sparse_tensor(shape, dtype, sparsity, seed=len(shape) * 1000 + int(sparsity * 100))
-    et = endor.compress(dense)
+    et = endor.compress(dense, values="raw")
     out = garbage_like(et)
     triton_decode.decode(et, out)
     assert bit_equal(out.view(shape), dense)
@@ -81,7 +81,7 @@ def test_decode_is_bit_exact(shape, dtype, sparsity):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decompress_through_the_registry(dtype):
     dense = sparse_tensor((33, 257), dtype, 0.5, seed=3)
-    assert bit_equal(endor.decompress(endor.compress(dense), backend="triton"), dense)
+    assert bit_equal(endor.decompress(endor.compress(dense, values="raw"), backend="triton"), dense)
 
 
 def special_values(dtype) -> torch.Tensor:
@@ -107,7 +107,7 @@ def special_values(dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_special_values_keep_their_bits(dtype):
     dense = special_values(dtype)
-    out = endor.decompress(endor.compress(dense), backend="triton")
+    out = endor.decompress(endor.compress(dense, values="raw"), backend="triton")
     assert bit_equal(out, dense)
 
 
@@ -126,7 +126,7 @@ def raw_tensors(draw):
 @settings(max_examples=15, deadline=None)
 @given(raw_tensors())
 def test_any_bit_patterns(t):
-    et = endor.compress(t)
+    et = endor.compress(t, values="raw")
     out = garbage_like(et)
     triton_decode.decode(et, out)
     assert bit_equal(out, t)
@@ -134,7 +134,7 @@ def test_any_bit_patterns(t):
 
 def test_out_buffer_is_filled_in_place():
     dense = sparse_tensor((65, 70), torch.bfloat16, 0.5, seed=1)
-    et = endor.compress(dense)
+    et = endor.compress(dense, values="raw")
     buf = garbage_like(et)
     out = endor.decompress(et, out=buf, backend="triton")
     assert out.data_ptr() == buf.data_ptr() and out.shape == dense.shape
@@ -143,7 +143,7 @@ def test_out_buffer_is_filled_in_place():
 
 def test_nothing_is_written_past_the_last_element():
     dense = sparse_tensor((4096 + 13,), torch.float16, 0.3, seed=2)
-    et = endor.compress(dense)
+    et = endor.compress(dense, values="raw")
     buf = garbage_like(et, extra=4096)
     triton_decode.decode(et, buf[:et.numel])
     assert bit_equal(buf[:et.numel], dense)
@@ -154,7 +154,7 @@ def test_nothing_is_written_past_the_last_element():
 @pytest.mark.parametrize("num_warps", [1, 4, 8])
 def test_launch_parameters_do_not_change_the_result(tiles_per_program, num_warps):
     dense = sparse_tensor((7 * 4096 + 5,), torch.float32, 0.5, seed=4)
-    et = endor.compress(dense)
+    et = endor.compress(dense, values="raw")
     out = garbage_like(et)
     triton_decode.decode(et, out, num_warps=num_warps, tiles_per_program=tiles_per_program)
     assert bit_equal(out, dense)
@@ -164,7 +164,7 @@ def test_launch_parameters_do_not_change_the_result(tiles_per_program, num_warps
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_valid_tensors_pass_both_checks(shape):
-    et = endor.compress(sparse_tensor(shape, torch.float16, 0.5, seed=5))
+    et = endor.compress(sparse_tensor(shape, torch.float16, 0.5, seed=5), values="raw")
     ok = triton_decode.validate_tiles(et)
     assert ok.dtype == torch.bool and ok.dim() == 0 and bool(ok)
     assert bool(triton_decode.decode_and_validate(et, garbage_like(et)))
@@ -191,7 +191,7 @@ def crafted_tile_indexes(et):
 @pytest.mark.parametrize("case", ["past_end", "before_start", "shifted", "huge"])
 def test_crafted_tile_index_never_reads_out_of_bounds(dtype, case):
     dense = sparse_tensor((3 * 4096 + 100,), dtype, 0.4, seed=6)
-    et = endor.compress(dense)
+    et = endor.compress(dense, values="raw")
     crafted = with_parts(et, values=fenced_values(et), tiles=crafted_tile_indexes(et)[case])
     out = garbage_like(crafted)
     ok = triton_decode.decode_and_validate(crafted, out)
@@ -204,7 +204,7 @@ def test_crafted_tile_index_never_reads_out_of_bounds(dtype, case):
 
 def test_popcount_mismatch_in_one_tile_is_flagged():
     dense = sparse_tensor((2 * 4096,), torch.bfloat16, 0.5, seed=7)
-    et = endor.compress(dense)
+    et = endor.compress(dense, values="raw")
     bitmap = et.bitmap.clone()
     bitmap[600] ^= 0x10  # one bit flipped in tile 1: its popcount no longer matches
     crafted = with_parts(et, bitmap=bitmap, values=fenced_values(et))
@@ -216,7 +216,7 @@ def test_popcount_mismatch_in_one_tile_is_flagged():
 
 def test_set_padding_bits_are_flagged_and_not_decoded():
     dense = sparse_tensor((4096 + 11,), torch.float16, 0.5, seed=8)
-    et = endor.compress(dense)
+    et = endor.compress(dense, values="raw")
     bitmap = et.bitmap.clone()
     bitmap[-1] |= 0x80  # bit of element 4096 + 15, past the last element
     crafted = with_parts(et, bitmap=bitmap)
@@ -228,11 +228,11 @@ def test_set_padding_bits_are_flagged_and_not_decoded():
 
 
 def test_tile_index_ends_are_checked():
-    et = endor.compress(sparse_tensor((5000,), torch.float32, 0.5, seed=9))
+    et = endor.compress(sparse_tensor((5000,), torch.float32, 0.5, seed=9), values="raw")
     tiles = et.tiles.clone()
     tiles[0] = 1
     assert not bool(triton_decode.validate_tiles(with_parts(et, tiles=tiles)))
-    empty = endor.compress(torch.empty(0))
+    empty = endor.compress(torch.empty(0), values="raw")
     assert bool(triton_decode.validate_tiles(empty))
     assert not bool(triton_decode.validate_tiles(
         with_parts(empty, tiles=torch.tensor([1], dtype=torch.int64))))
@@ -241,7 +241,7 @@ def test_tile_index_ends_are_checked():
 # ------------------------------------------------------------------ errors and availability
 
 def test_malformed_parts_raise_format_error():
-    et = endor.compress(sparse_tensor((100,), torch.float16, 0.5, seed=10))
+    et = endor.compress(sparse_tensor((100,), torch.float16, 0.5, seed=10), values="raw")
     out = torch.empty(100, dtype=torch.float16)
     with pytest.raises(endor.FormatError, match="bitmap"):
         triton_decode.decode(with_parts(et, bitmap=et.bitmap[:-1]), out)
@@ -252,7 +252,7 @@ def test_malformed_parts_raise_format_error():
 
 
 def test_bad_arguments_raise():
-    et = endor.compress(sparse_tensor((100,), torch.float16, 0.5, seed=11))
+    et = endor.compress(sparse_tensor((100,), torch.float16, 0.5, seed=11), values="raw")
     with pytest.raises(ValueError, match="out"):
         triton_decode.decode(et, torch.empty(100, dtype=torch.float32))
     with pytest.raises(ValueError, match="out"):
@@ -270,10 +270,10 @@ def test_registered_and_available_only_where_it_can_run(monkeypatch):
     assert backend.available() == torch.cuda.is_available()
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="not available"):
-            endor.decompress(endor.compress(torch.ones(3)), backend="triton")
+            endor.decompress(endor.compress(torch.ones(3), values="raw"), backend="triton")
     else:
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            triton_decode.decode(endor.compress(torch.ones(3)), torch.empty(3))
+            triton_decode.decode(endor.compress(torch.ones(3), values="raw"), torch.empty(3))
 
 
 def test_import_endor_imports_no_triton():
@@ -292,7 +292,7 @@ LLM_SHAPE = (4096, 14336)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_bit_exact_at_llm_size(dtype):
     dense = sparse_tensor(LLM_SHAPE, dtype, 0.5, seed=12).cuda()
-    et = endor.compress(dense)
+    et = endor.compress(dense, values="raw")
     out = garbage_like(et).cuda()
     triton_decode.decode(et, out)
     assert bit_equal(out.view(LLM_SHAPE), dense)
@@ -306,7 +306,7 @@ def test_cuda_bit_exact_at_llm_size(dtype):
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_cuda_matches_reference_on_odd_shapes(shape, dtype, sparsity):
     dense = sparse_tensor(shape, dtype, sparsity, seed=13).cuda()
-    et = endor.compress(dense)
+    et = endor.compress(dense, values="raw")
     out = endor.decompress(et, backend="triton")
     assert bit_equal(out, dense)
     assert bit_equal(out, endor.decompress(et, backend="reference"))
@@ -316,13 +316,13 @@ def test_cuda_matches_reference_on_odd_shapes(shape, dtype, sparsity):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_special_values_keep_their_bits(dtype):
     dense = special_values(dtype).cuda()
-    assert bit_equal(endor.decompress(endor.compress(dense), backend="triton"), dense)
+    assert bit_equal(endor.decompress(endor.compress(dense, values="raw"), backend="triton"), dense)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", ["past_end", "before_start", "shifted", "huge"])
 def test_cuda_crafted_tile_index_never_reads_out_of_bounds(case):
-    et = endor.compress(sparse_tensor((3 * 4096 + 100,), torch.bfloat16, 0.4, seed=14).cuda())
+    et = endor.compress(sparse_tensor((3 * 4096 + 100,), torch.bfloat16, 0.4, seed=14).cuda(), values="raw")
     crafted = with_parts(et, values=fenced_values(et), tiles=crafted_tile_indexes(et)[case])
     out = garbage_like(et).cuda()
     ok = triton_decode.decode_and_validate(crafted, out)
@@ -334,7 +334,7 @@ def test_cuda_crafted_tile_index_never_reads_out_of_bounds(case):
 def test_cuda_decode_and_checks_need_no_host_sync():
     """Captured in a CUDA graph (which fails on any host sync), on a side stream."""
     dense = sparse_tensor((1000, 1003), torch.bfloat16, 0.5, seed=15).cuda()
-    et = endor.compress(dense)
+    et = endor.compress(dense, values="raw")
     out = torch.empty(et.numel, dtype=et.dtype, device="cuda")
     triton_decode.decode(et, out)  # compile and warm up outside the capture
     triton_decode.decode_and_validate(et, out)

@@ -13,7 +13,8 @@ from endor.format import EndorFile, save_file
 from endor.loading import load_in_memory
 from endor.moe import parse_expert_name
 from endor.runtime import load_model
-from endor.runtime.experts import Expert, ExpertLayer, ExpertTensor, decode_expert
+from endor.moe import ExpertNames
+from endor.runtime.experts import decode_expert, plan_experts
 from endor.format.equal import bit_equal
 from tests.helpers import DTYPES, sparse_tensor
 from tests.moe_models import ARCHS, save_moe
@@ -149,34 +150,33 @@ def test_a_cache_big_enough_hits_every_expert_after_the_first_run(moe):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 13), (830, 545)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
-def test_decode_expert_matches_the_reference_decoder(dtype, shape, sparsity):
+def test_decode_expert_matches_the_reference_decoder(tmp_path, dtype, shape, sparsity):
     inter, hidden = shape
-    weights = [sparse_tensor((inter, hidden), dtype, sparsity, seed=1),
-               sparse_tensor((inter, hidden), dtype, sparsity, seed=2),
-               sparse_tensor((hidden, inter), dtype, sparsity, seed=3)]
-    blobs, tensors, offset = [], [], 1  # an odd start: parts unaligned, as in files
-    blobs.append(torch.zeros(1, dtype=torch.uint8))
-    for w in weights:
-        et = compress(w)
-        parts = []
-        for part in (et.bitmap, et.values, et.tiles):
-            raw = part.clone().view(-1).view(torch.uint8) if part.numel() else \
-                torch.empty(0, dtype=torch.uint8)
-            parts.append((offset, offset + raw.numel(), part.dtype))
-            blobs.append(raw)
-            offset += raw.numel()
-        tensors.append(ExpertTensor(tuple(parts), w.shape, dtype, True, et.checksum))
-    image = torch.cat(blobs)
-    layer = ExpertLayer(0, "x", (), inter, hidden, dtype)
-    expert = Expert(0, image.numel(), tuple(tensors))
+    weights = {"x.experts.0.gate_proj.weight": sparse_tensor((inter, hidden), dtype, sparsity,
+                                                             seed=1),
+               "x.experts.0.up_proj.weight": sparse_tensor((inter, hidden), dtype, sparsity,
+                                                           seed=2),
+               "x.experts.0.down_proj.weight": sparse_tensor((hidden, inter), dtype, sparsity,
+                                                             seed=3)}
+    path = tmp_path / "e.safetensors"
+    save_file({"a": torch.zeros(1, dtype=torch.uint8),  # an odd start: parts unaligned
+               **{n: compress(w) for n, w in weights.items()}}, path, order=list(weights))
+    names = ExpertNames("x.experts", "x", 1, (tuple(weights),))
+    with EndorFile(path) as f:
+        layer = plan_experts(0, f, "", names, dtype)
+    expert = layer.experts[0]
+    with open(path, "rb") as fh:
+        fh.seek(expert.start)
+        image = torch.frombuffer(bytearray(fh.read(expert.nbytes)), dtype=torch.uint8)
     outs = {}
     for backend in ("reference", "auto"):
         gate_up = torch.empty(2 * inter, hidden, dtype=dtype)
         down = torch.empty(hidden, inter, dtype=dtype)
         decode_expert(layer, expert, image, gate_up, down, backend)
         outs[backend] = (gate_up, down)
-    assert bit_equal(outs["auto"][0], torch.cat(weights[:2]))
-    assert bit_equal(outs["auto"][1], weights[2])
+    w = list(weights.values())
+    assert bit_equal(outs["auto"][0], torch.cat(w[:2]))
+    assert bit_equal(outs["auto"][1], w[2])
     assert bit_equal(outs["reference"][0], outs["auto"][0])
     assert bit_equal(outs["reference"][1], outs["auto"][1])
 

@@ -35,7 +35,7 @@ def values_offset(path):
     """Absolute offset of the middle of the first Endor values part in a shard."""
     with endor.open_file(path) as f:
         name = next(n for n in f.keys() if f.is_compressed(n))
-        _, (start, end), _ = f.byte_ranges(name)
+        start, end = f.part_ranges(name)["values"]
     return (start + end) // 2
 
 
@@ -147,6 +147,30 @@ def test_corrupt_shard_fails_at_load(tiny, tmp_path):
     shard = shard_paths(broken)["layers.1"]
     flip_byte(shard, values_offset(shard))
     for budget in (0, None):  # streamed or resident: checked before any generation
+        with pytest.raises(endor.FormatError, match="checksum mismatch") as e:
+            load_model(broken, max_memory=budget)
+        assert shard.name in str(e.value)
+    assert endor_threads() == []
+
+
+def dense_offset(path):
+    """Absolute offset of the middle of the largest dense tensor in a shard."""
+    with endor.open_file(path) as f:
+        start, end = max((f.byte_ranges(n)[0] for n in f.keys() if not f.is_compressed(n)),
+                         key=lambda r: r[1] - r[0])
+    return (start + end) // 2
+
+
+@pytest.mark.parametrize("weights, group", [("endor", "layers.1"), ("endor", "rest"),
+                                            ("dense", "layers.1"), ("dense", "rest")])
+def test_corrupt_dense_tensor_fails_at_load(tiny, tmp_path, weights, group):
+    """Dense tensors carry a checksum too (format v2): a flipped byte in a norm, an embedding or
+    a dense layer is an error at load, streamed or resident, never garbage tokens."""
+    path, _, _ = tiny("llama", weights)
+    broken = shutil.copytree(path, tmp_path / "ckpt")
+    shard = shard_paths(broken)[group]
+    flip_byte(shard, dense_offset(shard))
+    for budget in (0, None):
         with pytest.raises(endor.FormatError, match="checksum mismatch") as e:
             load_model(broken, max_memory=budget)
         assert shard.name in str(e.value)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import endor
+from endor.format.validate import Entry
 from endor.runtime.metrics import Metrics
 from endor.runtime.plan import LayerPlan, Part, TensorPlan
 from endor.runtime.reader import ShardReader
@@ -24,7 +25,7 @@ def test_decode_layer_stages_unaligned_parts_and_casts():
     """Parts at odd offsets (no typed view possible) are staged into the dense buffer; a dense
     tensor stored in another dtype is cast; an aligned one in the model dtype is a view."""
     w = sparse_tensor((7, 13), torch.float16, 0.5)
-    et = endor.compress(w)
+    et = endor.compress(w, values="raw")
     bias32 = torch.randn(13)
     norm = torch.randn(5, dtype=torch.float16)
     image = bytearray(4096)
@@ -36,7 +37,9 @@ def test_decode_layer_stages_unaligned_parts_and_casts():
     tensors = (
         TensorPlan("w", w.shape, torch.float16,
                    (Part(*b, torch.uint8), Part(*v, torch.float16, staging=0),
-                    Part(*t, torch.int64, staging=256)), True, et.checksum, 512),
+                    Part(*t, torch.int64, staging=256)), True, et.checksum, 512,
+                   Entry(et.shape, et.dtype, et.nnz, et.checksum, "raw", {}),
+                   ("bitmap", "values", "tiles")),
         TensorPlan("bias", bias32.shape, torch.float16, (Part(*d, torch.float32, staging=768),),
                    False, None, 896),
         TensorPlan("norm", norm.shape, torch.float16, (Part(*n, torch.float16),), False, None,

@@ -14,16 +14,17 @@ import numpy as np
 import torch
 
 from ..format import compress, spec
+from ..format.codecs import codec_names
 from ..format.equal import bit_equal
 from ..kernels import backends, decompress
-from . import harness
+from . import harness, peers
 
 NAME = "decode"
 DEFAULT_SHAPE = [8192, 8192]
 QUICK_SHAPE = [1024, 1024]
 HEADLINE = (torch.float16, 0.5)
-TABLE_COLUMNS = ["device", "dtype", "sparsity", "method", "output", "gbps", "ratio_vs_copy",
-                 "speedup_vs_numpy", "pct_of_hbm", "n"]
+TABLE_COLUMNS = ["device", "dtype", "sparsity", "values", "method", "output", "gbps",
+                 "ratio_vs_copy", "ratio_vs_raw", "speedup_vs_numpy", "pct_of_hbm", "n"]
 
 
 def add_arguments(parser) -> None:
@@ -41,6 +42,11 @@ def add_arguments(parser) -> None:
                         help="auto: the CPU, plus CUDA when there is one")
     parser.add_argument("--hbm-gbps", type=float, default=4800.0,
                         help="device memory peak for pct_of_hbm (default 4800, H200)")
+    parser.add_argument("--values", default="raw,exp",
+                        help="comma-separated value codecs to decode (default raw,exp: exp's "
+                             "rows carry ratio_vs_raw, same backend and output, same run)")
+    parser.add_argument("--zipnn", action="store_true",
+                        help="also time ZipNN's decompression of the same dense tensor (CPU)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -86,42 +92,67 @@ def _backends(device: torch.device, wanted: list[str] | None) -> list[str]:
             if name in wanted and device.type in b.device_types and b.available()]
 
 
-def _case(tensor, et, device, backend_names, *, with_numpy, hbm_gbps, warmup, repeat) -> list:
-    """Every row of one (device, dtype, sparsity): copies, numpy, each backend fresh and out=."""
+def _zipnn_rows(tensor, timed) -> list:
+    """ZipNN's decompression of the same dense tensor (its own threads), flagged lossless or
+    not: ZipNN 0.5.4 does not round-trip bfloat16 bit-exactly here, but its speed still bounds
+    what a Huffman decoder costs."""
+    from .peers import PEERS
+    zipnn = PEERS["zipnn"]
+    blob = zipnn.encode(tensor)
+    lossless = bit_equal(zipnn.decode(blob), tensor)
+    return [("-", "zipnn", "fresh", timed(lambda: zipnn.decode(blob)),
+             zipnn.nbytes(blob) + tensor.numel() * tensor.element_size(), lossless)]
+
+
+def _case(tensor, ets, device, backend_names, *, with_numpy, with_zipnn, hbm_gbps, warmup,
+          repeat) -> list:
+    """Every row of one (device, dtype, sparsity): copies, numpy, each codec's backends fresh
+    and out=, ZipNN."""
     dense = tensor.to(device)
-    et = et.to(device)
     dense_bytes = dense.numel() * dense.element_size()
-    read_bytes = sum(t.numel() * t.element_size() for t in (et.bitmap, et.values, et.tiles))
     reused = torch.empty_like(dense)
     timed = lambda fn: harness.measure(fn, warmup=warmup, repeat=repeat, device=device)  # noqa
 
-    rows = [("copy", "fresh", timed(lambda: torch.empty_like(dense).copy_(dense)), 2 * dense_bytes),
-            ("copy", "out", timed(lambda: reused.copy_(dense)), 2 * dense_bytes)]
-    if with_numpy and device.type == "cpu":
-        decode = numpy_decoder(et)
-        if not bit_equal(decode(), tensor):
-            raise RuntimeError("the numpy baseline did not decode bit-exactly")
-        rows.append(("numpy", "fresh", timed(decode), read_bytes + dense_bytes))
-    for name in backend_names:
-        if not bit_equal(decompress(et, backend=name), tensor):
-            raise RuntimeError(f"backend {name!r} did not decode bit-exactly on {device}")
-        rows.append((name, "fresh", timed(lambda: decompress(et, backend=name)),
-                     read_bytes + dense_bytes))
-        rows.append((name, "out", timed(lambda: decompress(et, backend=name, out=reused)),
-                     read_bytes + dense_bytes))
+    rows = [("-", "copy", "fresh", timed(lambda: torch.empty_like(dense).copy_(dense)),
+             2 * dense_bytes, True),
+            ("-", "copy", "out", timed(lambda: reused.copy_(dense)), 2 * dense_bytes, True)]
+    for codec, et in ets.items():
+        et = et.to(device)
+        read_bytes = et.nbytes
+        if with_numpy and device.type == "cpu" and codec == "raw":
+            decode = numpy_decoder(et)
+            if not bit_equal(decode(), tensor):
+                raise RuntimeError("the numpy baseline did not decode bit-exactly")
+            rows.append((codec, "numpy", "fresh", timed(decode), read_bytes + dense_bytes, True))
+        for name in backend_names:
+            if not backends()[name].handles(codec):
+                continue
+            if not bit_equal(decompress(et, backend=name), tensor):
+                raise RuntimeError(f"backend {name!r} did not decode {codec} bit-exactly on "
+                                   f"{device}")
+            rows.append((codec, name, "fresh", timed(lambda: decompress(et, backend=name)),
+                         read_bytes + dense_bytes, True))
+            rows.append((codec, name, "out",
+                         timed(lambda: decompress(et, backend=name, out=reused)),
+                         read_bytes + dense_bytes, True))
+    if with_zipnn and device.type == "cpu":
+        rows.extend(_zipnn_rows(tensor, timed))
 
-    copy = {output: stats for method, output, stats, _ in rows if method == "copy"}
-    numpy_s = next((s.median_s for m, _, s, _ in rows if m == "numpy"), None)
+    copy = {output: stats for _, method, output, stats, _, _ in rows if method == "copy"}
+    numpy_s = next((s.median_s for _, m, _, s, _, _ in rows if m == "numpy"), None)
+    raw_s = {(m, o): s.median_s for c, m, o, s, _, _ in rows if c == "raw"}
     results = []
-    for method, output, stats, moved in rows:
+    for codec, method, output, stats, moved, lossless in rows:
         rw_gbps = stats.gbps(moved)
+        raw = raw_s.get((method, output)) if codec not in ("raw", "-") else None
         results.append({
-            "device": device.type, "method": method, "output": output,
+            "device": device.type, "values": codec, "method": method, "output": output,
             "gbps": stats.gbps(dense_bytes), "rw_gbps": rw_gbps,
             "ratio_vs_copy": stats.median_s / copy[output].median_s,
+            "ratio_vs_raw": raw / stats.median_s if raw else None,
             "speedup_vs_numpy": numpy_s / stats.median_s if numpy_s else None,
             "pct_of_hbm": 100 * rw_gbps / hbm_gbps if device.type == "cuda" else None,
-            "dense_bytes": dense_bytes, "read_bytes": moved - dense_bytes,
+            "dense_bytes": dense_bytes, "read_bytes": moved - dense_bytes, "lossless": lossless,
             **stats.as_dict(),
         })
     return results
@@ -133,25 +164,33 @@ def run(args) -> dict:
     if math.prod(shape) == 0:
         raise ValueError(f"--shape {shape} has no elements")
     wanted = [x.strip() for x in args.backends.split(",")] if args.backends else None
+    codecs = [x.strip() for x in args.values.split(",") if x.strip()]
+    unknown = sorted(set(codecs) - set(codec_names()))
+    if unknown or not codecs:
+        raise ValueError(f"--values {args.values!r}: choose from {codec_names()}")
+    if args.zipnn and not peers.PEERS["zipnn"].available():
+        raise ValueError("--zipnn: the zipnn package is not installed (pip install zipnn)")
     devices = _devices(args.device)
     per_device = {d.type: _backends(d, wanted) for d in devices}
     results = []
     for dtype in args.dtypes:
         for sparsity in args.sparsities:
             tensor = harness.random_sparse(shape, dtype, sparsity, seed=args.seed)
-            et = compress(tensor)
+            ets = {codec: compress(tensor, values=codec) for codec in codecs}
             with_numpy = args.numpy == "all" or (args.numpy == "headline"
                                                  and (dtype, sparsity) == HEADLINE)
             for device in devices:
-                for row in _case(tensor, et, device, per_device[device.type],
-                                 with_numpy=with_numpy, hbm_gbps=args.hbm_gbps,
-                                 warmup=args.warmup, repeat=args.repeat):
+                for row in _case(tensor, ets, device, per_device[device.type],
+                                 with_numpy=with_numpy, with_zipnn=args.zipnn,
+                                 hbm_gbps=args.hbm_gbps, warmup=args.warmup,
+                                 repeat=args.repeat):
                     results.append({"dtype": harness.dtype_name(dtype), "sparsity": sparsity,
                                     "numel": tensor.numel(), **row})
-            del tensor, et
+            del tensor, ets
     params = {"load_avg": {"before": load_before, "after": harness.system_load()},
               "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
               "sparsities": list(args.sparsities), "backends": per_device,
               "numpy": args.numpy, "hbm_gbps": args.hbm_gbps, "seed": args.seed,
+              "values": codecs, "zipnn_version": peers.zipnn_version() if args.zipnn else None,
               "quick": args.quick, "warmup": args.warmup, "repeat": args.repeat}
     return harness.envelope(NAME, params, results, table_columns=TABLE_COLUMNS)

@@ -23,7 +23,7 @@ NAME = "formats"
 DEFAULT_SHAPE = [4096, 4096]
 QUICK_SHAPE = [128, 512]
 TABLE_COLUMNS = ["dtype", "sparsity", "format", "bits_per_element", "bits_bound",
-                 "compression_ratio", "decode_gbps", "decode_vs_copy", "n"]
+                 "compression_ratio", "decode_gbps", "decode_vs_copy", "lossless", "n"]
 
 
 def add_arguments(parser) -> None:
@@ -36,6 +36,9 @@ def add_arguments(parser) -> None:
                         help="comma-separated sparsities (default 0.5,0.6,0.7)")
     parser.add_argument("--formats", default=None,
                         help="comma-separated subset of: " + ", ".join(format_names()))
+    parser.add_argument("--source", choices=("random", "normal-magnitude"), default="random",
+                        help="random: randn with random zeros; normal-magnitude: normal(0, 0.02) "
+                             "pruned by magnitude, like a pruned LLM weight (default: random)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -47,25 +50,31 @@ class Codec:
     encode: Callable[[torch.Tensor], object]
     decode: Callable[[object], torch.Tensor]
     nbytes: Callable[[object], int]
+    must_be_exact: bool = True
 
 
 def codecs() -> list[Codec]:
     auto = choose("auto", torch.device("cpu")).name
+    auto_exp = choose("auto", torch.device("cpu"), "exp").name
     found = [
         Codec("dense", "dense copy (torch clone): the memcpy baseline", lambda t: t,
               lambda t: t.clone(), lambda t: t.numel() * t.element_size()),
-        Codec("endor", f"endor.decompress backend auto ({auto})", compress,
-              decompress, lambda et: et.nbytes),
-        Codec("endor-reference", "endor.decompress backend reference", compress,
+        Codec("endor", f"endor, raw values (v1's), backend auto ({auto})",
+              lambda t: compress(t, values="raw"), decompress, lambda et: et.nbytes),
+        Codec("endor-exp", f"endor, exp-coded values, backend auto ({auto_exp})",
+              lambda t: compress(t, values="exp"), decompress, lambda et: et.nbytes),
+        Codec("endor-reference", "endor raw values, backend reference",
+              lambda t: compress(t, values="raw"),
               lambda et: decompress(et, backend="reference"), lambda et: et.nbytes),
     ]
     for p in peers.available_peers().values():
-        found.append(Codec(p.name, p.description, p.encode, p.decode, p.nbytes))
+        found.append(Codec(p.name, p.description, p.encode, p.decode, p.nbytes,
+                           p.must_be_exact))
     return found
 
 
 def format_names() -> list[str]:
-    return ["dense", "endor", "endor-reference", *peers.PEERS]
+    return ["dense", "endor", "endor-exp", "endor-reference", *peers.PEERS]
 
 
 def bits_bound(dtype: torch.dtype, sparsity: float) -> float:
@@ -77,7 +86,8 @@ def measure_codec(codec: Codec, tensor: torch.Tensor, *, warmup: int, repeat: in
     t0 = time.perf_counter()
     encoded = codec.encode(tensor)
     encode_s = time.perf_counter() - t0
-    if not bit_equal(codec.decode(encoded), tensor):
+    lossless = bit_equal(codec.decode(encoded), tensor)
+    if not lossless and codec.must_be_exact:
         raise RuntimeError(f"format {codec.name!r} did not round-trip bit-exactly; its numbers "
                            "would be meaningless")
     stats = harness.measure(lambda: codec.decode(encoded), warmup=warmup, repeat=repeat)
@@ -89,8 +99,19 @@ def measure_codec(codec: Codec, tensor: torch.Tensor, *, warmup: int, repeat: in
         "decode_gbps": stats.gbps(dense_bytes),
         **stats.as_dict(),
         "encode_s": encode_s,
-        "lossless": True,
+        "lossless": lossless,
     }
+
+
+def make_tensor(source: str, shape, dtype, sparsity: float, seed: int) -> torch.Tensor:
+    if source == "random":
+        return harness.random_sparse(shape, dtype, sparsity, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.02
+    zeros = round(sparsity * w.numel())
+    if zeros:
+        w.view(-1)[w.abs().view(-1).argsort()[:zeros]] = 0
+    return w.to(dtype)
 
 
 def run(args) -> dict:
@@ -110,7 +131,8 @@ def run(args) -> dict:
     results = []
     for dtype in args.dtypes:
         for sparsity in args.sparsities:
-            tensor = harness.random_sparse(shape, dtype, sparsity, seed=args.seed)
+            tensor = make_tensor(getattr(args, "source", "random"), shape, dtype, sparsity,
+                                 args.seed)
             rows = [measure_codec(c, tensor, warmup=args.warmup, repeat=args.repeat)
                     for c in chosen]
             copy_gbps = rows[0]["decode_gbps"]
@@ -127,6 +149,9 @@ def run(args) -> dict:
               "sparsities": list(args.sparsities), "seed": args.seed, "quick": args.quick,
               "warmup": args.warmup, "repeat": args.repeat,
               "formats": {c.name: c.description for c in chosen}}
+    params["source"] = getattr(args, "source", "random")
+    if "zipnn" in params["formats"]:
+        params["zipnn_version"] = peers.zipnn_version()
     if "ct-bitmask" in params["formats"]:
         params["ct_bitmask_code"] = peers.ct_origin()
     return harness.envelope(NAME, params, results, table_columns=TABLE_COLUMNS)

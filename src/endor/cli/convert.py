@@ -61,6 +61,10 @@ def add_parser(sub):
     p.add_argument("--format", choices=("endor", "dense"), default="endor", dest="weights",
                    help="'dense' writes the pruned weights uncompressed, loadable by "
                         "transformers' from_pretrained (default: endor)")
+    p.add_argument("--values", choices=("exp", "raw"), default="exp",
+                   help="value codec of the Endor tensors: 'exp' codes each value's exponent in "
+                        "3 bits (lossless, about 6.5 bits per element at 50%% bf16), 'raw' keeps "
+                        "every bit (format v1's values, 9.02 bits) (default: exp)")
     p.add_argument("--keep-dense", nargs="+", action="extend", default=[], metavar="PATTERN",
                    help="leave decoder Linear weights whose name matches a glob pattern unpruned "
                         "and uncompressed, e.g. '*.mlp.down_proj.weight'")
@@ -91,7 +95,7 @@ def run(args) -> int:
     summary = convert(args.src, args.out, method=args.method, sparsity=args.sparsity,
                       nm=args.nm, calib_text=calib_text, weights=args.weights,
                       dense_patterns=args.keep_dense, resume=not args.overwrite,
-                      verify=args.verify, progress=not args.quiet, **extra)
+                      verify=args.verify, progress=not args.quiet, values=args.values, **extra)
     run_info = summary["run"]
     target = None if args.method == "none" else (
         1 - args.nm[0] / args.nm[1] if args.nm else args.sparsity)

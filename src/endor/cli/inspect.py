@@ -19,14 +19,29 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    print(f"{'tensor':<60} {'shape':<16} {'dtype':<9} {'stored':<6} {'sparsity':>8} "
+    print(f"{'tensor':<60} {'shape':<16} {'dtype':<9} {'values':<6} {'sparsity':>8} "
           f"{'bytes':>12}")
     for r in rows:
         sparsity = "" if r["sparsity"] is None else f"{r['sparsity']:.3f}"
+        kind = r["values_codec"] or "dense"
         print(f"{r['name']:<60} {str(r['shape']):<16} {r['dtype']:<9} "
-              f"{'endor' if r['compressed'] else 'dense':<6} {sparsity:>8} {r['stored_bytes']:>12}")
+              f"{kind:<6} {sparsity:>8} {r['stored_bytes']:>12}")
+    for line in codec_summary(rows):
+        print(line)
     stored = sum(r["stored_bytes"] for r in rows)
     dense = sum(r["dense_bytes"] for r in rows)
     print(f"{len(rows)} tensors, {stored / 1e6:.1f} MB stored, {dense / 1e6:.1f} MB dense "
           f"({dense / max(stored, 1):.2f}x){', verified' if args.verify else ''}")
     return 0
+
+
+def codec_summary(rows) -> list[str]:
+    """One line per value codec: bits per element over its Endor tensors."""
+    lines = []
+    for codec in sorted({r["values_codec"] for r in rows if r["values_codec"]}):
+        mine = [r for r in rows if r["values_codec"] == codec]
+        stored = sum(r["stored_bytes"] for r in mine)
+        numel = sum(r["numel"] for r in mine)
+        lines.append(f"values {codec}: {len(mine)} tensors, "
+                     f"{8 * stored / max(numel, 1):.3f} bits per element")
+    return lines

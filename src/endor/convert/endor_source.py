@@ -4,7 +4,7 @@ interface as source.SourceCheckpoint, every tensor dense on read.
     convert(hf_dir, A, method="wanda", weights="endor")   # prune once
     convert(A, B, method="none", weights="dense")         # the dense twin, not pruned again
 
-An Endor tensor is read one at a time: its three parts with positioned reads (no mmap, so RSS
+An Endor tensor is read one at a time: its parts with positioned reads (no mmap, so RSS
 does not grow with the model), rules 5 and 7 checked (tile index, checksum), then decompressed
 (the decoder checks rule 6). The manifest's pruning settings carry over as `prior_pruning`, so
 the converted checkpoint still says how its weights were pruned."""
@@ -18,9 +18,9 @@ import torch
 
 from ..checkpoint import MANIFEST, Checkpoint
 from ..errors import FormatError
-from ..format import EndorTensor, spec
+from ..format import spec
 from ..format.header import StoredTensor
-from ..format.io import check_compressed
+from ..format.io import check_compressed, check_dense, endor_tensor
 from ..format.spec import SAFETENSORS_DTYPES
 from ..kernels import decompress
 from .source import SourceCheckpoint, fingerprint, read_stored
@@ -33,8 +33,11 @@ class _Entry:
     file: str
     shape: tuple
     dtype: torch.dtype
-    parts: tuple  # StoredTensor of the dense tensor, or of bitmap, values, tiles
-    checksum: str | None  # None for a dense tensor
+    parts: tuple  # StoredTensor of the dense tensor, or of an Endor tensor's parts
+    checksum: str | None  # None for a dense tensor of a file without stored checksums
+    entry: object = None  # an Endor tensor's metadata entry (format.validate.Entry)
+    suffixes: tuple = ()  # an Endor tensor's part suffixes, in `parts` order
+    version: int = 2
 
     @property
     def nbytes(self) -> int:
@@ -62,14 +65,17 @@ class EndorSource:
     def _entry(self, file: str, f, name: str) -> _Entry:
         stored = f.header.tensors
         if f.is_compressed(name):
-            shape, dtype, _, digest = f.entry(name)
-            parts = tuple(stored[p] for p in spec.part_names(name))
-            return _Entry(file, tuple(shape), dtype, parts, digest)
+            entry = f.entry(name)
+            suffixes = tuple(f.part_suffixes(name))
+            parts = tuple(stored[spec.part_name(name, s)] for s in suffixes)
+            return _Entry(file, tuple(entry.shape), entry.dtype, parts, entry.checksum, entry,
+                          suffixes, f.version or 1)
         st: StoredTensor = stored[name]
         if st.dtype not in SAFETENSORS_DTYPES:
             raise FormatError(f"dtype {st.dtype} is not supported", path=self.path / file,
                               tensor=name)
-        return _Entry(file, tuple(st.shape), SAFETENSORS_DTYPES[st.dtype], (st,), None)
+        return _Entry(file, tuple(st.shape), SAFETENSORS_DTYPES[st.dtype], (st,),
+                      f.dense_checksum(name))
 
     def _prior_pruning(self) -> list:
         """How the weights were pruned before this conversion: the source's own prior pruning,
@@ -111,10 +117,11 @@ class EndorSource:
         entry = self._get(name)
         path = self.path / entry.file
         parts = [read_stored(path, part, name) for part in entry.parts]
-        if entry.checksum is None:
+        if entry.entry is None:
+            check_dense(parts[0], entry.parts[0], entry.checksum, name=name, path=path)
             return parts[0]
-        et = check_compressed(EndorTensor(torch.Size(entry.shape), entry.dtype, *parts,
-                                          entry.checksum), name=name, path=path)
+        et = check_compressed(endor_tensor(entry.entry, dict(zip(entry.suffixes, parts)),
+                                           entry.version), name=name, path=path)
         try:
             return decompress(et)
         except FormatError as e:

@@ -20,6 +20,7 @@ import torch
 from ..checkpoint import INDEX, MANIFEST, CheckpointWriter
 from ..errors import FormatError
 from ..format import EndorTensor, open_file, spec
+from ..format.checksum import dense_checksum
 from ..format.spec import SAFETENSORS_DTYPES
 from .summary import read_shard_metadata
 
@@ -233,7 +234,7 @@ def verify_shard(path: Path, expected: dict) -> None:
     """Re-read a shard just written and compare every tensor bit for bit with what was meant
     (`expected`: {name: dense tensor or the EndorTensor that was written}). The file is opened
     as a reader would (layout rules checked); an Endor tensor's header entry must be the one
-    written and its three parts on disk must be its parts byte for byte, so the file decodes to
+    written and its parts on disk must be its parts byte for byte, so the file decodes to
     what the EndorTensor decodes to (which the caller checked against the weight); dense
     tensors are compared byte by byte. All reads are chunked positioned reads. A shard that
     fails is deleted (so a rerun writes it again) and the error raised."""
@@ -242,6 +243,7 @@ def verify_shard(path: Path, expected: dict) -> None:
             names = set(f.keys())
             stored = f.header.tensors
             entries = {n: f.entry(n) for n in names if f.is_compressed(n)}
+            dense_sums = {n: f.dense_checksum(n) for n in names if not f.is_compressed(n)}
         if names != set(expected):
             raise FormatError(f"verification failed: the shard holds {sorted(names)}, expected "
                               f"{sorted(expected)}", path=path)
@@ -249,13 +251,16 @@ def verify_shard(path: Path, expected: dict) -> None:
             if isinstance(want, EndorTensor):
                 entry = entries.get(name)
                 same = (entry is not None
-                        and (list(entry[0]), entry[1], entry[2], entry[3])
-                        == (list(want.shape), want.dtype, want.nnz, want.checksum)
-                        and all(_stored_as(path, stored.get(part_name), part)
-                                for part_name, part in zip(spec.part_names(name), (
-                                    want.bitmap, want.values, want.tiles))))
+                        and (list(entry.shape), entry.dtype, entry.nnz, entry.checksum,
+                             entry.codec, entry.params)
+                        == (list(want.shape), want.dtype, want.nnz, want.checksum,
+                            want.values_codec, dict(want.codec_params))
+                        and all(_stored_as(path, stored.get(spec.part_name(name, suffix)), part)
+                                for suffix, part in want.stored_parts().items()))
             else:
-                same = _stored_as(path, stored.get(name), want)
+                same = (_stored_as(path, stored.get(name), want)
+                        and dense_sums.get(name) == dense_checksum(
+                            spec.SAFETENSORS_NAMES[want.dtype], want.shape, want))
             if not same:
                 raise FormatError("verification failed: the tensor read back differs from the "
                                   "one written (disk or encoder fault)", path=path, tensor=name)

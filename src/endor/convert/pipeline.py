@@ -33,6 +33,7 @@ from ..format import compress, load_file
 from ..format.equal import bit_equal
 from ..format.spec import DTYPES, INT_OF_SIZE
 from ..kernels import decompress
+from ..format.codecs import codec_names
 from ..moe import parse_expert_name, to_model_names
 from ..prune import METHODS, needs_calibration, needs_hessian, prune_weight
 from ..prune.nm import check_nm
@@ -40,6 +41,8 @@ from . import calibrate, outdir
 from .endor_source import open_source
 from .structure import ModelLayout, build_layout, load_config
 from .summary import format_summary, shard_metadata, summarize
+
+DEFAULT_VALUES = "exp"  # value codec of the Endor tensors written (docs/FORMAT.md 1.1)
 
 REST = "rest"
 
@@ -115,7 +118,7 @@ class _Conversion:
             if name in self.layout.linear_weights:
                 self.nnz[name] = _count_nonzero(t)
             return t
-        et = compress(t)
+        et = compress(t, values=self.settings["values"])
         self.nnz[name] = et.nnz
         if self.verify and not bit_equal(decompress(et), t):
             raise FormatError("verification failed: the compressed tensor does not decode to "
@@ -255,13 +258,14 @@ def _expert_order(stored: dict) -> list[str] | None:
 
 
 def _settings(source, layout, method, sparsity, nm, weights, patterns, calib_text, samples,
-              seqlen):
+              seqlen, values):
     calibration = None
     if needs_calibration(method):
         calibration = {"text_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
                        "samples": samples, "seqlen": seqlen, "dtype": "float32"}
     settings = {"method": method, "sparsity": None if method == "none" else float(sparsity),
                 "nm": None if nm is None else list(nm), "weights": weights,
+                "values": values if weights == "endor" else None,
                 "dense_patterns": sorted(patterns), "calibration": calibration,
                 "source": source.fingerprint()}
     if layout.moe_layers and method != "none":
@@ -297,7 +301,7 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
             calib_text: str | None = None, weights: str = "endor", dense_patterns=None,
             resume: bool = True, verify: bool = True, progress: bool = True,
             calib_samples: int = calibrate.DEFAULT_SAMPLES,
-            calib_seqlen: int = calibrate.DEFAULT_SEQLEN) -> dict:
+            calib_seqlen: int = calibrate.DEFAULT_SEQLEN, values: str = DEFAULT_VALUES) -> dict:
     """Prune (method "none" keeps the weights as they are) and compress the model `src` into
     the checkpoint directory `out`. Returns the summary (also stored in `out/endor.json`) plus a
     "run" entry with this run's timing. See docs/FORMAT.md section 2 for the layout.
@@ -305,11 +309,14 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     `src` is an HF model directory, a .gguf file or alias (see resolve_source), or an Endor
     checkpoint directory, read decompressed: `convert(A, B, method="none", weights="dense")`
     makes the dense twin of the pruned checkpoint A without pruning again (B's manifest lists
-    A's pruning under "prior_pruning")."""
+    A's pruning under "prior_pruning"). `values` is the value codec of the Endor tensors
+    ("exp" or "raw", docs/FORMAT.md section 1.1)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if weights not in ("endor", "dense"):
         raise ValueError(f"weights must be 'endor' or 'dense', got {weights!r}")
+    if values not in codec_names():
+        raise ValueError(f"values must be one of {codec_names()}, got {values!r}")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
             or not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r}")
@@ -326,8 +333,8 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     source = open_source(src_dir)
     layout = build_layout(load_config(src_dir))
     sparse = _sparse_names(source, layout, patterns)
-    settings = _settings(source, layout, method, sparsity, nm, weights, patterns, calib_text or "",
-                         calib_samples, calib_seqlen)
+    settings = _settings(source, layout, method, sparsity, nm, weights, patterns,
+                         calib_text or "", calib_samples, calib_seqlen, values)
 
     groups = [f"layers.{i}" for i in range(layout.num_layers)] + [REST]
     with outdir.replacing(out, replace=not resume) as work:

@@ -19,6 +19,10 @@ class Backend:
     device_types: tuple[str, ...]
     decode: Callable[[EndorTensor, torch.Tensor], None]  # (et on device, flat out) -> None
     available: Callable[[], bool]
+    codecs: tuple[str, ...] | None = ("raw",)  # value codecs it decodes; None: every codec
+
+    def handles(self, codec: str) -> bool:
+        return self.codecs is None or codec in self.codecs
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -33,11 +37,13 @@ def backends() -> dict[str, Backend]:
     return dict(_BACKENDS)
 
 
-def choose(backend: str, device: torch.device) -> Backend:
+def choose(backend: str, device: torch.device, codec: str = "raw") -> Backend:
+    """The backend for `backend` on `device`; "auto" (and a named backend that does not
+    decode `codec`) falls back to the reference decoder, which decodes every codec."""
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("reference",)):
             b = _BACKENDS.get(name)
-            if b is not None and b.available():
+            if b is not None and b.available() and b.handles(codec):
                 return b
         return _BACKENDS["reference"]
     b = _BACKENDS.get(backend)
@@ -50,7 +56,7 @@ def choose(backend: str, device: torch.device) -> Backend:
     if not b.available():
         raise ValueError(f"backend {backend!r} is not available here ({b.name} needs its "
                          "compiled extension / triton); use backend='auto'")
-    return b
+    return b if b.handles(codec) else _BACKENDS["reference"]
 
 
 def decompress(et: EndorTensor, *, device=None, out: torch.Tensor | None = None,
@@ -68,7 +74,7 @@ def decompress(et: EndorTensor, *, device=None, out: torch.Tensor | None = None,
                              f"{et.dtype}[{et.numel}] on {device}")
         if not out.is_contiguous():
             raise ValueError("out must be contiguous")
-    chosen = choose(backend, device)
+    chosen = choose(backend, device, et.values_codec)
     et = et.to(device, non_blocking=True)
     if out is None:
         out = torch.empty(et.numel, dtype=et.dtype, device=device)
@@ -77,4 +83,4 @@ def decompress(et: EndorTensor, *, device=None, out: torch.Tensor | None = None,
     return out.view(et.shape)
 
 
-register(Backend("reference", ("cpu", "cuda"), reference.decode, lambda: True))
+register(Backend("reference", ("cpu", "cuda"), reference.decode, lambda: True, codecs=None))

@@ -11,8 +11,10 @@ import torch
 
 from ..errors import FormatError
 from . import spec
-from .checksum import checksum
+from .codecs import codec_names, get_codec
 from .tensor import EndorTensor
+
+DEFAULT_CODEC = "exp"  # docs/FORMAT.md 1.1; "raw" keeps every bit of every value
 
 _BIT_WEIGHTS = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8)
 # Elements per chunk of the CPU encoder: a whole number of tiles.
@@ -68,23 +70,30 @@ def _compress_cpu(flat: np.ndarray):
     return bitmap, values, tiles
 
 
-def compress(tensor: torch.Tensor) -> EndorTensor:
-    """Compress a float32/float16/bfloat16 tensor of any shape and sparsity, losslessly."""
+def compress(tensor: torch.Tensor, values: str = DEFAULT_CODEC) -> EndorTensor:
+    """Compress a float32/float16/bfloat16 tensor of any shape and sparsity, losslessly, its
+    non-zero values stored by value codec `values` (docs/FORMAT.md, section 1.2)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"endor.compress takes a torch.Tensor, got {type(tensor).__name__}")
+    if not isinstance(values, str) or values not in codec_names():
+        raise ValueError(f"values={values!r} is not a value codec; choose one of {codec_names()}")
     if tensor.dtype not in spec.INT_VIEW:
         raise FormatError(f"dtype {tensor.dtype} is not supported; use one of "
                           f"{', '.join(spec.DTYPES)} (cast the tensor first)")
     if tensor.dim() > spec.MAX_RANK:
         raise FormatError(f"rank {tensor.dim()} exceeds the format's maximum of {spec.MAX_RANK}")
+    codec = get_codec(values)
+    if tensor.dtype not in codec.dtypes:
+        raise ValueError(f"value codec {values!r} does not code {tensor.dtype}")
     flat = tensor.detach().contiguous().view(-1).view(spec.INT_VIEW[tensor.dtype])
     if flat.device.type == "cpu":
-        bitmap, values, tiles = (torch.from_numpy(a) for a in _compress_cpu(flat.numpy()))
-        values = values.view(tensor.dtype)
+        bitmap, nonzero, tiles = (torch.from_numpy(a) for a in _compress_cpu(flat.numpy()))
+        nonzero = nonzero.view(tensor.dtype)
     else:
         mask = flat != 0
-        values = flat[mask].view(tensor.dtype)
+        nonzero = flat[mask].view(tensor.dtype)
         bitmap = pack_bits(mask)
         tiles = tile_offsets(mask)
-    return EndorTensor(tensor.shape, tensor.dtype, bitmap, values, tiles,
-                       checksum(bitmap, values, tiles))
+    params, parts = codec.encode(nonzero, tiles)
+    return EndorTensor.from_codec(tensor.shape, tensor.dtype, bitmap, tiles, nonzero.numel(),
+                                  codec.name, params, parts)

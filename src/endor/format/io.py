@@ -19,7 +19,9 @@ from .decompress import decompress
 from .header import read_header
 from .read import read_stored
 from .tensor import EndorTensor
-from .validate import check_entry, check_tiles, expected_parts, parse_metadata
+from .checksum import dense_checksum
+from .validate import (Entry, check_dense_entry, check_entry, check_tiles, expected_parts,
+                       parse_metadata)
 
 
 def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None, *,
@@ -38,25 +40,32 @@ def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None,
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in user_meta.items()):
         raise ValueError("metadata must map str to str (as safetensors requires)")
     flat: dict[str, torch.Tensor] = {}
-    entries = {}
+    entries, dense = {}, {}
     for name, t in tensors.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
         if spec.is_part_name(name):
-            raise ValueError(f"tensor name {name!r} ends in a suffix reserved by the format "
-                             f"({', '.join(spec.PART_SUFFIXES)}); rename it")
+            raise ValueError(f"tensor name {name!r} ends in '{spec.PART_MARKER}<word>', which "
+                             "the format reserves for the parts of Endor tensors; rename it")
         if isinstance(t, EndorTensor):
+            t = t.upgraded()
             entries[name] = t.metadata()
-            for part_name, part in zip(spec.part_names(name), (t.bitmap, t.values, t.tiles)):
-                flat[part_name] = part.detach().cpu().contiguous()
+            for suffix, part in t.stored_parts().items():
+                flat[spec.part_name(name, suffix)] = part.detach().cpu().contiguous()
         elif isinstance(t, torch.Tensor):
-            flat[name] = t.detach().cpu().contiguous()
+            data = t.detach().cpu().contiguous()
+            if data.dtype not in spec.SAFETENSORS_NAMES:
+                raise ValueError(f"tensor {name!r} has dtype {data.dtype}, which safetensors "
+                                 "cannot store")
+            flat[name] = data
+            dense[name] = {"checksum": dense_checksum(spec.SAFETENSORS_NAMES[data.dtype],
+                                                      data.shape, data)}
         else:
             raise TypeError(f"tensor {name!r} is a {type(t).__name__}, expected a torch.Tensor "
                             "or an endor.EndorTensor")
-    if entries:
-        user_meta[spec.METADATA_KEY] = json.dumps(
-            {"format": spec.FORMAT_NAME, "version": spec.VERSION, "tensors": entries})
+    user_meta[spec.METADATA_KEY] = json.dumps(
+        {"format": spec.FORMAT_NAME, "version": spec.VERSION, "tensors": entries,
+         "dense": dense})
     tmp = path.with_name(path.name + ".tmp")
     try:
         if order is None:
@@ -81,9 +90,10 @@ def _storage_order(flat: dict, entries: dict, order: Sequence[str]) -> list[str]
         raise ValueError(f"order must list distinct tensor names of this file, got {unknown[:3]}")
 
     def stored(name):
-        if name in entries:
-            bitmap, values, tiles = spec.part_names(name)
-            return [tiles, values, bitmap]  # the 8-byte-aligned part first
+        if name in entries:  # every part of it (which parts: its codec's), tiles first
+            parts = sorted(n for n in flat if spec.is_part_name(n)
+                           and n.rsplit(spec.PART_MARKER, 1)[0] == name)
+            return sorted(parts, key=lambda n: not n.endswith(spec.PART_MARKER + "tiles"))
         return [name]
 
     last = [s for name in order for s in stored(name)]
@@ -183,27 +193,49 @@ class EndorFile:
             self._entries = self._check_layout()
         except FormatError as e:
             raise e.at(path=self.path) from None
-        self.dense_names = [n for n in self.header.tensors if not spec.is_part_name(n)]
+        self.dense_names = [n for n in self.header.tensors
+                            if not spec.is_part_name(n, self.version or 1)]
 
     def _check_layout(self) -> dict:
-        entries = {}
+        """Rules 2-4 and 8 -> {name: Entry}; sets version and the dense checksums."""
         stored = self.header.tensors
-        for name, raw in parse_metadata(self.header.metadata.get(spec.METADATA_KEY)).items():
+        meta = parse_metadata(self.header.metadata.get(spec.METADATA_KEY))
+        self.version = meta.version if meta is not None else None
+        version = self.version or 1
+        self._dense_checksums = {}
+        entries = {}
+        for name, raw in (meta.tensors if meta is not None else {}).items():
             if name in stored:
                 raise FormatError("is both a dense tensor and an Endor tensor", tensor=name)
-            shape, dtype, nnz, digest = check_entry(name, raw)
-            for suffix, (st_dtype, st_shape) in expected_parts(shape, dtype, nnz).items():
-                part = stored.get(name + suffix)
+            entry = check_entry(name, raw, version)
+            for suffix, (st_dtype, st_shape) in expected_parts(entry, version).items():
+                part_name = spec.part_name(name, suffix)
+                part = stored.get(part_name)
                 if part is None:
-                    raise FormatError(f"part {name + suffix!r} is missing", tensor=name)
+                    raise FormatError(f"part {part_name!r} is missing", tensor=name)
                 if part.dtype != st_dtype or list(part.shape) != st_shape:
-                    raise FormatError(f"part {name + suffix!r} is {part.dtype}{list(part.shape)}, "
+                    raise FormatError(f"part {part_name!r} is {part.dtype}{list(part.shape)}, "
                                       f"expected {st_dtype}{st_shape}", tensor=name)
-            entries[name] = (shape, dtype, nnz, digest)
+            entries[name] = entry
         for name in stored:
-            if spec.is_part_name(name) and name.rsplit(".endor.", 1)[0] not in entries:
+            if spec.is_part_name(name, version) and not self._is_part_of(name, entries, version):
                 raise FormatError("is a format part with no metadata entry", tensor=name)
+        if meta is not None and meta.version >= 2:
+            dense_names = {n for n in stored if not spec.is_part_name(n, version)}
+            if set(meta.dense) != dense_names:
+                extra = sorted(set(meta.dense) - dense_names)
+                missing = sorted(dense_names - set(meta.dense))
+                raise FormatError(f"the 'dense' metadata does not list exactly the dense tensors "
+                                  f"(listed but absent: {extra[:3]}, present but unlisted: "
+                                  f"{missing[:3]})")
+            self._dense_checksums = {n: check_dense_entry(n, raw) for n, raw in meta.dense.items()}
         return entries
+
+    def _is_part_of(self, part_name: str, entries: dict, version: int) -> bool:
+        owner = spec.owner_name(part_name)
+        entry = entries.get(owner)
+        return (entry is not None and
+                part_name[len(owner) + len(spec.PART_MARKER):] in expected_parts(entry, version))
 
     def __enter__(self):
         return self
@@ -228,15 +260,33 @@ class EndorFile:
         """The user's metadata (the format's own entry removed)."""
         return {k: v for k, v in self.header.metadata.items() if k != spec.METADATA_KEY}
 
-    def entry(self, name: str):
-        """(shape, dtype, nnz, checksum) of an Endor tensor, from the header alone."""
+    def entry(self, name: str) -> Entry:
+        """The checked metadata entry of an Endor tensor (shape, dtype, nnz, checksum, codec,
+        params), from the header alone; unpacks as (shape, dtype, nnz, checksum)."""
         self._require(name)
         return self._entries[name]
+
+    def dense_checksum(self, name: str) -> str | None:
+        """A dense tensor's stored checksum (None in files without one: version 1, plain
+        safetensors)."""
+        self._require(name)
+        return self._dense_checksums.get(name)
+
+    def part_suffixes(self, name: str) -> list[str]:
+        """The stored parts of Endor tensor `name`, in checksum order ("bitmap", "tiles", ...)."""
+        return list(expected_parts(self.entry(name), self.version or 1))
+
+    def part_ranges(self, name: str) -> dict[str, tuple[int, int]]:
+        """Endor tensor `name`'s parts: suffix -> absolute [start, end) file range."""
+        return {s: (self.header.tensors[spec.part_name(name, s)].start,
+                    self.header.tensors[spec.part_name(name, s)].end)
+                for s in self.part_suffixes(name)}
 
     def byte_ranges(self, name: str) -> list[tuple[int, int]]:
         """Absolute [start, end) file ranges holding `name` (its parts, for an Endor tensor)."""
         self._require(name)
-        names = spec.part_names(name) if name in self._entries else (name,)
+        names = ([spec.part_name(name, s) for s in self.part_suffixes(name)]
+                 if name in self._entries else (name,))
         return [(self.header.tensors[n].start, self.header.tensors[n].end) for n in names]
 
     def _require(self, name: str) -> None:
@@ -251,22 +301,39 @@ class EndorFile:
     def get_compressed(self, name: str, *, verify: bool = True) -> EndorTensor:
         """One Endor tensor, compressed, on the CPU; checks rules 5 and 7 (unless verify=False,
         for callers that already checked)."""
-        shape, dtype, nnz, digest = self.entry(name)
+        entry = self.entry(name)
         if name not in self._entries:
             raise KeyError(f"{name!r} is a dense tensor in {self.path}; use get_tensor")
-        bitmap, values, tiles = (self._read(p) for p in spec.part_names(name))
-        et = EndorTensor(shape, dtype, bitmap, values, tiles, digest)
+        parts = {s: self._read(spec.part_name(name, s)) for s in self.part_suffixes(name)}
+        et = endor_tensor(entry, parts, self.version or 1)
         return check_compressed(et, name=name, path=self.path, verify=verify)
 
     def get_tensor(self, name: str, device="cpu", backend: str = "auto") -> torch.Tensor:
-        """One tensor, dense (decompressed if stored compressed)."""
+        """One tensor, dense (decompressed if stored compressed), its checksum verified."""
         self._require(name)
         if name in self._entries:
             try:
                 return decompress(self.get_compressed(name), device=device, backend=backend)
             except FormatError as e:
                 raise e.at(path=self.path, tensor=name) from None
-        return self._read(name).to(device)
+        t = self._read(name)
+        check_dense(t, self.header.tensors[name], self.dense_checksum(name), name=name,
+                    path=self.path)
+        return t.to(device)
+
+
+def endor_tensor(entry: Entry, parts: dict, version: int) -> EndorTensor:
+    """An EndorTensor from a checked entry and its parts by suffix (not yet checked: rules 5-7)."""
+    codec_parts = {s: p for s, p in parts.items() if s not in ("bitmap", "tiles")}
+    return EndorTensor(entry.shape, entry.dtype, parts["bitmap"], None, parts["tiles"],
+                       entry.checksum, entry.codec, entry.params, codec_parts, version, entry.nnz)
+
+
+def check_dense(t: torch.Tensor, stored, digest: str | None, *, name=None, path=None) -> None:
+    """Rule 7 for a dense tensor read from a file (`stored`: its header's StoredTensor); nothing
+    to check without a stored checksum."""
+    if digest is not None and dense_checksum(stored.dtype, stored.shape, t) != digest:
+        raise FormatError("checksum mismatch: the data is corrupt", path=path, tensor=name)
 
 
 def check_compressed(et: EndorTensor, *, name=None, path=None, verify=True) -> EndorTensor:

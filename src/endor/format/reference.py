@@ -4,6 +4,7 @@ import torch
 
 from ..errors import FormatError
 from . import spec
+from .codecs import get_codec
 from .encode import tile_offsets
 from .tensor import EndorTensor
 
@@ -22,6 +23,8 @@ def decode(et: EndorTensor, out: torch.Tensor) -> None:
     mask = unpack_bits(et.bitmap, et.numel)
     if not torch.equal(tile_offsets(mask), et.tiles):
         raise FormatError("bitmap popcounts disagree with the tile index (corrupt data)")
+    values = get_codec(et.values_codec).decode_values(et.codec_params, et.codec_parts, et.tiles,
+                                                      et.dtype)
     ints = out.view(spec.INT_VIEW[et.dtype])
     ints.zero_()
-    ints[mask] = et.values.view(spec.INT_VIEW[et.dtype])
+    ints[mask] = values.view(spec.INT_VIEW[et.dtype])

@@ -1,9 +1,12 @@
-"""Constants of the Endor format, version 1 (docs/FORMAT.md)."""
+"""Constants of the Endor format, versions 1 and 2 (docs/FORMAT.md)."""
+
+import re
 
 import torch
 
 FORMAT_NAME = "endor"
-VERSION = 1
+VERSION = 2  # what writers write
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "endor"
 TILE_SIZE = 4096  # elements per tile
 TILE_BITMAP_BYTES = TILE_SIZE // 8
@@ -14,7 +17,10 @@ MAX_HEADER_BYTES = 100_000_000
 BITMAP_SUFFIX = ".endor.bitmap"
 VALUES_SUFFIX = ".endor.values"
 TILES_SUFFIX = ".endor.tiles"
-PART_SUFFIXES = (BITMAP_SUFFIX, VALUES_SUFFIX, TILES_SUFFIX)
+PART_SUFFIXES = (BITMAP_SUFFIX, VALUES_SUFFIX, TILES_SUFFIX)  # version 1's only parts
+PART_MARKER = ".endor."
+# Version 2: a codec's part suffixes are lowercase words; any `NAME.endor.<word>` is reserved.
+_V2_PART = re.compile(r"\.endor\.[a-z0-9_]+$")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -41,8 +47,22 @@ def bitmap_bytes(numel: int) -> int:
 
 
 def part_names(name: str) -> tuple[str, str, str]:
+    """Version 1's stored names of an Endor tensor (and version 2's with the raw codec)."""
     return name + BITMAP_SUFFIX, name + VALUES_SUFFIX, name + TILES_SUFFIX
 
 
-def is_part_name(name: str) -> bool:
-    return name.endswith(PART_SUFFIXES)
+def part_name(name: str, suffix: str) -> str:
+    """Stored name of part `suffix` ("bitmap", "tiles" or a codec's own) of Endor tensor `name`."""
+    return name + PART_MARKER + suffix
+
+
+def is_part_name(name: str, version: int = VERSION) -> bool:
+    """Rule 8: whether `name` is reserved for the parts of Endor tensors."""
+    if version == 1:
+        return name.endswith(PART_SUFFIXES)
+    return _V2_PART.search(name) is not None
+
+
+def owner_name(part: str) -> str:
+    """The Endor tensor a part name belongs to."""
+    return part.rsplit(PART_MARKER, 1)[0]

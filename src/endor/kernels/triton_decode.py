@@ -188,7 +188,12 @@ def decode(et: EndorTensor, out: torch.Tensor, *, num_warps: int = DEFAULT_NUM_W
            tiles_per_program: int = DEFAULT_TILES_PER_PROGRAM) -> None:
     """Fill `out` (flat, contiguous, et.dtype, on et.device) with the dense tensor. Enqueued on
     the current CUDA stream: no host sync, no allocation. Bitmap popcounts are trusted (FORMAT.md
-    rule 6); call `validate_tiles` or use `decode_and_validate` for data read from a file."""
+    rule 6); call `validate_tiles` or use `decode_and_validate` for data read from a file.
+    Exp-coded tensors go to triton_exp (one tile per program)."""
+    if et.values_codec == "exp":
+        from . import triton_exp
+        triton_exp.decode(et, out, num_warps=num_warps)
+        return
     _launch(et, out, None, num_warps, tiles_per_program)
 
 
@@ -245,4 +250,4 @@ def validate_tiles(et: EndorTensor) -> torch.Tensor:
     return ok
 
 
-register(Backend("triton", ("cuda", "cpu"), decode, available))
+register(Backend("triton", ("cuda", "cpu"), decode, available, codecs=("raw", "exp")))

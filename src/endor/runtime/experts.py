@@ -31,8 +31,8 @@ import xxhash
 from torch import nn
 
 from ..errors import FormatError
-from ..format import EndorFile, EndorTensor, spec
-from ..format.io import check_compressed
+from ..format import EndorFile, spec
+from ..format.io import check_compressed, endor_tensor
 from ..format.spec import SAFETENSORS_DTYPES
 from ..kernels import decompress
 from ..moe import ExpertNames
@@ -45,11 +45,14 @@ READ_THREADS = 8  # expert reads in flight: top-k of a layer at once (threads wa
 @dataclass(frozen=True)
 class ExpertTensor:
     """One stored tensor of an expert; parts' [start, end) relative to the expert's start."""
-    parts: tuple  # ((start, end, dtype), ...): (bitmap, values, tiles) or (data,)
+    parts: tuple  # ((start, end, dtype), ...): an Endor tensor's parts (`suffixes`) or (data,)
     shape: torch.Size
     dtype: torch.dtype
     compressed: bool
     checksum: str | None
+    entry: object = None  # an Endor tensor's metadata entry (codec, params, nnz)
+    suffixes: tuple = ()
+    version: int = 2
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,12 @@ def plan_experts(index: int, f: EndorFile, prefix: str, names: ExpertNames,
         tensors, ranges = [], []
         for rel in triple:
             full = prefix + rel
+            entry, suffixes = None, ()
             if f.is_compressed(full):
-                shape, stored_dtype, _, digest = f.entry(full)
-                part_names = spec.part_names(full)
+                entry = f.entry(full)
+                shape, stored_dtype, digest = entry.shape, entry.dtype, entry.checksum
+                suffixes = tuple(f.part_suffixes(full))
+                part_names = tuple(spec.part_name(full, x) for x in suffixes)
             else:
                 st = f.header.tensors[full]
                 shape, digest = torch.Size(st.shape), None
@@ -100,7 +106,8 @@ def plan_experts(index: int, f: EndorFile, prefix: str, names: ExpertNames,
             parts = [(f.header.tensors[p].start, f.header.tensors[p].end,
                       SAFETENSORS_DTYPES[f.header.tensors[p].dtype]) for p in part_names]
             ranges += [(s, t) for s, t, _ in parts]
-            tensors.append((parts, torch.Size(shape), f.is_compressed(full), digest))
+            tensors.append((parts, torch.Size(shape), f.is_compressed(full), digest, entry,
+                            suffixes))
         start, end = min(s for s, _ in ranges), max(t for _, t in ranges)
         if sum(t - s for s, t in ranges) != end - start:
             raise FormatError(f"expert {e} of decoder layer {index} is not one contiguous byte "
@@ -108,7 +115,8 @@ def plan_experts(index: int, f: EndorFile, prefix: str, names: ExpertNames,
                               "again", path=f.path)
         experts.append(Expert(start, end, tuple(
             ExpertTensor(tuple((s - start, t - start, d) for s, t, d in parts), shape, dtype,
-                         compressed, digest) for parts, shape, compressed, digest in tensors)))
+                         compressed, digest, entry, suffixes, f.version or 1)
+            for parts, shape, compressed, digest, entry, suffixes in tensors)))
     gate, up, down = experts[0].tensors
     inter, hidden = gate.shape
     if up.shape != gate.shape or down.shape != (hidden, inter) or any(
@@ -141,8 +149,7 @@ def decode_expert(layer: ExpertLayer, expert: Expert, image: torch.Tensor, gate_
     for t, out in zip(expert.tensors, (flat[:n], flat[n:], down.view(-1))):
         parts = [_typed(image, s, e, d) for s, e, d in t.parts]
         if t.compressed:
-            bitmap, values, tiles = parts
-            et = EndorTensor(t.shape, values.dtype, bitmap, values, tiles, t.checksum)
+            et = endor_tensor(t.entry, dict(zip(t.suffixes, parts)), t.version)
             try:
                 decompress(et, out=out.view(t.shape), backend=backend)
             except FormatError as e:
@@ -187,9 +194,9 @@ class ExpertStore:
                 image = self._read(layer, expert, self._buffers[0])
                 for t in expert.tensors:
                     if t.compressed:
-                        bitmap, values, tiles = (_typed(image, s, x, d) for s, x, d in t.parts)
-                        check_compressed(EndorTensor(t.shape, values.dtype, bitmap, values,
-                                                     tiles, t.checksum), path=layer.file,
+                        parts = [_typed(image, s, x, d) for s, x, d in t.parts]
+                        check_compressed(endor_tensor(t.entry, dict(zip(t.suffixes, parts)),
+                                                      t.version), path=layer.file,
                                          name=f"layer {layer.index} expert {e}")
                 self.digests[(layer.index, e)] = xxhash.xxh3_64_intdigest(
                     memoryview(image.numpy()))

@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 import xxhash
 
-from .plan import Part
+from ..format.io import endor_tensor
+from ..format.tensor import EndorTensor
+from .plan import Part, TensorPlan
 
 
 def image_digest(image: torch.Tensor, nbytes: int) -> int:
@@ -21,3 +23,8 @@ def part_view(image: torch.Tensor, dense: torch.Tensor, part: Part) -> torch.Ten
         staged.copy_(raw)
         raw = staged
     return raw.view(part.dtype)
+
+
+def planned_tensor(tp: TensorPlan, parts: list[torch.Tensor]) -> EndorTensor:
+    """The EndorTensor of a planned compressed tensor, from views of its parts (any codec)."""
+    return endor_tensor(tp.entry, dict(zip(tp.suffixes, parts)), tp.version)

@@ -16,6 +16,7 @@ import torch
 from ..errors import FormatError
 from ..format import EndorFile, spec
 from ..format.spec import ITEMSIZE, SAFETENSORS_DTYPES
+from ..format.validate import Entry
 
 OUT_ALIGN = 64  # cache line: every dense output and staged part starts on one
 
@@ -69,11 +70,15 @@ class TensorPlan:
     name: str  # relative to the decoder layer module, e.g. "self_attn.q_proj.weight"
     shape: torch.Size
     dtype: torch.dtype  # the model's dtype for it
-    parts: tuple[Part, ...]  # (bitmap, values, tiles) of an Endor tensor, or (data,) of a dense one
+    parts: tuple[Part, ...]  # an Endor tensor's parts (in `entry`'s checksum order), or (data,)
     compressed: bool
-    checksum: str | None  # an Endor tensor's stored XXH3
+    checksum: str | None  # the stored XXH3 (None: a dense tensor of a file without checksums)
     out: int | None  # offset of the dense result in the slot's dense buffer; None: image view
-    stored: str = ""  # its name in the shard, relative to the layer, when it differs from name
+    entry: Entry | None = None  # an Endor tensor's metadata entry (codec, params, nnz)
+    suffixes: tuple[str, ...] = ()  # an Endor tensor's part suffixes, in `parts` order
+    version: int = 2  # format version of the file (its checksum rule)
+    stored: tuple = ()  # a dense tensor's safetensors (dtype name, shape), what its checksum covers
+    source_name: str = ""  # its name in the shard, relative to the layer, if not `name`
 
     @property
     def nbytes(self) -> int:
@@ -139,13 +144,17 @@ def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict, *, skip=()
     for rel in sorted(expected):
         shape, dtype = expected[rel]
         full = names[rel]
+        entry, suffixes, stored = None, (), ()
         if f.is_compressed(full):
-            stored_shape, stored_dtype, _, digest = f.entry(full)
-            parts = tuple(part(p) for p in spec.part_names(full))
+            entry = f.entry(full)
+            stored_shape, stored_dtype, digest = entry.shape, entry.dtype, entry.checksum
+            suffixes = tuple(f.part_suffixes(full))
+            parts = tuple(part(spec.part_name(full, s)) for s in suffixes)
             compressed = True
         else:
             st = f.header.tensors[full]
-            stored_shape, stored_dtype, digest = torch.Size(st.shape), SAFETENSORS_DTYPES[st.dtype], None
+            stored_shape, stored_dtype = torch.Size(st.shape), SAFETENSORS_DTYPES[st.dtype]
+            digest, stored = f.dense_checksum(full), (st.dtype, tuple(st.shape))
             parts = (part(full),)
             compressed = False
         if tuple(stored_shape) != tuple(shape):
@@ -161,9 +170,10 @@ def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict, *, skip=()
         in_place = (not any_compressed and stored_dtype == dtype
                     and parts[0].staging is None)
         out = None if in_place else reserve(math.prod(shape) * dtype.itemsize)
-        stored = full[len(prefix):]
+        stored_rel = full[len(prefix):]
         plans.append(TensorPlan(rel, torch.Size(shape), dtype, parts, compressed, digest, out,
-                                stored if stored != rel else ""))
+                                entry, suffixes, f.version or 1, stored,
+                                stored_rel if stored_rel != rel else ""))
     weight_bytes = sum(p.nbytes for p in plans)
     read = f.header.file_size
     if skip:

@@ -47,7 +47,7 @@ import torch
 from ..errors import FormatError
 from ..format.tensor import EndorTensor
 from ..kernels import decompress
-from .images import image_digest, part_view
+from .images import image_digest, part_view, planned_tensor
 from .metrics import LoadTimes, Metrics
 from .plan import LayerPlan
 from .reader import PendingRead, ShardReader, aligned_buffer
@@ -368,8 +368,7 @@ def decode_layer(plan: LayerPlan, image: torch.Tensor, dense: torch.Tensor,
         if tp.out is not None:
             out = dense[tp.out:tp.out + tp.nbytes].view(tp.dtype)
         if tp.compressed:
-            bitmap, values, tiles = parts
-            et = EndorTensor(tp.shape, values.dtype, bitmap, values, tiles, tp.checksum)
+            et = planned_tensor(tp, parts)
             try:
                 decompress(et, out=out, backend=backend)
             except FormatError as e:

@@ -12,10 +12,11 @@ from torch import nn
 
 from ..checkpoint import Checkpoint
 from ..errors import FormatError
-from ..format import EndorFile, EndorTensor
-from ..format.io import check_compressed
+from ..format import EndorFile
+from ..format.header import StoredTensor
+from ..format.io import check_compressed, check_dense
 from ..format.spec import SAFETENSORS_DTYPES
-from .images import image_digest, part_view
+from .images import image_digest, part_view, planned_tensor
 from .plan import LayerPlan
 from .reader import ShardReader, aligned_buffer
 
@@ -134,22 +135,25 @@ def load_rest(model: nn.Module, f: EndorFile, layer_prefix: str, *, device, back
 def load_resident_layer(layer: nn.Module, f: EndorFile, plan: LayerPlan, prefix: str, *,
                         device, backend) -> None:
     for tp in plan.tensors:
-        set_tensor(layer, tp.name, load_dense(f, prefix + (tp.stored or tp.name), tp.dtype,
+        set_tensor(layer, tp.name, load_dense(f, prefix + (tp.source_name or tp.name), tp.dtype,
                                               device=device, backend=backend))
 
 
 def check_shard(plan: LayerPlan, reader: ShardReader, image: torch.Tensor) -> int:
-    """Read a streamed shard whole through `reader` into `image`, check rules 5 and 7 of every
-    Endor tensor in it, and return the digest of the whole image that every later read of it
-    must match. Dense shards carry no stored checksum: their digest is taken as read here."""
+    """Read a streamed shard whole through `reader` into `image`, check every tensor's stored
+    checksum (and an Endor tensor's tile index, rule 5), and return the digest of the whole
+    image that every later read of it must match. Dense tensors of files without stored
+    checksums (version 1) are taken as read here."""
     reader.read_into(plan.file, image, plan.file_size)
     staged = any(p.staging is not None for tp in plan.tensors for p in tp.parts)
     scratch = torch.empty(plan.dense_buffer_bytes if staged else 0, dtype=torch.uint8)
     for tp in plan.tensors:
+        parts = [part_view(image, scratch, p) for p in tp.parts]
         if tp.compressed:
-            bitmap, values, tiles = (part_view(image, scratch, p) for p in tp.parts)
-            et = EndorTensor(tp.shape, values.dtype, bitmap, values, tiles, tp.checksum)
-            check_compressed(et, name=tp.name, path=plan.file)
+            check_compressed(planned_tensor(tp, parts), name=tp.name, path=plan.file)
+        else:
+            check_dense(parts[0], StoredTensor(tp.stored[0], tp.stored[1], 0, 0), tp.checksum,
+                        name=tp.name, path=plan.file)
     return image_digest(image, plan.file_size)
 
 

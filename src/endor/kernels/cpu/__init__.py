@@ -13,6 +13,8 @@ import torch
 
 from ...errors import FormatError
 from ...format import spec
+from ...format.codecs import exp as exp_codec
+from ...format.codecs import get_codec
 from ...format.decompress import Backend, register
 from ...format.tensor import EndorTensor
 
@@ -27,6 +29,11 @@ ISA_ENV = "ENDOR_CPU_ISA"
 MIN_ELEMENTS_PER_THREAD = 1 << 20
 
 _ERR_TILE_INDEX, _ERR_POPCOUNT, _ERR_PADDING, _ERR_ARGUMENT = 1, 2, 3, 4
+_EXP_ERRORS = {5: "a tile's exponent base is too large for the dtype",
+               6: "the escape index is invalid",
+               7: "a tile's escape codes disagree with the escape index",
+               8: "an escaped exponent is too large for the dtype"}
+CODECS = ("raw", "exp")
 
 
 def available() -> bool:
@@ -65,10 +72,21 @@ def _check_parts(et: EndorTensor, out: torch.Tensor) -> None:
     n = et.numel
     expected = {
         "bitmap": (et.bitmap, torch.uint8, spec.bitmap_bytes(n)),
-        "values": (et.values, et.dtype, et.values.numel()),
         "tiles": (et.tiles, torch.int64, spec.num_tiles(n) + 1),
     }
+    if et.values_codec == "raw":
+        expected["values"] = (et.values, et.dtype, et.values.numel())
+    else:
+        if et.values_codec not in CODECS or et.dtype not in spec.INT_VIEW:
+            raise ValueError(f"the cpu decoder does not decode the {et.values_codec!r} codec")
+        codec = get_codec(et.values_codec)
+        for suffix, (st_dtype, shape) in codec.parts(et.shape, et.dtype, et.nnz,
+                                                     et.codec_params).items():
+            dtype = torch.int64 if st_dtype == "I64" else torch.uint8
+            expected[suffix] = (et.codec_parts.get(suffix), dtype, shape[0])
     for name, (t, dtype, count) in expected.items():
+        if t is None:
+            raise FormatError(f"part {name!r} is missing")
         if t.dtype != dtype or t.dim() != 1 or t.numel() != count:
             raise FormatError(f"{name} is {t.dtype}{list(t.shape)}, expected {dtype}[{count}] "
                               f"for a {et.dtype} tensor of shape {list(et.shape)}")
@@ -86,6 +104,8 @@ def _check_parts(et: EndorTensor, out: torch.Tensor) -> None:
 
 
 def _raise_for(code: int, tile: int, et: EndorTensor) -> None:
+    if code in _EXP_ERRORS:
+        raise FormatError(f"exp codec: {_EXP_ERRORS[code]} (tile {tile})")
     if code == _ERR_PADDING:
         raise FormatError("bitmap has bits set past the last element")
     if code in (_ERR_TILE_INDEX, _ERR_POPCOUNT):
@@ -119,12 +139,24 @@ def decode(et: EndorTensor, out: torch.Tensor, *, isa: str | None = None,
         threads = _default_threads(et.numel)
     elif not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive int, got {threads!r}")
-    bitmap, values, tiles = (t.contiguous() for t in (et.bitmap, et.values, et.tiles))
-    err, tile = _decode.decode(bitmap.data_ptr(), values.data_ptr(), values.numel(),
-                               tiles.data_ptr(), out.data_ptr(), et.numel, et.dtype.itemsize,
-                               code, threads, bool(huge_pages))
+    bitmap, tiles = et.bitmap.contiguous(), et.tiles.contiguous()
+    if et.values_codec == "raw":
+        values = et.values.contiguous()
+        err, tile = _decode.decode(bitmap.data_ptr(), values.data_ptr(), values.numel(),
+                                   tiles.data_ptr(), out.data_ptr(), et.numel, et.dtype.itemsize,
+                                   code, threads, bool(huge_pages))
+    else:
+        parts = {k: v.contiguous() for k, v in et.codec_parts.items()}
+        e_bits, m_bits, n_bytes, _ = exp_codec.LAYOUT[et.dtype]
+        err, tile = _decode.decode(
+            bitmap.data_ptr(), 0, et.nnz, tiles.data_ptr(), out.data_ptr(), et.numel,
+            et.dtype.itemsize, code, threads, bool(huge_pages),
+            *(parts[s].data_ptr() for s in (exp_codec.SIGNMANT, exp_codec.CODES,
+                                            exp_codec.BASES, exp_codec.ESCIDX,
+                                            exp_codec.ESCAPES)),
+            parts[exp_codec.ESCAPES].numel(), e_bits, m_bits, n_bytes, exp_codec.planes(et.dtype))
     if err:
         _raise_for(err, tile, et)
 
 
-register(Backend("cpu", ("cpu",), decode, available))
+register(Backend("cpu", ("cpu",), decode, available, codecs=CODECS))

@@ -40,7 +40,19 @@
 #define OVERREAD 64
 
 enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
-enum { OK = 0, ERR_TILE_INDEX = 1, ERR_POPCOUNT = 2, ERR_PADDING = 3, ERR_ARGUMENT = 4 };
+enum { OK = 0, ERR_TILE_INDEX = 1, ERR_POPCOUNT = 2, ERR_PADDING = 3, ERR_ARGUMENT = 4,
+       ERR_EXP_BASE = 5, ERR_EXP_ESCIDX = 6, ERR_EXP_ESCAPES = 7, ERR_EXP_ESCAPE_VALUE = 8 };
+
+/* The `exp` value codec's parts (docs/FORMAT.md 1.1): NULL signmant means the raw codec. */
+typedef struct {
+    const uint8_t *signmant; /* nnz * n_bytes: sign and mantissa, little-endian */
+    const uint8_t *codes;    /* ceil(nnz / 64) groups of `planes` 64-bit bit planes */
+    const uint8_t *bases;    /* one per tile */
+    const int64_t *escidx;   /* ntiles + 1 */
+    const uint8_t *escapes;  /* n_escapes whole exponents */
+    int64_t n_escapes;
+    int planes, e_bits, m_bits, n_bytes, max_base;
+} exp_t;
 
 typedef void (*span_fn)(const uint8_t *bits, const uint8_t *src, uint8_t *dst, int64_t n);
 
@@ -52,6 +64,7 @@ typedef struct {
     int64_t numel, nnz, ntiles;
     int elem_size;
     int isa;
+    const exp_t *exp; /* NULL: raw values */
 } job_t;
 
 typedef struct {
@@ -216,16 +229,23 @@ __attribute__((target(AVX512_TARGET))) static void span32_avx512(const uint8_t *
 
 #endif /* ENDOR_X86 */
 
+/* ---------------------------------------------------------------- the exp codec's values */
+
+#include "exp_values.c"
+
 /* ---------------------------------------------------------------- the tile loop */
 
 /* Checks and decodes tiles [first, last). Always inlined into one worker per ISA, so that its
  * popcounts use that ISA's instructions. Returns an ERR_* code and sets *bad_tile. */
 static inline __attribute__((always_inline)) int decode_tiles(const job_t *job, int64_t first,
                                                               int64_t last, span_fn span,
+                                                              values_fn values,
                                                               int64_t *bad_tile) {
     const int es = job->elem_size;
-    /* Scratch for tiles whose vector loads would run past the end of `values`. */
-    uint8_t padded[TILE * 4 + OVERREAD] __attribute__((aligned(64)));
+    const exp_t *x = job->exp;
+    /* Scratch for tiles whose vector loads would run past the end of `values`, and for a
+     * tile's decoded values (exp codec: one 64-value block of slack for the vector stores). */
+    uint8_t padded[TILE * 4 + 128 + OVERREAD] __attribute__((aligned(64)));
     for (int64_t k = first; k < last; k++) {
         const int64_t begin = job->tiles[k], end = job->tiles[k + 1];
         const int64_t start = k * TILE;
@@ -238,6 +258,21 @@ static inline __attribute__((always_inline)) int decode_tiles(const job_t *job, 
         if (count_bits(bits, len) != end - begin) {
             *bad_tile = k;
             return ERR_POPCOUNT;
+        }
+        if (x) {
+            const int64_t e0 = x->escidx[k], e1 = x->escidx[k + 1];
+            if (e0 < 0 || e1 < e0 || e1 > x->n_escapes || e1 - e0 > end - begin) {
+                *bad_tile = k;
+                return ERR_EXP_ESCIDX;
+            }
+            const int err = values(x, job->nnz, k, begin, end, es, padded);
+            if (err != OK) {
+                *bad_tile = k;
+                return err;
+            }
+            memset(padded + (end - begin) * es, 0, OVERREAD);
+            span(bits, padded, job->out + start * es, len);
+            continue;
         }
         const uint8_t *src = job->values + begin * es;
         if ((end - job->nnz) * es + OVERREAD > 0) {
@@ -260,18 +295,22 @@ static span_fn choose_span(int isa, int es) {
     return es == 2 ? span16_scalar : span32_scalar;
 }
 
+static values_fn values_for(const job_t *job, int isa) {
+    return job->exp ? choose_values(isa, job->exp) : NULL;
+}
+
 static void run_scalar(part_t *p) {
     p->err = decode_tiles(p->job, p->first, p->last, choose_span(ISA_SCALAR, p->job->elem_size),
-                          &p->bad_tile);
+                          values_for(p->job, ISA_SCALAR), &p->bad_tile);
 }
 #if ENDOR_X86
 __attribute__((target("avx2,popcnt"))) static void run_avx2(part_t *p) {
     p->err = decode_tiles(p->job, p->first, p->last, choose_span(ISA_AVX2, p->job->elem_size),
-                          &p->bad_tile);
+                          values_for(p->job, ISA_AVX2), &p->bad_tile);
 }
 __attribute__((target(AVX512_TARGET))) static void run_avx512(part_t *p) {
     p->err = decode_tiles(p->job, p->first, p->last, choose_span(ISA_AVX512, p->job->elem_size),
-                          &p->bad_tile);
+                          values_for(p->job, ISA_AVX512), &p->bad_tile);
 }
 #endif
 
@@ -325,6 +364,11 @@ static int decode_job(const job_t *job, int threads, int huge_pages, int64_t *ba
     *bad_tile = -1;
     if (job->tiles[0] != 0) { *bad_tile = 0; return ERR_TILE_INDEX; }
     if (job->tiles[job->ntiles] != job->nnz) { *bad_tile = job->ntiles - 1; return ERR_TILE_INDEX; }
+    if (job->exp && (job->exp->escidx[0] != 0 ||
+                     job->exp->escidx[job->ntiles] != job->exp->n_escapes)) {
+        *bad_tile = 0;
+        return ERR_EXP_ESCIDX;
+    }
     if ((job->numel & 7) && (job->bitmap[job->numel / 8] >> (job->numel & 7))) {
         *bad_tile = job->ntiles - 1;
         return ERR_PADDING;
@@ -364,7 +408,11 @@ static int decode_job(const job_t *job, int threads, int huge_pages, int64_t *ba
 
 PyDoc_STRVAR(decode_doc,
 "decode(bitmap_addr, values_addr, nnz, tiles_addr, out_addr, numel, elem_size, isa, threads,\n"
-"       huge_pages) -> (error_code, bad_tile)\n\n"
+"       huge_pages[, signmant, codes, bases, escidx, escapes, n_escapes, e_bits, m_bits,\n"
+"       n_bytes, planes]) -> (error_code, bad_tile)\n\n"
+"With the exp codec's part addresses (signmant != 0) the values come from them (values_addr\n"
+"unused) and 5-8 are its errors: base too large, escape index invalid, escape codes disagree\n"
+"with the escape index, escaped exponent too large for the dtype.\n"
 "Decode one Endor tensor from raw addresses into a flat output of numel elements of elem_size\n"
 "(2 or 4) bytes. The caller guarantees the buffer sizes: bitmap ceil(numel/8) bytes, values nnz\n"
 "elements, tiles ceil(numel/4096)+1 int64, out numel elements. huge_pages: madvise the output\n"
@@ -374,12 +422,28 @@ PyDoc_STRVAR(decode_doc,
 
 static PyObject *py_decode(PyObject *self, PyObject *args) {
     unsigned long long bitmap, values, tiles, out;
-    long long nnz, numel;
-    int elem_size, isa, threads, huge_pages;
+    unsigned long long signmant = 0, codes = 0, bases = 0, escidx = 0, escapes = 0;
+    long long nnz, numel, n_escapes = 0;
+    int elem_size, isa, threads, huge_pages, e_bits = 0, m_bits = 0, n_bytes = 0, planes = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "KKLKKLiiip", &bitmap, &values, &nnz, &tiles, &out, &numel,
-                          &elem_size, &isa, &threads, &huge_pages))
+    if (!PyArg_ParseTuple(args, "KKLKKLiiip|KKKKKLiiii", &bitmap, &values, &nnz, &tiles, &out,
+                          &numel, &elem_size, &isa, &threads, &huge_pages, &signmant, &codes,
+                          &bases, &escidx, &escapes, &n_escapes, &e_bits, &m_bits, &n_bytes,
+                          &planes))
         return NULL;
+    exp_t exp = {
+        .signmant = (const uint8_t *)(uintptr_t)signmant,
+        .codes = (const uint8_t *)(uintptr_t)codes,
+        .bases = (const uint8_t *)(uintptr_t)bases,
+        .escidx = (const int64_t *)(uintptr_t)escidx,
+        .escapes = (const uint8_t *)(uintptr_t)escapes,
+        .n_escapes = n_escapes,
+        .planes = planes, .e_bits = e_bits, .m_bits = m_bits, .n_bytes = n_bytes,
+        .max_base = (1 << e_bits) - 7,
+    };
+    if (signmant && (planes < 3 || planes > 8 || e_bits < 1 || e_bits > 8 || m_bits < 1 ||
+                     n_bytes < 1 || n_bytes > 3 || n_escapes < 0 || !codes || !bases || !escidx))
+        return Py_BuildValue("iL", ERR_ARGUMENT, -1LL);
     if ((elem_size != 2 && elem_size != 4) || isa < 0 || isa > ISA_AVX512 ||
         !(supported_isas & (1 << isa)) || numel < 0 || nnz < 0 || nnz > numel)
         return Py_BuildValue("iL", ERR_ARGUMENT, -1LL);
@@ -393,6 +457,7 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         .ntiles = (numel + TILE - 1) / TILE,
         .elem_size = elem_size,
         .isa = isa,
+        .exp = signmant ? &exp : NULL,
     };
     int err;
     int64_t bad_tile;
