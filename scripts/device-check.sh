@@ -34,11 +34,11 @@ step gpu-info 15 "$PY" -c "import json, torch; assert torch.cuda.is_available(),
 p = torch.cuda.get_device_properties(0); print(json.dumps({'gpu': p.name, 'torch': torch.__version__, \
 'cuda': torch.version.cuda, 'memory_gb': p.total_memory / 1e9}))"
 step gpu-tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu \
-  --junitxml="$OUT_DIR/gpu-tests.xml" tests/kernels/test_triton.py tests/runtime tests/bench/test_decode.py \
-  tests/format/codecs/test_exp.py
-# Decode vs HBM on the issue's headline tensor (4096 x 14336 bf16 at 50%) and more, raw and exp
+  --junitxml="$OUT_DIR/gpu-tests.xml" tests/kernels/test_triton.py tests/runtime tests/bench/test_decompress.py \
+  tests/format/codecs/test_exp.py tests/integrations/test_hf_quantizer.py
+# Decompression vs HBM on the issue's headline tensor (4096 x 14336 bf16 at 50%) and more, raw and exp
 # values (exp rows: ratio_vs_raw; target >= 60% of HBM for both).
-step bench-decode 55 "$PY" -m endor bench decode --device cuda --shape 4096,14336 \
+step bench-decompress 55 "$PY" -m endor bench decompress --device cuda --shape 4096,14336 \
   --dtypes bf16,fp16 --sparsities 0.5,0.7 --numpy none --out "$OUT_DIR"
 # The link: pinned vs pageable host-to-device, disk with and without the page cache.
 # Two block sizes, 3 timed reads each: five read modes fit the step's limit on a slow disk too.

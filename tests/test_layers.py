@@ -17,11 +17,11 @@ SRC = Path(endor.__file__).parent
 # Lowest first. A package (or top-level module) may import only those on lower lines.
 LAYERS = [
     ["errors", "data"],           # typed user errors; embedded models and texts (no endor import)
-    ["format"],                   # the file format and the decoder contract: registry + reference
-    ["kernels", "checkpoint", "prune", "moe"],  # fast decoders; checkpoint directories; pruning
-    # maths; mixture-of-experts naming (per-expert checkpoint tensors <-> fused parameters)
-    ["convert", "runtime", "loading", "inspect"],  # write checkpoints; run them; reference loader
-    ["evaluate"],                 # perplexity
+    ["format"],                   # the file format and the decompressor contract
+    ["kernels", "checkpoint", "prune", "moe"],  # fast decompressors; checkpoint directories;
+    # pruning maths; mixture-of-experts naming (per-expert checkpoint tensors <-> fused parameters)
+    ["convert", "runtime", "reference_loader", "inspect"],  # write; run; in-memory reference; list
+    ["evaluate", "integrations"],  # perplexity; from_pretrained, serve, export, Hub ids
     ["bench"],                    # benchmarks and the Accelerate baseline
     ["demo"],                     # `make demo`
     ["cli"],                      # argument parsing only

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from endor.loading import load_in_memory
+from endor.reference_loader import load_in_memory
 from endor.moe import fuse, find_experts, model_names, parse_expert_name, to_model_names
 from endor.format.equal import bit_equal
 from tests.moe_models import ARCHS, random_moe, save_moe

@@ -5,6 +5,7 @@ that needs it is used, so the `endor` command answers Ctrl-C from its first inst
 catches it; an import already under way could not be interrupted cleanly)."""
 
 from .errors import FormatError
+from .integrations import lazy_hook as _lazy_hook
 
 __version__ = "0.1.0"
 
@@ -27,3 +28,6 @@ def __getattr__(name):
 
 def __dir__():
     return sorted([*globals(), *_LAZY])
+
+
+_lazy_hook.install()  # from_pretrained on Endor checkpoints, once transformers loads (cheap)

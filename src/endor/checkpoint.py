@@ -19,6 +19,14 @@ CHECKPOINT_FORMAT = "endor-checkpoint"
 CHECKPOINT_VERSION = 1
 MAX_MANIFEST_BYTES = 64 * 2**20
 WEIGHT_KINDS = ("endor", "dense")
+HF_CONFIG = "config.json"
+# What an "endor"-weights checkpoint's config.json says to transformers (docs/FORMAT.md section
+# 2): its quant_method, which `import endor` registers, and, because transformers only warns about
+# an unknown quant_method and would then load the model with every compressed weight randomly
+# initialised, a weights file that does not exist: without endor, from_pretrained fails naming
+# it; endor's quantizer removes it before transformers looks for weights.
+HF_QUANT_METHOD = "endor"
+HF_GUARD_FILE = "endor-checkpoint--import-endor-before-from_pretrained.safetensors.index.json"
 
 
 def shard_name(index: int, total: int) -> str:
@@ -66,6 +74,7 @@ class CheckpointWriter:
         return self.path(i)
 
     def finish(self, manifest: Mapping) -> Path:
+        mark_hf_config(self.out_dir, self.weights)
         weight_map, total = {}, 0
         for i, shard in enumerate(self.shards):
             if not self.is_done(i):
@@ -81,6 +90,33 @@ class CheckpointWriter:
                 "shards": [{"file": s.file, "group": s.group} for s in self.shards]}
         _write_json_atomic(self.out_dir / MANIFEST, body)
         return self.out_dir / MANIFEST
+
+
+def mark_hf_config(out_dir, weights: str) -> None:
+    """Add (weights "endor") or remove (weights "dense": transformers loads those as they are)
+    the quantization_config and guard in OUT's config.json, if there is one. A source's own
+    quantization_config goes too: OUT's weights are what endor wrote, not the source's."""
+    path = Path(out_dir) / HF_CONFIG
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{HF_CONFIG} is not valid JSON ({e})", path=path) from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{HF_CONFIG} is not a JSON object", path=path)
+    before = dict(config)
+    config.pop("quantization_config", None)
+    if config.get("transformers_weights") == HF_GUARD_FILE:
+        del config["transformers_weights"]
+    if weights == "endor":
+        config["quantization_config"] = {"quant_method": HF_QUANT_METHOD,
+                                         "checkpoint_version": CHECKPOINT_VERSION}
+        config["transformers_weights"] = HF_GUARD_FILE
+    if config != before:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
 
 
 def require_checkpoint(path) -> Path:

@@ -25,7 +25,7 @@ from .convert import convert
 from .data.models import embedded_model_dir
 from .data.text import evaluation_text
 from .evaluate import perplexity
-from .loading import load_in_memory, load_tokenizer
+from .reference_loader import load_in_memory, load_tokenizer
 from .runtime import open_model
 from .runtime.reader import evict_files
 

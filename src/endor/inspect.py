@@ -1,5 +1,5 @@
 """Describe an Endor file or converted checkpoint: tensors, sparsity, stored vs dense bytes, and
-(optionally) a full verification that every tensor decodes under the format's rules."""
+(optionally) a full verification that every tensor decompresses under the format's rules."""
 
 from __future__ import annotations
 

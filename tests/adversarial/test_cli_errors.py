@@ -128,7 +128,7 @@ def test_overwrite_replaces_every_file_of_the_old_checkpoint(ckpt, tmp_path, cap
         (out / stale).write_text("from the old model")
     manifest = json.loads((out / "endor.json").read_text())
     bare = _no_tokenizer(tmp_path, ckpt[0])  # a "new model" without tokenizer files
-    assert main(["convert", str(bare), str(out), "--overwrite", "--format", "dense",
+    assert main(["convert", str(bare), str(out), "--overwrite", "--weights", "dense",
                  "--quiet"]) == 0
     names = {p.name for p in out.iterdir()}
     assert not names & {"chat_template.jinja", "generation_config.json",

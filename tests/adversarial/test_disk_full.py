@@ -52,7 +52,7 @@ def test_overwrite_that_runs_out_of_space_keeps_the_old_checkpoint(pristine, tmp
         before = digests(out)
         capsys.readouterr()
         # The dense twin is larger than the room left beside the old checkpoint.
-        code = main(["convert", str(pristine[0]), str(out), "--format", "dense", "--overwrite",
+        code = main(["convert", str(pristine[0]), str(out), "--weights", "dense", "--overwrite",
                      "--quiet"])
         assert code == 1
         assert_one_line_error(capsys.readouterr().err, "convert", "No space left on device")

@@ -1,6 +1,5 @@
 """`endor bench convert` (src/endor/bench/convert.py)."""
 
-import argparse
 import sys
 
 import pytest
@@ -33,10 +32,9 @@ def test_peak_rss_is_the_childs_own(tmp_path):
 
 @pytest.mark.slow
 def test_quick_run(tmp_path):
-    args = argparse.Namespace(size_gb=None, method="magnitude", sparsity=0.5, weights="endor",
-                              conversions=1, workdir=str(tmp_path), quick=True, repeat=1,
-                              warmup=0)
-    doc = bench.run(args)
+    params = dict(size_gb=None, method="magnitude", sparsity=0.5, weights="endor",
+                  conversions=1, workdir=str(tmp_path), quick=True, repeat=1, warmup=0)
+    doc = bench.run(**params)
     assert doc["schema"] == "endor-bench/1" and doc["benchmark"] == "convert"
     rows = {r["case"].split()[0]: r for r in doc["results"]}
     conv = rows["convert"]
@@ -49,10 +47,10 @@ def test_quick_run(tmp_path):
 
 
 def test_bad_options():
-    args = argparse.Namespace(size_gb=None, method="magnitude", sparsity=0.5, weights="endor",
-                              conversions=0, workdir=None, quick=True, repeat=1, warmup=0)
+    params = dict(size_gb=None, method="magnitude", sparsity=0.5, weights="endor",
+                  conversions=0, workdir=None, quick=True, repeat=1, warmup=0)
     with pytest.raises(ValueError, match="conversions"):
-        bench.run(args)
+        bench.run(**params)
 
 
 def test_plot(tmp_path):

@@ -15,18 +15,17 @@ from endor.cli import build_parser
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "device-check.sh"
 
 
-def _args(*argv):
+def _args(*argv) -> dict:
+    """run()'s keyword arguments: the options as parsed, plus the common ones."""
     parser = argparse.ArgumentParser()
     e2e.add_arguments(parser)
-    args = parser.parse_args(list(argv))
-    args.quick, args.repeat, args.warmup = True, 1, 0
-    return args
+    return vars(parser.parse_args(list(argv))) | {"quick": True, "repeat": 1, "warmup": 0}
 
 
 def test_quick_e2e_document_and_plot(tmp_path):
     args = _args("--workdir", str(tmp_path), "--systems", "endor,dense,accelerate-cold",
                  "--new-tokens", "3", "--endor-prefetch", "2", "--prefetch", "1")
-    doc = e2e.run(args)
+    doc = e2e.run(**args)
     assert doc["schema"] == "endor-bench/1" and doc["benchmark"] == "e2e"
     assert doc["params"]["device"] == "cpu" and doc["params"]["offload"] == "disk"
     rows = {r["system"]: r for r in doc["results"]}
@@ -55,7 +54,7 @@ def test_quick_e2e_document_and_plot(tmp_path):
 def test_conversions_in_parallel_processes_match_sequential_ones(tmp_path):
     from endor.convert.synthetic import write_synthetic_checkpoint
 
-    config, _ = e2e._config(_args("--layers", "2", "--vocab", "512"))
+    config, _ = e2e._config(e2e.Options(**_args("--layers", "2", "--vocab", "512")))
     hf = write_synthetic_checkpoint(tmp_path / "hf", config, dtype=torch.bfloat16)
     outs = {f"{w}-{mode}": tmp_path / f"{w}-{mode}"
             for w in ("endor", "dense") for mode in ("seq", "par")}
@@ -80,8 +79,7 @@ def test_embeddings_above_the_budget_stream_every_layer(tmp_path):
     10% of the model, so the budget becomes the least possible instead of an error."""
     args = _args("--workdir", str(tmp_path), "--systems", "endor", "--vocab", "16384",
                  "--new-tokens", "2", "--max-seconds", "1e-9")
-    args.repeat = 3
-    doc = e2e.run(args)
+    doc = e2e.run(**args | {"repeat": 3})
     assert doc["params"]["budget_least"] and doc["params"]["budget_bytes"] == 0
     (endor,) = [r for r in doc["results"] if r["system"] == "endor"]
     assert endor["streamed_layers"] == 4 and endor["decode_tokens_per_s"] > 0
@@ -95,14 +93,14 @@ def test_embeddings_above_the_budget_stream_every_layer(tmp_path):
 ])
 def test_bad_options_fail_before_any_work(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
-        e2e.run(_args("--workdir", str(tmp_path / "never"), *argv))
+        e2e.run(**_args("--workdir", str(tmp_path / "never"), *argv))
     assert not (tmp_path / "never").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no CUDA device"):
-        e2e.run(_args("--device", "cuda", "--workdir", str(tmp_path / "never")))
+        e2e.run(**_args("--device", "cuda", "--workdir", str(tmp_path / "never")))
     assert not (tmp_path / "never").exists()
 
 
@@ -128,7 +126,7 @@ def _script_bench_commands() -> list[list[str]]:
 def test_device_check_script_uses_only_existing_options():
     commands = _script_bench_commands()
     names = {c[1] for c in commands}
-    assert {"decode", "transfer", "e2e"} <= names, names
+    assert {"decompress", "transfer", "e2e"} <= names, names
     assert sum(c[1] == "e2e" for c in commands) == 2  # --offload cpu and disk
     parser = build_parser()
     for argv in commands:

@@ -9,18 +9,17 @@ import torch
 from endor.bench import e2e, e2e_moe
 
 
-def _args(*argv):
+def _args(*argv) -> dict:
+    """run()'s keyword arguments: the options as parsed, plus the common ones."""
     parser = argparse.ArgumentParser()
     e2e.add_arguments(parser)
-    args = parser.parse_args(["--moe", *argv])
-    args.quick, args.repeat, args.warmup = True, 1, 0
-    return args
+    return vars(parser.parse_args(["--moe", *argv])) | {"quick": True, "repeat": 1, "warmup": 0}
 
 
 def test_quick_moe_document(tmp_path):
     args = _args("--workdir", str(tmp_path), "--new-tokens", "3", "--moe-systems",
                  "endor-experts,endor-experts-nocache,endor-whole-layers,accelerate-cold")
-    doc = e2e.run(args)
+    doc = e2e.run(**args)
     assert doc["benchmark"] == "e2e" and doc["params"]["moe"]
     rows = {r["system"]: r for r in doc["results"]}
     assert set(rows) == {f"{s}/{r}" for s in ("endor-experts", "endor-experts-nocache",
@@ -41,7 +40,7 @@ def test_quick_moe_document(tmp_path):
 def test_zipf_router_skews_choices():
     from transformers import AutoModelForCausalLM
 
-    config, _ = e2e_moe._config(_args())
+    config, _ = e2e_moe._config(e2e.Options(**_args()))
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config).eval()
     shares = {}
@@ -59,6 +58,6 @@ def test_zipf_router_skews_choices():
 
 def test_bad_moe_options():
     with pytest.raises(ValueError, match="moe-systems"):
-        e2e.run(_args("--moe-systems", "nope"))
+        e2e.run(**_args("--moe-systems", "nope"))
     with pytest.raises(ValueError, match="--moe runs with"):
-        e2e.run(_args("--offload", "cpu", "--device", "cuda"))
+        e2e.run(**_args("--offload", "cpu", "--device", "cuda"))

@@ -9,6 +9,7 @@ import torch
 
 from endor.bench import formats, harness, peers
 from endor.cli import build_parser
+from endor.cli.bench import benchmark_params
 from endor.format.equal import bit_equal
 from tests.helpers import DTYPES
 
@@ -28,7 +29,6 @@ def test_peer_round_trips_bit_exactly(name, dtype):
             dense = harness.random_sparse(shape, dtype, sparsity, seed=3)
             encoded = peer.encode(dense)
             assert bit_equal(peer.decode(encoded), dense), (name, shape, dtype, sparsity)
-            assert peer.nbytes(encoded) >= 0
 
 
 SPECIAL = [-0.0, float("nan"), float("inf"), -float("inf"), 1e-40, 0.0, 2.5]
@@ -59,7 +59,7 @@ def test_ct_bitmask_turns_negative_zero_into_positive_zero():
 def test_stored_sizes_are_what_each_format_must_store(dtype):
     rows, cols, s = 64, 96, 0.75
     dense = harness.random_sparse((rows, cols), dtype, s, seed=1)
-    n, nnz, b = rows * cols, round((1 - s) * rows * cols), BITS[dtype] // 8
+    nnz, b = round((1 - s) * rows * cols), BITS[dtype] // 8
     sizes = {name: p.nbytes(p.encode(dense)) for name, p in peers.available_peers().items()}
     assert sizes["csr"] == nnz * (b + 4) + (rows + 1) * 4
     assert sizes["coo"] == nnz * (b + 2 * 8)
@@ -93,14 +93,13 @@ def test_a_lossy_codec_is_refused_not_timed():
 
 
 def _args(*extra):
-    args = build_parser().parse_args(["bench", "formats", "--quick", *extra])
-    args.repeat = 1
-    return args
+    return benchmark_params(build_parser().parse_args(["bench", "formats", "--quick", "--repeat",
+                                                       "1", *extra]))
 
 
 @pytest.fixture(scope="module")
 def doc():
-    return formats.run(_args("--shape", "256,512", "--sparsities", "0.5,0.7", "--warmup", "0"))
+    return formats.run(**_args("--shape", "256,512", "--sparsities", "0.5,0.7", "--warmup", "0"))
 
 
 def test_run_reports_every_format_dtype_and_sparsity(doc):
@@ -125,10 +124,10 @@ def test_endor_bits_sit_just_above_the_bound(doc):
 
 
 def test_formats_option_keeps_the_copy_baseline():
-    d = formats.run(_args("--shape", "32,32", "--dtypes", "fp16", "--sparsities", "0.5",
+    d = formats.run(**_args("--shape", "32,32", "--dtypes", "fp16", "--sparsities", "0.5",
                           "--formats", "endor,zstd", "--warmup", "0"))
     assert [r["format"] for r in d["results"]] == ["dense", "endor", "zstd"]
     with pytest.raises(ValueError, match="unknown format"):
-        formats.run(_args("--shape", "8,8", "--formats", "gzip"))
+        formats.run(**_args("--shape", "8,8", "--formats", "gzip"))
     with pytest.raises(ValueError, match="no elements"):
-        formats.run(_args("--shape", "0,8"))
+        formats.run(**_args("--shape", "0,8"))

@@ -23,13 +23,13 @@ def _formats_doc():
     return {"benchmark": "formats", "machine": MACHINE, "results": rows}
 
 
-def _decode_doc():
+def _decompress_doc():
     rows = [{"device": device, "dtype": "float16", "sparsity": s, "method": m, "output": o,
              "gbps": g}
             for device in ("cpu", "cuda") for s in (0.5, 0.9)
             for m, o, g in (("copy", "fresh", 5.0), ("copy", "out", 6.0), ("cpu", "out", 4.0),
                             ("numpy", "fresh", 0.25))]
-    return {"benchmark": "decode", "machine": MACHINE, "results": rows}
+    return {"benchmark": "decompress", "machine": MACHINE, "results": rows}
 
 
 def _transfer_doc(with_gpu):
@@ -49,7 +49,7 @@ def _png(path):
 
 
 @pytest.mark.parametrize("name, doc", [
-    ("formats", _formats_doc()), ("decode", _decode_doc()),
+    ("formats", _formats_doc()), ("decompress", _decompress_doc()),
     ("transfer", _transfer_doc(False)), ("transfer", _transfer_doc(True)),
     # A benchmark without a plot of its own (e2e, convert) gets the generic one.
     ("e2e", {"benchmark": "e2e", "machine": MACHINE, "results": [

@@ -8,10 +8,11 @@ from endor.bench import quality
 from tests.evaluate.tiny_models import char_tokenizer, tiny_model
 
 
-def parse(argv):
+def parse(argv) -> dict:
+    """The benchmark's own options, as run() takes them."""
     parser = argparse.ArgumentParser()
     quality.add_arguments(parser)
-    return parser.parse_args(argv)
+    return vars(parser.parse_args(argv))
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def tiny_hf_dir(tmp_path):
 def test_every_method_and_pattern_on_a_tiny_model(tiny_hf_dir, tmp_path):
     args = parse(["--models", str(tiny_hf_dir), "--window", "32", "--max-windows", "2",
                   "--calib-samples", "2", "--workdir", str(tmp_path / "work")])
-    doc = quality.run(args)
+    doc = quality.run(**args, quick=False, warmup=0, repeat=1)
     assert doc["schema"] == "endor-bench/1" and doc["benchmark"] == "quality"
     rows = doc["results"]
     assert [(r["method"], r["pattern"]) for r in rows] == [("dense", "dense")] + [
@@ -48,18 +49,18 @@ def test_every_method_and_pattern_on_a_tiny_model(tiny_hf_dir, tmp_path):
 
 
 def test_settings():
-    quick = quality._settings(_with_quick(parse([]), True))
+    quick = quality._settings(**_with_quick(parse([]), True))
     assert quick["models"] == ["smollm2"] and quick["max_windows"] == 4
-    full = quality._settings(_with_quick(parse(["--methods", "wanda", "--patterns", "2:4"]),
+    full = quality._settings(**_with_quick(parse(["--methods", "wanda", "--patterns", "2:4"]),
                                          False))
     assert full["models"] == list(quality.MODELS) and full["methods"] == ["wanda"]
     assert full["patterns"] == ["2:4"]
     with pytest.raises(SystemExit):
         parse(["--methods", "obs"])
     with pytest.raises(ValueError, match="window"):
-        quality._settings(_with_quick(parse(["--window", "1"]), False))
+        quality._settings(**_with_quick(parse(["--window", "1"]), False))
 
 
-def _with_quick(args, quick):
-    args.quick = quick
-    return args
+def _with_quick(options: dict, quick: bool) -> dict:
+    """_settings' arguments: the options but the work directory, and --quick."""
+    return {k: v for k, v in options.items() if k != "workdir"} | {"quick": quick}

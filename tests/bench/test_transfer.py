@@ -11,6 +11,7 @@ import pytest
 
 from endor.bench import transfer
 from endor.cli import build_parser
+from endor.cli.bench import benchmark_params
 from endor.runtime.reader import host_region
 
 MIB = transfer.MIB
@@ -96,13 +97,13 @@ def test_write_test_file_has_the_size_asked(tmp_path):
 def _args(tmp_path, *extra):
     args = build_parser().parse_args(["bench", "transfer", "--quick", "--dir", str(tmp_path),
                                       "--size-mib", "4", "--blocks-mib", "1,2",
-                                      "--queue-depth", "2", "--warmup", "0", *extra])
-    args.repeat = 1
-    return args
+                                      "--queue-depth", "2", "--warmup", "0", "--repeat", "1",
+                                      *extra])
+    return benchmark_params(args)
 
 
 def test_run_reports_every_mode_and_block_size(tmp_path):
-    doc = transfer.run(_args(tmp_path))
+    doc = transfer.run(**_args(tmp_path))
     disk = [r for r in doc["results"] if r["link"] == "disk"]
     assert {(r["mode"], r["block_mib"]) for r in disk} == {
         (m, b) for m in ("direct", "direct_small_pages", "direct_qd2", "buffered_cold",
@@ -126,7 +127,7 @@ def test_run_falls_back_and_says_so_where_o_direct_is_refused(tmp_path, monkeypa
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *a, **k)
     monkeypatch.setattr(os, "open", refusing_open)
-    doc = transfer.run(_args(tmp_path, "--queue-depth", "1"))
+    doc = transfer.run(**_args(tmp_path, "--queue-depth", "1"))
     assert doc["params"]["o_direct"] is False
     assert {r["mode"] for r in doc["results"] if r["link"] == "disk"} == {
         "direct", "direct_small_pages", "buffered_cold", "buffered_warm"}
@@ -135,6 +136,6 @@ def test_run_falls_back_and_says_so_where_o_direct_is_refused(tmp_path, monkeypa
 
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="positive"):
-        transfer.run(_args(tmp_path, "--queue-depth", "0"))
+        transfer.run(**_args(tmp_path, "--queue-depth", "0"))
     with pytest.raises(ValueError, match="not a directory"):
-        transfer.run(_args(tmp_path / "missing"))
+        transfer.run(**_args(tmp_path / "missing"))

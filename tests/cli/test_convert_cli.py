@@ -23,12 +23,15 @@ def test_defaults_and_options():
     args = parse()
     assert (args.method, args.sparsity, args.nm, args.weights, args.keep_dense, args.verify,
             args.overwrite) == ("none", 0.5, None, "endor", [], True, False)
-    args = parse("--method", "sparsegpt", "--sparsity", "0.6", "--nm", "2:4", "--format",
+    args = parse("--method", "sparsegpt", "--sparsity", "0.6", "--nm", "2:4", "--weights",
                  "dense", "--keep-dense", "a*", "b*", "--keep-dense", "c*", "--no-verify",
                  "--overwrite", "--calib-samples", "8", "--calib-seqlen", "32")
     assert args.nm == (2, 4) and args.sparsity == 0.6 and args.weights == "dense"
     assert args.keep_dense == ["a*", "b*", "c*"] and not args.verify and args.overwrite
     assert (args.calib_samples, args.calib_seqlen) == (8, 32)
+    assert parse("--format", "dense").weights == "dense"  # the option's former name
+    assert "--format" not in build_parser()._subparsers._group_actions[0].choices[
+        "convert"].format_help()
 
 
 @pytest.mark.parametrize("value", ["2-4", "2:4:8", "0:4", "5:4", "a:b", "", ":4", "2:"])
@@ -40,8 +43,8 @@ def test_malformed_nm_is_a_usage_error(value, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--sparsity", "1.5"], ["--sparsity", "half"],
-                                  ["--method", "random"], ["--format", "gzip"],
-                                  ["--calib-samples", "0"]])
+                                  ["--method", "random"], ["--weights", "gzip"],
+                                  ["--format", "gzip"], ["--calib-samples", "0"]])
 def test_other_bad_values_are_usage_errors(argv):
     with pytest.raises(SystemExit) as e:
         parse(*argv)
@@ -62,7 +65,7 @@ def test_convert_end_to_end(src, tmp_path, capsys):
 def test_dense_twin_of_a_converted_checkpoint(src, tmp_path, capsys):
     pruned, twin = tmp_path / "pruned", tmp_path / "twin"
     assert main(["convert", str(src), str(pruned), "--method", "magnitude", "--quiet"]) == 0
-    assert main(["convert", str(pruned), str(twin), "--format", "dense", "--quiet"]) == 0
+    assert main(["convert", str(pruned), str(twin), "--weights", "dense", "--quiet"]) == 0
     manifest = json.loads((twin / "endor.json").read_text())
     assert manifest["weights"] == "dense" and manifest["prior_pruning"][0]["method"] == "magnitude"
     assert abs(manifest["summary"]["decoder_linear"]["sparsity"] - 0.5) < 0.005

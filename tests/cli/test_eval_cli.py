@@ -4,7 +4,7 @@ import pytest
 
 from endor.cli import main
 from endor.evaluate import perplexity
-from endor.loading import load_in_memory
+from endor.reference_loader import load_in_memory
 from tests.evaluate.tiny_models import char_tokenizer, tiny_model, write_endor_checkpoint
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"

@@ -64,7 +64,7 @@ def test_errors_before_generation(checkpoint, tmp_path, capsys):
 @pytest.mark.parametrize("extra", [[], ["--expert-cache", "lru"], ["--whole-layers"]])
 def test_a_moe_checkpoint_generates_the_reference_tokens(tmp_path, capsys, extra):
     from endor.convert import convert
-    from endor.loading import load_in_memory
+    from endor.reference_loader import load_in_memory
     from tests.moe_models import save_moe
 
     save_moe("qwen2_moe", tmp_path / "hf")

@@ -45,6 +45,6 @@ def test_table_has_a_header_and_one_dtype_vocabulary(tmp_path, capsys):
                      "b": torch.ones(8, dtype=torch.bfloat16)}, path)
     assert main(["inspect", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["tensor", "shape", "dtype", "stored", "sparsity", "bytes"]
+    assert lines[0].split() == ["tensor", "shape", "dtype", "values", "sparsity", "bytes"]
     rows = {line.split()[0]: line for line in lines[1:3]}
     assert "bfloat16" in rows["b"] and "bfloat16" in rows["w"] and "BF16" not in rows["b"]

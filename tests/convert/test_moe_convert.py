@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from endor.convert import convert
 from endor.format import EndorFile
 from endor.format import load_file as endor_load_file
-from endor.loading import load_in_memory
+from endor.reference_loader import load_in_memory
 from endor.moe import parse_expert_name
 from endor.prune import prune_weight
 from endor.runtime import load_model

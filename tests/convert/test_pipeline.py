@@ -69,8 +69,13 @@ def test_magnitude_checkpoint_decompresses_to_the_pruned_weights(model_dirs, tmp
     manifest = json.loads((tmp_path / "out" / "endor.json").read_text())
     assert manifest["summary"] == {k: v for k, v in summary.items() if k != "run"}
     assert manifest["method"] == "magnitude" and manifest["weights"] == "endor"
-    for side_file in ("tokenizer.json", "config.json"):
-        assert (tmp_path / "out" / side_file).read_bytes() == (src / side_file).read_bytes()
+    out = tmp_path / "out"
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    # config.json: the source's, plus what tells transformers it is an Endor checkpoint
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == {
+        **json.loads((src / "config.json").read_text()),
+        "quantization_config": {"quant_method": "endor", "checkpoint_version": 1},
+        "transformers_weights": checkpoint.HF_GUARD_FILE}
     assert summary["total"]["ratio"] > 1.2
 
 
@@ -272,10 +277,10 @@ def test_resuming_with_other_settings_is_refused(model_dirs, tmp_path, monkeypat
 def test_verification_catches_an_encoder_fault(model_dirs, tmp_path, monkeypatch):
     from endor.convert import pipeline
 
-    def flipping_compress(t):
+    def flipping_compress(t, **options):
         t = t.clone()
         t.view(-1)[0] = 1.0  # what would land on disk differs from what was meant
-        return endor.compress(t)
+        return endor.compress(t, **options)
     monkeypatch.setattr(pipeline, "compress", flipping_compress)
     with pytest.raises(endor.FormatError, match="verification failed.*encoder"):
         convert(model_dirs("llama", torch.float32), tmp_path / "out", method="magnitude",
@@ -342,7 +347,7 @@ def test_corrupt_sources_are_clear_errors(tmp_path, llama_dir):
 
 def test_bad_arguments(llama_dir, tmp_path):
     out = tmp_path / "o"
-    with pytest.raises(ValueError, match="unknown method"):
+    with pytest.raises(ValueError, match="unknown pruning method"):
         convert(llama_dir, out, method="random")
     with pytest.raises(ValueError, match="sparsity"):
         convert(llama_dir, out, method="magnitude", sparsity=1.5)

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from endor.data import embedded_model_dir, evaluation_text, gemma_model_dir, resolve_model
 from endor.data import models
 from endor.evaluate import perplexity
-from endor.loading import load_in_memory
+from endor.reference_loader import load_in_memory
 
 
 def test_cache_dir_follows_endor_cache(monkeypatch, tmp_path):

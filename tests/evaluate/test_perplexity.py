@@ -96,7 +96,7 @@ def test_bad_arguments():
 
 def test_streaming_runtime_scores_exactly_like_the_in_memory_model(tmp_path):
     import endor
-    from endor.loading import load_in_memory
+    from endor.reference_loader import load_in_memory
     from tests.evaluate.tiny_models import write_endor_checkpoint
 
     write_endor_checkpoint(tiny_model("gemma3"), tmp_path, tokenizer=char_tokenizer(add_bos=True))

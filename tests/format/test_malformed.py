@@ -153,7 +153,7 @@ def test_bad_tile_index(tmp_path, corrupt):
     assert "tile" in load_error(write(tmp_path / "a.safetensors", parts, entry))
 
 
-# Rule 6: popcounts and padding, checked by the decoders.
+# Rule 6: popcounts and padding, checked by the decompressors.
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_popcount_disagrees_with_tile_index(tmp_path, backend):
     parts, entry = good_parts()

@@ -1,6 +1,6 @@
-"""The CPU decoder (src/endor/kernels/cpu): every instruction-set path this machine runs agrees
-bit-exactly with the dense tensor and the reference decoder, never reads or writes out of bounds,
-and rejects corrupt tile indexes and bitmaps with FormatError."""
+"""The CPU decompressor (src/endor/kernels/cpu): every instruction-set path this machine runs
+agrees bit-exactly with the dense tensor and the reference decompressor, never reads or writes out
+of bounds, and rejects corrupt tile indexes and bitmaps with FormatError."""
 
 import ctypes
 import functools
@@ -37,20 +37,20 @@ def compressed(shape, dtype, sparsity, seed=0):
     return dense, endor.compress(dense, values="raw")
 
 
-def decode(et, *, isa, threads=None, fill=0x5A):
-    """Decode into a buffer pre-filled with garbage, so that unwritten zeros would show."""
+def decompress(et, *, isa, threads=None, fill=0x5A):
+    """Decompress into a buffer pre-filled with garbage, so that unwritten zeros would show."""
     out = torch.full((et.numel,), fill, dtype=torch.uint8).repeat_interleave(
         et.dtype.itemsize).view(et.dtype) if et.numel else torch.empty(0, dtype=et.dtype)
-    cpu.decode(et, out, isa=isa, threads=threads)
+    cpu.decompress(et, out, isa=isa, threads=threads)
     return out.view(et.shape)
 
 
 @functools.lru_cache(maxsize=None)
-def reference_decode(shape, dtype, sparsity):
+def reference_decompress(shape, dtype, sparsity):
     et = compressed(shape, dtype, sparsity)[1]
     out = torch.empty(et.numel, dtype=et.dtype)
     if et.numel:
-        reference.decode(et, out)
+        reference.decompress(et, out)
     return out.view(et.shape)
 
 
@@ -68,9 +68,9 @@ def corrupt(et, *, bitmap=None, values=None, tiles=None):
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_matches_dense_and_reference(isa, dtype, shape, sparsity):
     dense, et = compressed(shape, dtype, sparsity)
-    out = decode(et, isa=isa)
+    out = decompress(et, isa=isa)
     assert bit_equal(out, dense)
-    assert bit_equal(out, reference_decode(shape, dtype, sparsity))
+    assert bit_equal(out, reference_decompress(shape, dtype, sparsity))
 
 
 def special_values(dtype):
@@ -94,7 +94,7 @@ def test_special_values_keep_their_bits(isa, dtype):
     dense = special_values(dtype)
     et = endor.compress(dense, values="raw")
     assert et.nnz == 2501  # every other element: -0.0, NaNs and subnormals all count
-    assert bit_equal(decode(et, isa=isa), dense)
+    assert bit_equal(decompress(et, isa=isa), dense)
 
 
 @st.composite
@@ -117,7 +117,7 @@ def raw_tensors(draw):
 @given(t=raw_tensors(), isa=st.sampled_from(cpu.supported_isas() or ("scalar",)),
        threads=st.integers(1, 4))
 def test_property_any_bits_any_path(t, isa, threads):
-    assert bit_equal(decode(endor.compress(t, values="raw"), isa=isa, threads=threads), t)
+    assert bit_equal(decompress(endor.compress(t, values="raw"), isa=isa, threads=threads), t)
 
 
 # ------------------------------------------------------------------ threads, out=, selection
@@ -127,13 +127,13 @@ def test_property_any_bits_any_path(t, isa, threads):
 def test_multithreaded_split(isa, threads):
     dense, et = compressed((2 * 2**20 + 4099,), torch.float16, 0.5, seed=3)
     assert cpu._default_threads(et.numel) == min(torch.get_num_threads(), 2)
-    assert bit_equal(decode(et, isa=isa, threads=threads), dense)
+    assert bit_equal(decompress(et, isa=isa, threads=threads), dense)
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
 def test_more_threads_than_tiles(isa):
     dense, et = compressed((3, 4100), torch.float32, 0.5)
-    assert bit_equal(decode(et, isa=isa, threads=100), dense)
+    assert bit_equal(decompress(et, isa=isa, threads=100), dense)
 
 
 def test_out_buffer_is_filled_in_place():
@@ -142,22 +142,22 @@ def test_out_buffer_is_filled_in_place():
     out = endor.decompress(et, out=buf, backend="cpu")
     assert out.data_ptr() == buf.data_ptr() and bit_equal(out, dense)
     buf2d = torch.full((830, 545), -1.0, dtype=torch.bfloat16)
-    cpu.decode(et, buf2d)  # any contiguous shape with the right number of elements
+    cpu.decompress(et, buf2d)  # any contiguous shape with the right number of elements
     assert bit_equal(buf2d, dense)
 
 
 def test_bad_out_and_arguments_are_rejected():
     _, et = compressed((7, 13), torch.float16, 0.5)
     with pytest.raises(ValueError, match="expected"):
-        cpu.decode(et, torch.empty(91, dtype=torch.float32))
+        cpu.decompress(et, torch.empty(91, dtype=torch.float32))
     with pytest.raises(ValueError, match="expected"):
-        cpu.decode(et, torch.empty(90, dtype=torch.float16))
+        cpu.decompress(et, torch.empty(90, dtype=torch.float16))
     with pytest.raises(ValueError, match="contiguous"):
-        cpu.decode(et, torch.empty(182, dtype=torch.float16)[::2])
+        cpu.decompress(et, torch.empty(182, dtype=torch.float16)[::2])
     with pytest.raises(ValueError, match="threads"):
-        cpu.decode(et, torch.empty(91, dtype=torch.float16), threads=0)
-    with pytest.raises(ValueError, match="not a CPU decoder path"):
-        cpu.decode(et, torch.empty(91, dtype=torch.float16), isa="neon9")
+        cpu.decompress(et, torch.empty(91, dtype=torch.float16), threads=0)
+    with pytest.raises(ValueError, match="not a CPU decompressor path"):
+        cpu.decompress(et, torch.empty(91, dtype=torch.float16), isa="neon9")
 
 
 def test_isa_from_environment(monkeypatch):
@@ -179,7 +179,7 @@ def test_isa_from_environment(monkeypatch):
 
 
 def test_registered_and_chosen_by_auto():
-    assert backends()["cpu"].decode is cpu.decode
+    assert backends()["cpu"].decompress is cpu.decompress
     assert choose("auto", torch.device("cpu")).name == "cpu"
 
 
@@ -187,12 +187,12 @@ def test_registered_and_chosen_by_auto():
 def test_huge_page_advice_keeps_results(huge_pages):
     dense, et = compressed((3 * 2**20 + 7,), torch.float16, 0.5, seed=5)
     out = torch.empty(et.numel, dtype=torch.float16)
-    cpu.decode(et, out, huge_pages=huge_pages)
+    cpu.decompress(et, out, huge_pages=huge_pages)
     assert bit_equal(out, dense)
 
 
 def test_without_extension_auto_falls_back_to_reference(monkeypatch):
-    monkeypatch.setattr(cpu, "_decode", None)
+    monkeypatch.setattr(cpu, "_decompress", None)
     assert not cpu.available() and cpu.supported_isas() == ()
     assert choose("auto", torch.device("cpu")).name == "reference"
     dense, et = compressed((7, 13), torch.float32, 0.5)
@@ -211,7 +211,7 @@ def test_extra_bitmap_bit_is_rejected(isa, dtype):
     i = 512 + int((et.bitmap[512:] != 0xFF).nonzero()[0])  # a byte of tile 1 with a clear bit
     bitmap[i] = int(bitmap[i]) | (int(bitmap[i]) + 1)  # set its lowest clear bit
     with pytest.raises(endor.FormatError, match="tile 1 has"):
-        decode(corrupt(et, bitmap=bitmap), isa=isa)
+        decompress(corrupt(et, bitmap=bitmap), isa=isa)
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
@@ -224,7 +224,7 @@ def test_bit_moved_between_tiles_is_rejected(isa):
     bitmap[511] |= 0x80  # element 4095 (tile 0) claims a value...
     bitmap[512] &= 0xFE  # ...that element 4096 (tile 1) gives up
     with pytest.raises(endor.FormatError, match="tile 0 has 4096 bits set"):
-        decode(corrupt(et, bitmap=bitmap), isa=isa, threads=2)
+        decompress(corrupt(et, bitmap=bitmap), isa=isa, threads=2)
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
@@ -233,7 +233,7 @@ def test_padding_bits_are_rejected(isa):
     bitmap = et.bitmap.clone()
     bitmap[1] |= 0x80  # element 15 does not exist
     with pytest.raises(endor.FormatError, match="bits set past the last element"):
-        decode(corrupt(et, bitmap=bitmap), isa=isa)
+        decompress(corrupt(et, bitmap=bitmap), isa=isa)
 
 
 BAD_TILE_INDEXES = {
@@ -252,31 +252,31 @@ def test_corrupt_tile_index_is_rejected(isa, case):
     _, et = compressed((4 * 4096 + 9,), torch.float16, 0.5)
     tiles = BAD_TILE_INDEXES[case](et.tiles)
     with pytest.raises(endor.FormatError, match="bitmap popcounts disagree with the tile index"):
-        decode(corrupt(et, tiles=tiles), isa=isa, threads=3)
+        decompress(corrupt(et, tiles=tiles), isa=isa, threads=3)
 
 
 @pytest.mark.parametrize("isa", ISA_PARAMS)
 def test_values_shorter_than_bitmap_says_is_rejected(isa):
-    # A decoder that trusted the bitmap would read past the end of `values` here.
+    # A decompressor that trusted the bitmap would read past the end of `values` here.
     _, et = compressed((2 * 4096 + 3,), torch.bfloat16, 0.0)
     tiles = et.tiles.clone()
     tiles[-1] = et.nnz - 100
     with pytest.raises(endor.FormatError, match="bitmap popcounts disagree"):
-        decode(corrupt(et, values=et.values[:-100], tiles=tiles), isa=isa)
+        decompress(corrupt(et, values=et.values[:-100], tiles=tiles), isa=isa)
 
 
 def test_wrong_part_sizes_are_rejected():
     _, et = compressed((7, 13), torch.float16, 0.5)
     with pytest.raises(endor.FormatError, match="bitmap"):
-        decode(corrupt(et, bitmap=et.bitmap[:-1]), isa="scalar")
+        decompress(corrupt(et, bitmap=et.bitmap[:-1]), isa="scalar")
     with pytest.raises(endor.FormatError, match="tiles"):
-        decode(corrupt(et, tiles=torch.cat([et.tiles, et.tiles[-1:]])), isa="scalar")
+        decompress(corrupt(et, tiles=torch.cat([et.tiles, et.tiles[-1:]])), isa="scalar")
     with pytest.raises(endor.FormatError, match="tiles"):
-        decode(corrupt(et, tiles=et.tiles.int()), isa="scalar")
+        decompress(corrupt(et, tiles=et.tiles.int()), isa="scalar")
     with pytest.raises(endor.FormatError, match="values"):
-        decode(corrupt(et, values=et.values.float()), isa="scalar")
+        decompress(corrupt(et, values=et.values.float()), isa="scalar")
     with pytest.raises(endor.FormatError, match="more than"):
-        decode(corrupt(et, values=torch.ones(92, dtype=torch.float16)), isa="scalar")
+        decompress(corrupt(et, values=torch.ones(92, dtype=torch.float16)), isa="scalar")
 
 
 # ------------------------------------------------------------------ no out-of-bounds access
@@ -325,5 +325,5 @@ def test_no_access_past_any_buffer(isa, dtype, numel, sparsity):
     tight = EndorTensor(et.shape, et.dtype, guarded(et.bitmap), guarded(et.values),
                         guarded(et.tiles), et.checksum)
     out = guarded(torch.zeros(numel, dtype=dtype))
-    cpu.decode(tight, out, isa=isa, threads=2)
+    cpu.decompress(tight, out, isa=isa, threads=2)
     assert bit_equal(out, dense)

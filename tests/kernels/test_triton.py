@@ -1,8 +1,8 @@
-"""The Triton decoder (src/endor/kernels/triton_decode.py). On CPU tensors it runs under Triton's
-interpreter (TRITON_INTERPRET=1, set here per test): bit-exact against the dense tensor and the
-reference decoder on odd shapes, every dtype and sparsities 0 to 1; loads of `values` never leave
-[0, nnz) even for a crafted tile index; the rule-6 checks flag such tensors. Tests marked `gpu`
-run the compiled kernel on CUDA."""
+"""The Triton decompressor (src/endor/kernels/triton_decompress.py). On CPU tensors it runs under
+Triton's interpreter (TRITON_INTERPRET=1, set here per test): bit-exact against the dense tensor
+and the reference decompressor on odd shapes, every dtype and sparsities 0 to 1; loads of
+`values` never leave [0, nnz) even for a crafted tile index; the rule-6 checks flag such tensors.
+Tests marked `gpu` run the compiled kernel on CUDA."""
 
 import os
 import subprocess
@@ -17,11 +17,11 @@ import endor
 from endor.format.tensor import EndorTensor
 from endor.format import reference
 from endor.format.decompress import backends
-from endor.kernels import triton_decode
+from endor.kernels import triton_decompress
 from endor.format.equal import bit_equal
 from tests.helpers import DTYPES, INT_VIEW, sparse_tensor
 
-pytestmark = pytest.mark.skipif(not triton_decode._triton_installed(),
+pytestmark = pytest.mark.skipif(not triton_decompress._triton_installed(),
                                 reason="triton is not installed")
 
 SPARSITIES = [0.0, 0.5, 0.99, 1.0]
@@ -42,10 +42,10 @@ def garbage_like(et, extra=0):
     return torch.full((et.numel + extra,), CANARY, dtype=INT_VIEW[et.dtype]).view(et.dtype)
 
 
-def reference_decode(et):
+def reference_decompress(et):
     out = torch.empty(et.numel, dtype=et.dtype)
     if et.numel:
-        reference.decode(et, out)
+        reference.decompress(et, out)
     return out
 
 
@@ -69,13 +69,13 @@ def fenced_values(et, margin=5000):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
-def test_decode_is_bit_exact(shape, dtype, sparsity):
+def test_decompress_is_bit_exact(shape, dtype, sparsity):
     dense = sparse_tensor(shape, dtype, sparsity, seed=len(shape) * 1000 + int(sparsity * 100))
     et = endor.compress(dense, values="raw")
     out = garbage_like(et)
-    triton_decode.decode(et, out)
+    triton_decompress.decompress(et, out)
     assert bit_equal(out.view(shape), dense)
-    assert bit_equal(out, reference_decode(et))
+    assert bit_equal(out, reference_decompress(et))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -128,7 +128,7 @@ def raw_tensors(draw):
 def test_any_bit_patterns(t):
     et = endor.compress(t, values="raw")
     out = garbage_like(et)
-    triton_decode.decode(et, out)
+    triton_decompress.decompress(et, out)
     assert bit_equal(out, t)
 
 
@@ -145,7 +145,7 @@ def test_nothing_is_written_past_the_last_element():
     dense = sparse_tensor((4096 + 13,), torch.float16, 0.3, seed=2)
     et = endor.compress(dense, values="raw")
     buf = garbage_like(et, extra=4096)
-    triton_decode.decode(et, buf[:et.numel])
+    triton_decompress.decompress(et, buf[:et.numel])
     assert bit_equal(buf[:et.numel], dense)
     assert bool((buf[et.numel:].view(torch.int16) == CANARY).all())
 
@@ -156,7 +156,7 @@ def test_launch_parameters_do_not_change_the_result(tiles_per_program, num_warps
     dense = sparse_tensor((7 * 4096 + 5,), torch.float32, 0.5, seed=4)
     et = endor.compress(dense, values="raw")
     out = garbage_like(et)
-    triton_decode.decode(et, out, num_warps=num_warps, tiles_per_program=tiles_per_program)
+    triton_decompress.decompress(et, out, num_warps=num_warps, tiles_per_program=tiles_per_program)
     assert bit_equal(out, dense)
 
 
@@ -165,14 +165,14 @@ def test_launch_parameters_do_not_change_the_result(tiles_per_program, num_warps
 @pytest.mark.parametrize("shape", SHAPES)
 def test_valid_tensors_pass_both_checks(shape):
     et = endor.compress(sparse_tensor(shape, torch.float16, 0.5, seed=5), values="raw")
-    ok = triton_decode.validate_tiles(et)
+    ok = triton_decompress.validate_tiles(et)
     assert ok.dtype == torch.bool and ok.dim() == 0 and bool(ok)
-    assert bool(triton_decode.decode_and_validate(et, garbage_like(et)))
+    assert bool(triton_decompress.decompress_and_validate(et, garbage_like(et)))
 
 
 def crafted_tile_indexes(et):
     """Tile indexes that pass nothing but the shape check, each able to steer loads out of
-    [0, nnz) if a decoder trusted it: past the end, before the start, and moved interior
+    [0, nnz) if a decompressor trusted it: past the end, before the start, and moved interior
     boundaries whose popcounts disagree."""
     nnz, tiles = et.nnz, et.tiles
     past_end = tiles.clone()
@@ -194,12 +194,12 @@ def test_crafted_tile_index_never_reads_out_of_bounds(dtype, case):
     et = endor.compress(dense, values="raw")
     crafted = with_parts(et, values=fenced_values(et), tiles=crafted_tile_indexes(et)[case])
     out = garbage_like(crafted)
-    ok = triton_decode.decode_and_validate(crafted, out)
+    ok = triton_decompress.decompress_and_validate(crafted, out)
     assert not bool((out.view(INT_VIEW[dtype]) == CANARY).any()), "a load left [0, nnz)"
     assert not bool(ok)
-    assert not bool(triton_decode.validate_tiles(crafted))
+    assert not bool(triton_decompress.validate_tiles(crafted))
     with pytest.raises(endor.FormatError):
-        reference.decode(crafted, torch.empty(crafted.numel, dtype=dtype))
+        reference.decompress(crafted, torch.empty(crafted.numel, dtype=dtype))
 
 
 def test_popcount_mismatch_in_one_tile_is_flagged():
@@ -209,20 +209,20 @@ def test_popcount_mismatch_in_one_tile_is_flagged():
     bitmap[600] ^= 0x10  # one bit flipped in tile 1: its popcount no longer matches
     crafted = with_parts(et, bitmap=bitmap, values=fenced_values(et))
     out = garbage_like(crafted)
-    assert not bool(triton_decode.decode_and_validate(crafted, out))
+    assert not bool(triton_decompress.decompress_and_validate(crafted, out))
     assert not bool((out.view(torch.int16) == CANARY).any())
-    assert not bool(triton_decode.validate_tiles(crafted))
+    assert not bool(triton_decompress.validate_tiles(crafted))
 
 
-def test_set_padding_bits_are_flagged_and_not_decoded():
+def test_set_padding_bits_are_flagged_and_not_decompressed():
     dense = sparse_tensor((4096 + 11,), torch.float16, 0.5, seed=8)
     et = endor.compress(dense, values="raw")
     bitmap = et.bitmap.clone()
     bitmap[-1] |= 0x80  # bit of element 4096 + 15, past the last element
     crafted = with_parts(et, bitmap=bitmap)
     buf = garbage_like(crafted, extra=64)
-    assert not bool(triton_decode.decode_and_validate(crafted, buf[:crafted.numel]))
-    assert not bool(triton_decode.validate_tiles(crafted))
+    assert not bool(triton_decompress.decompress_and_validate(crafted, buf[:crafted.numel]))
+    assert not bool(triton_decompress.validate_tiles(crafted))
     assert bit_equal(buf[:crafted.numel], dense)
     assert bool((buf[crafted.numel:].view(torch.int16) == CANARY).all())
 
@@ -231,10 +231,10 @@ def test_tile_index_ends_are_checked():
     et = endor.compress(sparse_tensor((5000,), torch.float32, 0.5, seed=9), values="raw")
     tiles = et.tiles.clone()
     tiles[0] = 1
-    assert not bool(triton_decode.validate_tiles(with_parts(et, tiles=tiles)))
+    assert not bool(triton_decompress.validate_tiles(with_parts(et, tiles=tiles)))
     empty = endor.compress(torch.empty(0), values="raw")
-    assert bool(triton_decode.validate_tiles(empty))
-    assert not bool(triton_decode.validate_tiles(
+    assert bool(triton_decompress.validate_tiles(empty))
+    assert not bool(triton_decompress.validate_tiles(
         with_parts(empty, tiles=torch.tensor([1], dtype=torch.int64))))
 
 
@@ -244,23 +244,23 @@ def test_malformed_parts_raise_format_error():
     et = endor.compress(sparse_tensor((100,), torch.float16, 0.5, seed=10), values="raw")
     out = torch.empty(100, dtype=torch.float16)
     with pytest.raises(endor.FormatError, match="bitmap"):
-        triton_decode.decode(with_parts(et, bitmap=et.bitmap[:-1]), out)
+        triton_decompress.decompress(with_parts(et, bitmap=et.bitmap[:-1]), out)
     with pytest.raises(endor.FormatError, match="tiles"):
-        triton_decode.decode(with_parts(et, tiles=et.tiles.int()), out)
+        triton_decompress.decompress(with_parts(et, tiles=et.tiles.int()), out)
     with pytest.raises(endor.FormatError, match="tiles"):
-        triton_decode.validate_tiles(with_parts(et, tiles=et.tiles[:1]))
+        triton_decompress.validate_tiles(with_parts(et, tiles=et.tiles[:1]))
 
 
 def test_bad_arguments_raise():
     et = endor.compress(sparse_tensor((100,), torch.float16, 0.5, seed=11), values="raw")
     with pytest.raises(ValueError, match="out"):
-        triton_decode.decode(et, torch.empty(100, dtype=torch.float32))
+        triton_decompress.decompress(et, torch.empty(100, dtype=torch.float32))
     with pytest.raises(ValueError, match="out"):
-        triton_decode.decode(et, torch.empty(200, dtype=torch.float16)[::2])
+        triton_decompress.decompress(et, torch.empty(200, dtype=torch.float16)[::2])
     with pytest.raises(ValueError, match="num_warps"):
-        triton_decode.decode(et, torch.empty(100, dtype=torch.float16), num_warps=3)
+        triton_decompress.decompress(et, torch.empty(100, dtype=torch.float16), num_warps=3)
     with pytest.raises(ValueError, match="tiles_per_program"):
-        triton_decode.decode(et, torch.empty(100, dtype=torch.float16), tiles_per_program=0)
+        triton_decompress.decompress(et, torch.empty(100, dtype=torch.float16), tiles_per_program=0)
 
 
 def test_registered_and_available_only_where_it_can_run(monkeypatch):
@@ -273,12 +273,12 @@ def test_registered_and_available_only_where_it_can_run(monkeypatch):
             endor.decompress(endor.compress(torch.ones(3), values="raw"), backend="triton")
     else:
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            triton_decode.decode(endor.compress(torch.ones(3), values="raw"), torch.empty(3))
+            triton_decompress.decompress(endor.compress(torch.ones(3), values="raw"), torch.empty(3))
 
 
 def test_import_endor_imports_no_triton():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import sys, endor, endor.kernels.triton_decode; "
+    code = ("import sys, endor, endor.kernels.triton_decompress; "
             "assert 'triton' not in sys.modules, 'import endor imported triton'")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
@@ -294,9 +294,9 @@ def test_cuda_bit_exact_at_llm_size(dtype):
     dense = sparse_tensor(LLM_SHAPE, dtype, 0.5, seed=12).cuda()
     et = endor.compress(dense, values="raw")
     out = garbage_like(et).cuda()
-    triton_decode.decode(et, out)
+    triton_decompress.decompress(et, out)
     assert bit_equal(out.view(LLM_SHAPE), dense)
-    assert bool(triton_decode.validate_tiles(et))
+    assert bool(triton_decompress.validate_tiles(et))
     assert bit_equal(endor.decompress(et), dense)  # "auto" picks triton on CUDA
 
 
@@ -325,27 +325,27 @@ def test_cuda_crafted_tile_index_never_reads_out_of_bounds(case):
     et = endor.compress(sparse_tensor((3 * 4096 + 100,), torch.bfloat16, 0.4, seed=14).cuda(), values="raw")
     crafted = with_parts(et, values=fenced_values(et), tiles=crafted_tile_indexes(et)[case])
     out = garbage_like(et).cuda()
-    ok = triton_decode.decode_and_validate(crafted, out)
+    ok = triton_decompress.decompress_and_validate(crafted, out)
     assert not bool((out.view(torch.int16) == CANARY).any())
-    assert not bool(ok) and not bool(triton_decode.validate_tiles(crafted))
+    assert not bool(ok) and not bool(triton_decompress.validate_tiles(crafted))
 
 
 @pytest.mark.gpu
-def test_cuda_decode_and_checks_need_no_host_sync():
+def test_cuda_decompress_and_checks_need_no_host_sync():
     """Captured in a CUDA graph (which fails on any host sync), on a side stream."""
     dense = sparse_tensor((1000, 1003), torch.bfloat16, 0.5, seed=15).cuda()
     et = endor.compress(dense, values="raw")
     out = torch.empty(et.numel, dtype=et.dtype, device="cuda")
-    triton_decode.decode(et, out)  # compile and warm up outside the capture
-    triton_decode.decode_and_validate(et, out)
-    triton_decode.validate_tiles(et)
+    triton_decompress.decompress(et, out)  # compile and warm up outside the capture
+    triton_decompress.decompress_and_validate(et, out)
+    triton_decompress.validate_tiles(et)
     torch.cuda.synchronize()
     out.zero_()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        triton_decode.decode(et, out)
-        ok_fused = triton_decode.decode_and_validate(et, out)
-        ok_torch = triton_decode.validate_tiles(et)
+        triton_decompress.decompress(et, out)
+        ok_fused = triton_decompress.decompress_and_validate(et, out)
+        ok_torch = triton_decompress.validate_tiles(et)
     graph.replay()
     torch.cuda.synchronize()
     assert bit_equal(out.view(dense.shape), dense)

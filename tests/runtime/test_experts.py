@@ -10,11 +10,11 @@ import torch
 from endor import FormatError, compress
 from endor.convert import convert
 from endor.format import EndorFile, save_file
-from endor.loading import load_in_memory
+from endor.reference_loader import load_in_memory
 from endor.moe import parse_expert_name
 from endor.runtime import load_model
 from endor.moe import ExpertNames
-from endor.runtime.experts import decode_expert, plan_experts
+from endor.runtime.experts import decompress_expert, plan_experts
 from endor.format.equal import bit_equal
 from tests.helpers import DTYPES, sparse_tensor
 from tests.moe_models import ARCHS, save_moe
@@ -150,7 +150,7 @@ def test_a_cache_big_enough_hits_every_expert_after_the_first_run(moe):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 1), (7, 13), (830, 545)])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
-def test_decode_expert_matches_the_reference_decoder(tmp_path, dtype, shape, sparsity):
+def test_decompress_expert_matches_the_reference_decompressor(tmp_path, dtype, shape, sparsity):
     inter, hidden = shape
     weights = {"x.experts.0.gate_proj.weight": sparse_tensor((inter, hidden), dtype, sparsity,
                                                              seed=1),
@@ -172,7 +172,7 @@ def test_decode_expert_matches_the_reference_decoder(tmp_path, dtype, shape, spa
     for backend in ("reference", "auto"):
         gate_up = torch.empty(2 * inter, hidden, dtype=dtype)
         down = torch.empty(hidden, inter, dtype=dtype)
-        decode_expert(layer, expert, image, gate_up, down, backend)
+        decompress_expert(layer, expert, image, gate_up, down, backend)
         outs[backend] = (gate_up, down)
     w = list(weights.values())
     assert bit_equal(outs["auto"][0], torch.cat(w[:2]))

@@ -32,10 +32,12 @@ def flip_byte(path, offset):
 
 
 def values_offset(path):
-    """Absolute offset of the middle of the first Endor values part in a shard."""
+    """Absolute offset of the middle of the first Endor tensor's first value part (whatever
+    its codec) in a shard."""
     with endor.open_file(path) as f:
         name = next(n for n in f.keys() if f.is_compressed(n))
-        start, end = f.part_ranges(name)["values"]
+        start, end = next(r for part, r in f.part_ranges(name).items()
+                          if part not in ("bitmap", "tiles"))
     return (start + end) // 2
 
 
@@ -93,9 +95,9 @@ def test_no_budget_keeps_everything_resident(tiny):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_reference_is_what_load_in_memory_gives(tiny, arch):
-    """The pruned model the fixtures compare against generates what endor.loading's in-memory
+    """The pruned model the fixtures compare against generates what endor.reference_loader's in-memory
     reference of the same checkpoint generates."""
-    from endor.loading import load_in_memory
+    from endor.reference_loader import load_in_memory
 
     path, _, want = tiny(arch, "endor")
     reference, _ = load_in_memory(path)
@@ -244,11 +246,11 @@ def test_worker_error_reaches_the_caller(tiny, monkeypatch):
     path, _, _ = tiny("llama", "endor")
 
     def broken(*args, **kwargs):
-        raise RuntimeError("decoder exploded")
+        raise RuntimeError("decompressor exploded")
 
     with open_model(path, max_memory=0) as model:
         monkeypatch.setattr(stream, "decompress", broken)
-        with pytest.raises(RuntimeError, match="decoder exploded"):
+        with pytest.raises(RuntimeError, match="decompressor exploded"):
             greedy(model, PROMPT, NEW_TOKENS)
 
 
@@ -275,7 +277,7 @@ def test_streaming_buffers_are_reported_and_sized_from_the_largest_layer(tiny, w
 @pytest.mark.parametrize("weights", ["endor", "dense"])
 @pytest.mark.parametrize("offload", ["disk", "cpu"])
 def test_cuda_streaming_is_token_identical(tiny, weights, offload):
-    from endor.loading import load_in_memory
+    from endor.reference_loader import load_in_memory
 
     path, _, _ = tiny("llama", weights)
     reference, _ = load_in_memory(path, device="cuda")  # GPU numerics differ from the CPU's
@@ -286,12 +288,12 @@ def test_cuda_streaming_is_token_identical(tiny, weights, offload):
     assert stats["split_s_per_token"]["transfer"] > 0
 
 
-def test_thread_split_gives_the_decoder_a_core():
+def test_thread_split_gives_the_decompressor_a_core():
     from endor.runtime.model import thread_split
 
     cpu = torch.device("cpu")
-    compute, decode = thread_split(cpu, True)
-    assert decode >= 1 and compute >= 1
+    compute, decompress = thread_split(cpu, True)
+    assert decompress >= 1 and compute >= 1
     assert thread_split(cpu, False) == (None, None)  # nothing streams: torch's setting stands
     assert thread_split(cpu, True, 3)[0] == 3
 

@@ -33,7 +33,7 @@ def test_plan_memory_keeps_leading_layers_that_fit():
         plan_memory(99, 100, [50])
 
 
-def test_plan_layer_views_dense_tensors_and_decodes_endor_ones(tmp_path):
+def test_plan_layer_views_dense_tensors_and_decompresses_endor_ones(tmp_path):
     w = torch.randn(7, 13, dtype=torch.bfloat16)
     w[w.abs() < 0.5] = 0
     norm = torch.randn(13, dtype=torch.bfloat16)
@@ -44,7 +44,7 @@ def test_plan_layer_views_dense_tensors_and_decodes_endor_ones(tmp_path):
     with endor.open_file(path) as f:
         plan = plan_layer(0, f, "m.layers.0.", expected)
     by_name = {t.name: t for t in plan.tensors}
-    # a layer with compressed tensors is decoded whole: its dense ones are copied beside them
+    # a layer with compressed tensors is decompressed whole: its dense ones are copied beside them
     assert not by_name["norm.weight"].compressed and by_name["norm.weight"].out is not None
     assert by_name["proj.weight"].compressed and by_name["proj.weight"].out % OUT_ALIGN == 0
     assert by_name["norm.weight"].out % OUT_ALIGN == 0 and not plan.keeps_image

@@ -27,7 +27,7 @@ def test_whole_file_read_is_exact(tmp_path, monkeypatch, reader, nbytes):
     r = reader
     assert r.read_into(path, buf, nbytes) == nbytes
     assert bytes(buf[:nbytes].numpy()) == data
-    assert r.direct or r.fallback_reason  # either direct, or it says why not
+    assert r.direct == (r.fallback_reason is None)  # either direct, or it says why not
 
 
 def _mapping_flags(address: int) -> dict:

@@ -92,7 +92,7 @@ def load_accelerate(path, *, device="cpu", offload: str = "disk", max_memory=Non
     ckpt = Checkpoint(path)
     if ckpt.weights != "dense":
         raise ValueError(f"{path} stores weights {ckpt.weights!r}; Accelerate reads only dense "
-                         "checkpoints (convert with --format dense)")
+                         "checkpoints (convert with --weights dense)")
     files, rest = layer_files(ckpt)
     rest_bytes = sum(stored_nbytes(rest, n) for n in rest.keys())
     layer_bytes = [sum(stored_nbytes(f, n) for n in f.keys()) for f in files]

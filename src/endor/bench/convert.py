@@ -27,7 +27,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from ..checkpoint import WEIGHT_KINDS
 from ..convert.synthetic import write_synthetic_checkpoint
+from ..prune import check_sparsity
 from . import harness
 
 NAME = "convert"
@@ -47,7 +49,8 @@ def add_arguments(parser) -> None:
                         help="pruning method (calibrated methods need a tokenizer; default "
                              "magnitude)")
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--format", dest="weights", choices=("endor", "dense"), default="endor")
+    parser.add_argument("--weights", choices=WEIGHT_KINDS, default="endor",
+                        help="how the converted weights are stored (default endor)")
     parser.add_argument("--conversions", type=int, default=1,
                         help="cold conversions to time (default 1)")
     parser.add_argument("--workdir", default=None,
@@ -146,16 +149,15 @@ def _gb(n) -> float | None:
     return None if n is None else round(n / 1e9, 4)
 
 
-def run(args) -> dict:
-    if args.conversions < 1:
-        raise ValueError(f"--conversions must be at least 1, got {args.conversions}")
-    if not 0 <= args.sparsity < 1:
-        raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
-    quick = getattr(args, "quick", False)
-    config = synthetic_config(args.size_gb, quick)
-    if args.workdir is not None:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="endor-bench-convert-", dir=args.workdir))
+def run(*, size_gb, method, sparsity, weights, conversions, workdir, quick, warmup,
+        repeat) -> dict:
+    if conversions < 1:
+        raise ValueError(f"--conversions must be at least 1, got {conversions}")
+    check_sparsity(sparsity)
+    config = synthetic_config(size_gb, quick)
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="endor-bench-convert-", dir=workdir))
     load_before = harness.system_load()
     try:
         src = write_synthetic_checkpoint(work / "src", config, dtype=torch.float16)
@@ -166,8 +168,7 @@ def run(args) -> dict:
         def copy():
             shutil.rmtree(work / "copy", ignore_errors=True)
             _copy_files(files, work / "copy")
-        copy_stats = harness.measure(copy, warmup=getattr(args, "warmup", 0),
-                                     repeat=getattr(args, "repeat", 1) or 1,
+        copy_stats = harness.measure(copy, warmup=warmup, repeat=repeat,
                                      setup=lambda: harness.evict_files(files))
         shutil.rmtree(work / "copy", ignore_errors=True)
         results.append({"case": "copy (read + write, cold)", "source_gb": _gb(source_bytes),
@@ -180,14 +181,14 @@ def run(args) -> dict:
                         "peak_rss_file_gb": _gb(imports["peak_rss_file"]), "n": 1})
 
         runs = []
-        for k in range(args.conversions):
+        for k in range(conversions):
             out = work / "out"
             shutil.rmtree(out, ignore_errors=True)
             cold = harness.evict_files(files)
             load = harness.system_load()
             argv = [sys.executable, "-m", "endor", "convert", str(src), str(out),
-                    "--method", args.method, "--sparsity", str(args.sparsity),
-                    "--format", args.weights, "--quiet"]
+                    "--method", method, "--sparsity", str(sparsity),
+                    "--weights", weights, "--quiet"]
             child = run_child(argv, work / f"convert{k}.log")
             if child["returncode"] != 0:
                 raise RuntimeError(f"endor convert failed ({child['returncode']}):\n"
@@ -200,7 +201,7 @@ def run(args) -> dict:
         peak = max(r["peak_rss"] for r in runs)
         worst = max(runs, key=lambda r: r["peak_rss"])
         results.append({
-            "case": f"convert {args.method} {args.sparsity:g} -> {args.weights}",
+            "case": f"convert {method} {sparsity:g} -> {weights}",
             "source_gb": _gb(source_bytes), "seconds": stats.median_s,
             "gbps": stats.gbps(source_bytes), "peak_rss_gb": _gb(peak),
             "peak_rss_anon_gb": _gb(worst["peak_rss_anon"]),
@@ -214,7 +215,7 @@ def run(args) -> dict:
     met = peak <= DONE_WHEN["peak_rss_gb_max"] * 1e9 and source_bytes >= \
         DONE_WHEN["source_gb_min"] * 1e9
     params = {"load_avg": {"before": load_before, "after": harness.system_load()},
-              "method": args.method, "sparsity": args.sparsity, "weights": args.weights,
+              "method": method, "sparsity": sparsity, "weights": weights,
               "quick": quick, "dtype": "float16", "source_bytes": source_bytes,
               "config": {k: getattr(config, k) for k in (
                   "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")}}

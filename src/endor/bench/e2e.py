@@ -7,7 +7,7 @@ least possible, when the non-layer weights exceed it) keeps only the non-layer w
 resident, so every decoder layer is read from disk for every token. Timed, in the same run,
 each after evicting the checkpoint from the page cache:
 
-  endor            our pipeline, Endor weights (O_DIRECT reads, prefetch, decode into buffers)
+  endor            our pipeline, Endor weights (O_DIRECT reads, prefetch, decompress into buffers)
   dense            our pipeline, dense weights: only the format differs
   accelerate-cold  HF Accelerate disk offload of the dense checkpoint, every layer's shard
                    evicted right before Accelerate reads it (a model larger than RAM)
@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -65,6 +66,42 @@ TABLE_COLUMNS = ["system", "decode_tokens_per_s", "s_per_token", "min_s", "max_s
 DEFAULT_SHAPE = dict(hidden=2048, intermediate=5632, layers=12, heads=16, kv_heads=4,
                      vocab=16384)
 QUICK_SHAPE = dict(hidden=256, intermediate=512, layers=4, heads=4, kv_heads=2, vocab=1024)
+
+
+@dataclass(frozen=True)
+class Options:
+    """One run's options, named as add_arguments names them; None shape entries and new_tokens
+    take the default (or --quick) values."""
+    hidden: int | None
+    intermediate: int | None
+    layers: int | None
+    heads: int | None
+    kv_heads: int | None
+    vocab: int | None
+    dtype: str
+    sparsity: float
+    io: str
+    budget_fraction: float
+    new_tokens: int | None
+    prompt_len: int
+    prefetch: int
+    endor_prefetch: int | None
+    device: str
+    offload: str
+    systems: str | None
+    max_seconds: float | None
+    workdir: str | None
+    quick: bool
+    warmup: int
+    repeat: int
+    # --moe (bench/e2e_moe.py): a mixture-of-experts model with routed expert reads
+    moe: bool = False
+    expert_intermediate: int | None = None
+    experts: int | None = None
+    top_k: int | None = None
+    zipf: float = 1.0
+    routers: str = "uniform,zipf"
+    moe_systems: str | None = None
 
 
 def add_arguments(parser) -> None:
@@ -106,11 +143,11 @@ def add_arguments(parser) -> None:
                              "temporary directory, removed)")
 
 
-def _config(args):
+def _config(opts: Options):
     # lazy: heavy (transformers/accelerate), kept out of `import endor` and `endor --help`
     from transformers import LlamaConfig
 
-    shape = {k: getattr(args, k) or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)[k]
+    shape = {k: getattr(opts, k) or (QUICK_SHAPE if opts.quick else DEFAULT_SHAPE)[k]
              for k in DEFAULT_SHAPE}
     return LlamaConfig(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
                        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
@@ -119,17 +156,17 @@ def _config(args):
                        architectures=["LlamaForCausalLM"]), shape
 
 
-def _prepare(config, args, workdir: Path) -> dict:
+def _prepare(config, opts: Options, workdir: Path) -> dict:
     """Synthetic HF checkpoint -> converted "endor" and "dense" checkpoints (cached by shape)."""
-    key = hashlib.sha256(json.dumps([config.to_dict(), args.dtype, args.sparsity],
+    key = hashlib.sha256(json.dumps([config.to_dict(), opts.dtype, opts.sparsity],
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = workdir / f"llama-{key}"
     hf = root / "hf"
     if not (hf / "config.json").is_file():
-        write_synthetic_checkpoint(hf, config, dtype=getattr(torch, args.dtype))
+        write_synthetic_checkpoint(hf, config, dtype=getattr(torch, opts.dtype))
     out = {weights: root / weights for weights in ("endor", "dense")}
     _convert_all(hf, {w: o for w, o in out.items() if not (o / "endor.json").is_file()},
-                 args.sparsity)
+                 opts.sparsity)
     return out
 
 
@@ -188,7 +225,7 @@ def _generate(model, prompt, new_tokens: int) -> list[int]:
     return out[0, prompt.shape[1]:].tolist()
 
 
-def _time(models: dict, prompt, args) -> dict:
+def _time(models: dict, prompt, opts: Options) -> dict:
     """Runs interleaved (every system once per round, so slow drifts in the shared disk and CPUs
     hit all alike), each after evicting its files. Per system: (Stats of decode seconds per
     token, the median run's stats, its tokens, whether eviction worked). With --max-seconds,
@@ -197,17 +234,17 @@ def _time(models: dict, prompt, args) -> dict:
     runs = {name: [] for name in models}
     cold = dict.fromkeys(models, True)
     start = last = time.perf_counter()
-    limit = getattr(args, "max_seconds", None)
-    for i in range(args.warmup + args.repeat):
+    limit = opts.max_seconds
+    for i in range(opts.warmup + opts.repeat):
         now = time.perf_counter()
-        if limit and i > args.warmup and now + (now - last) - start > limit:
+        if limit and i > opts.warmup and now + (now - last) - start > limit:
             break
         last = now
         for name, (model, files) in models.items():
             cold[name] &= harness.evict_files(files)
             model.endor_reset_stats()
-            tokens = _generate(model, prompt, args.new_tokens)
-            if i >= args.warmup:
+            tokens = _generate(model, prompt, opts.new_tokens)
+            if i >= opts.warmup:
                 stats = model.endor_stats()
                 runs[name].append((stats["decode_s"] / stats["decode_tokens"], stats, tokens))
     out = {"_rounds": {name: [r[0] for r in rs] for name, rs in runs.items()}}
@@ -239,7 +276,7 @@ def _row(system: str, t: harness.Stats, stats: dict, tokens, reference, cold: bo
     return row
 
 
-def _disk_row(files, args) -> dict:
+def _disk_row(files, opts: Options) -> dict:
     reader = ShardReader()
     buf = aligned_buffer(max(f.stat().st_size for f in files))
     total = sum(f.stat().st_size for f in files)
@@ -249,7 +286,7 @@ def _disk_row(files, args) -> dict:
             reader.read_into(f, buf, f.stat().st_size)
 
     try:
-        t = harness.measure(read_all, warmup=args.warmup, repeat=args.repeat,
+        t = harness.measure(read_all, warmup=opts.warmup, repeat=opts.repeat,
                             setup=lambda: harness.evict_files(files))
     finally:
         reader.close()
@@ -258,50 +295,50 @@ def _disk_row(files, args) -> dict:
             "direct_io": reader.direct}
 
 
-def _h2d_row(files, args) -> dict:
+def _h2d_row(files, opts: Options) -> dict:
     """Every dense shard copied from pinned host memory to the GPU, one after the other: what a
     token costs when only the link moves bytes."""
     sizes = [f.stat().st_size for f in files]
     host = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes]
     for f, h in zip(files, host):
         h.copy_(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8))
-    device = torch.device(args.device)
+    device = torch.device(opts.device)
     target = torch.empty(max(sizes), dtype=torch.uint8, device=device)
 
     def copy_all():
         for h, n in zip(host, sizes):
             target[:n].copy_(h, non_blocking=True)
 
-    t = harness.measure(copy_all, warmup=args.warmup, repeat=args.repeat, device=device)
+    t = harness.measure(copy_all, warmup=opts.warmup, repeat=opts.repeat, device=device)
     return {"system": "h2d", "s_per_token": t.median_s, "min_s": t.min_s, "max_s": t.max_s,
             "n": t.n, "mb_read_per_token": sum(sizes) / 1e6, "gbps": t.gbps(sum(sizes))}
 
 
-def _check_args(args) -> list[str]:
+def _check_args(opts: Options) -> list[str]:
     """Fail on bad options before the (slow) checkpoint preparation. Returns the systems."""
-    if args.new_tokens < 2 or not 0 < args.budget_fraction <= 1 or args.prefetch < 0 or \
-            (args.endor_prefetch or 0) < 0:
+    if opts.new_tokens < 2 or not 0 < opts.budget_fraction <= 1 or opts.prefetch < 0 or \
+            (opts.endor_prefetch or 0) < 0:
         raise ValueError("--new-tokens must be >= 2, --budget-fraction in (0, 1], "
                          "--prefetch and --endor-prefetch >= 0")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if opts.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no CUDA device (torch "
                          f"{torch.__version__}, CUDA {torch.version.cuda}); use --device cpu")
-    if args.offload == "cpu" and args.device == "cpu":
+    if opts.offload == "cpu" and opts.device == "cpu":
         raise ValueError("--offload cpu needs --device cuda: computing on the CPU, weights "
                          "held in RAM are not offloaded (Accelerate refuses it too)")
-    allowed = DISK_SYSTEMS if args.offload == "disk" else CPU_SYSTEMS
-    systems = [s.strip() for s in (args.systems or ",".join(allowed)).split(",") if s.strip()]
+    allowed = DISK_SYSTEMS if opts.offload == "disk" else CPU_SYSTEMS
+    systems = [s.strip() for s in (opts.systems or ",".join(allowed)).split(",") if s.strip()]
     unknown = set(systems) - set(allowed)
     if unknown or not systems:
-        raise ValueError(f"unknown systems {sorted(unknown)} for --offload {args.offload}; "
+        raise ValueError(f"unknown systems {sorted(unknown)} for --offload {opts.offload}; "
                          f"choose from {','.join(allowed)}")
     return systems
 
 
-def _workdir(args) -> tuple[Path, Path | None]:
-    if args.workdir:
-        return Path(args.workdir), None
-    if args.quick:
+def _workdir(opts: Options) -> tuple[Path, Path | None]:
+    if opts.workdir:
+        return Path(opts.workdir), None
+    if opts.quick:
         temp = Path(tempfile.mkdtemp(prefix="endor-e2e-"))
         return temp, temp
     return Path(os.environ.get("ENDOR_CACHE", Path.home() / ".cache" / "endor")) / \
@@ -331,56 +368,56 @@ def _ratios(by: dict, rounds: dict) -> dict:
     return ratios
 
 
-def run(args) -> dict:
-    args.device = getattr(args, "device", "cpu")
-    args.offload = getattr(args, "offload", "disk")
-    if getattr(args, "moe", False):
+def run(**options) -> dict:
+    """`options`: every field of Options, as keywords."""
+    opts = Options(**options)
+    if opts.moe:
         from .e2e_moe import run_moe  # local: e2e_moe builds on this module's helpers
-        return run_moe(args)
-    if args.new_tokens is None:
-        args.new_tokens = 4 if args.quick else 8
-    systems = _check_args(args)
-    device = torch.device(args.device)
-    config, shape = _config(args)
-    workdir, temp = _workdir(args)
+        return run_moe(opts)
+    if opts.new_tokens is None:
+        opts = replace(opts, new_tokens=4 if opts.quick else 8)
+    systems = _check_args(opts)
+    device = torch.device(opts.device)
+    config, shape = _config(opts)
+    workdir, temp = _workdir(opts)
     try:
         t0 = time.perf_counter()
-        paths = _prepare(config, args, workdir)
+        paths = _prepare(config, opts, workdir)
         prepare_s = time.perf_counter() - t0
         (dense_files, dense_rest), (endor_files, _) = _shards(paths["dense"]), \
             _shards(paths["endor"])
         model_bytes = sum(f.stat().st_size for f in (*dense_files, dense_rest))
-        budget = int(args.budget_fraction * model_bytes)
+        budget = int(opts.budget_fraction * model_bytes)
         # A large vocabulary on few layers (the device check's 4-layer 7B shape) puts the
         # embeddings above the fraction: then the least possible, every decoder layer streamed.
         least = budget < dense_rest.stat().st_size
         budget = 0 if least else budget
-        prompt = torch.randint(config.vocab_size, (1, args.prompt_len),
+        prompt = torch.randint(config.vocab_size, (1, opts.prompt_len),
                                generator=torch.Generator().manual_seed(0)).to(device)
         # The compute threads our pipeline uses are given to Accelerate too, so only the
         # loading strategy differs (and one thread computes faster than two on a busy 2-core
         # machine). None on the GPU.
         threads = thread_split(device, True)[0]
         # Held in RAM (--offload cpu), nothing is read from disk: no page cache to evict.
-        disk = args.offload == "disk"
+        disk = opts.offload == "disk"
         models = {}
         try:
             for system in systems:
                 if system in ("endor", "dense"):
-                    prefetch = args.prefetch if system == "dense" or \
-                        args.endor_prefetch is None else args.endor_prefetch
+                    prefetch = opts.prefetch if system == "dense" or \
+                        opts.endor_prefetch is None else opts.endor_prefetch
                     model = load_model(paths[system], device=device, max_memory=budget,
-                                       offload=args.offload, prefetch=prefetch,
-                                       direct_io=args.io == "direct")
+                                       offload=opts.offload, prefetch=prefetch,
+                                       direct_io=opts.io == "direct")
                     files = endor_files if system == "endor" else dense_files
                 else:
                     model = load_accelerate(paths["dense"], device=device, max_memory=budget,
-                                            offload=args.offload, compute_threads=threads)
+                                            offload=opts.offload, compute_threads=threads)
                     files = dense_files
                     if system == "accelerate-cold":
                         evict_on_read(model)
                 models[system] = (model, files if disk else [])
-            timed = _time(models, prompt, args)
+            timed = _time(models, prompt, opts)
         finally:
             for model, _ in models.values():
                 model.endor_close()
@@ -401,9 +438,9 @@ def run(args) -> dict:
                          "s_per_token": ideal_s,
                          "mb_read_per_token": by["endor"]["mb_read_per_token"]})
         if disk:
-            rows.append(_disk_row(dense_files, args))
+            rows.append(_disk_row(dense_files, opts))
         if device.type == "cuda":
-            rows.append(_h2d_row(dense_files, args))
+            rows.append(_h2d_row(dense_files, opts))
         met = {}
         if "endor_vs_dense" in ratios:
             met["endor_vs_dense"] = ratios["endor_vs_dense"] >= DONE_WHEN["endor_vs_dense_min"]
@@ -412,14 +449,14 @@ def run(args) -> dict:
         baseline = "endor_vs_accelerate_cold" if disk else "endor_vs_accelerate"
         if baseline in ratios:
             met["endor_vs_accelerate"] = ratios[baseline] >= DONE_WHEN["endor_vs_accelerate_min"]
-        params = {"shape": shape, "dtype": args.dtype, "sparsity": args.sparsity,
-                  "device": str(device), "offload": args.offload,
+        params = {"shape": shape, "dtype": opts.dtype, "sparsity": opts.sparsity,
+                  "device": str(device), "offload": opts.offload,
                   "model_bytes": model_bytes, "budget_bytes": budget, "budget_least": least,
-                  "budget_fraction": args.budget_fraction, "new_tokens": args.new_tokens,
-                  "prompt_len": args.prompt_len, "prefetch": args.prefetch,
-                  "endor_prefetch": args.endor_prefetch, "io": args.io,
-                  "repeat": args.repeat, "warmup": args.warmup, "quick": args.quick,
-                  "max_seconds": getattr(args, "max_seconds", None),
+                  "budget_fraction": opts.budget_fraction, "new_tokens": opts.new_tokens,
+                  "prompt_len": opts.prompt_len, "prefetch": opts.prefetch,
+                  "endor_prefetch": opts.endor_prefetch, "io": opts.io,
+                  "repeat": opts.repeat, "warmup": opts.warmup, "quick": opts.quick,
+                  "max_seconds": opts.max_seconds,
                   "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s}
         return harness.envelope(NAME, params, rows, ratios=ratios, done_when=DONE_WHEN,
                                 met=met, rounds_s_per_token=timed["_rounds"],

@@ -27,6 +27,7 @@ import json
 import shutil
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ from ..runtime.model import thread_split
 from ..runtime.weights import layer_files
 from . import harness
 from .baseline import evict_on_read, load_accelerate
-from .e2e import _convert_all, _generate, _row, _shards, _workdir
+from .e2e import Options, _convert_all, _generate, _row, _shards, _workdir
 
 NAME = "e2e"
 DONE_WHEN = {"experts_vs_whole_layers_min": 4.0, "experts_vs_accelerate_min": 15.0,
@@ -73,11 +74,11 @@ def add_moe_arguments(parser) -> None:
                        help=f"subset of {','.join(SYSTEMS)} (default all)")
 
 
-def _config(args):
+def _config(opts: Options):
     from transformers import Qwen3MoeConfig
 
-    base = QUICK_MOE_SHAPE if args.quick else DEFAULT_MOE_SHAPE
-    shape = {k: getattr(args, k, None) or base[k] for k in DEFAULT_MOE_SHAPE}
+    base = QUICK_MOE_SHAPE if opts.quick else DEFAULT_MOE_SHAPE
+    shape = {k: getattr(opts, k) or base[k] for k in DEFAULT_MOE_SHAPE}
     config = Qwen3MoeConfig(
         hidden_size=shape["hidden"], intermediate_size=4 * shape["hidden"],
         moe_intermediate_size=shape["expert_intermediate"], num_experts=shape["experts"],
@@ -89,16 +90,16 @@ def _config(args):
     return config, shape
 
 
-def _prepare(config, args, workdir: Path) -> dict:
-    key = hashlib.sha256(json.dumps([config.to_dict(), args.dtype, args.sparsity],
+def _prepare(config, opts: Options, workdir: Path) -> dict:
+    key = hashlib.sha256(json.dumps([config.to_dict(), opts.dtype, opts.sparsity],
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = workdir / f"qwen3moe-{key}"
     hf = root / "hf"
     if not (hf / "config.json").is_file():
-        write_synthetic_checkpoint(hf, config, dtype=getattr(torch, args.dtype))
+        write_synthetic_checkpoint(hf, config, dtype=getattr(torch, opts.dtype))
     out = {weights: root / weights for weights in ("endor", "dense")}
     _convert_all(hf, {w: o for w, o in out.items() if not (o / "endor.json").is_file()},
-                 args.sparsity)
+                 opts.sparsity)
     return out
 
 
@@ -179,7 +180,7 @@ def _ideal_bytes(path, choices: list, decode_tokens: int) -> float:
     return total / decode_tokens
 
 
-def _load(system: str, paths: dict, budget: int, args, threads):
+def _load(system: str, paths: dict, budget: int, opts: Options, threads):
     if system == "accelerate-cold":
         model = load_accelerate(paths["dense"], max_memory=budget, compute_threads=threads)
         use_eager_experts(model)  # the same expert-by-expert arithmetic as ours
@@ -187,29 +188,29 @@ def _load(system: str, paths: dict, budget: int, args, threads):
         return model
     weights = "dense" if system.startswith("dense") else "endor"
     return load_model(paths[weights], max_memory=0 if system.endswith("nocache") else budget,
-                      prefetch=args.prefetch, expert_reads=system != "endor-whole-layers",
+                      prefetch=opts.prefetch, expert_reads=system != "endor-whole-layers",
                       expert_cache="lru" if system.endswith("lru") else "lfu")
 
 
-def _time(models: dict, prompt, args) -> dict:
+def _time(models: dict, prompt, opts: Options, num_experts: int) -> dict:
     runs = {name: [] for name in models}
     start = last = time.perf_counter()
-    for i in range(args.warmup + args.repeat):
+    for i in range(opts.warmup + opts.repeat):
         now = time.perf_counter()
-        if args.max_seconds and i > args.warmup and now + (now - last) - start > args.max_seconds:
+        if opts.max_seconds and i > opts.warmup and now + (now - last) - start > opts.max_seconds:
             break
         last = now
         for name, (model, files, choices) in models.items():
             harness.evict_files(files)
             model.endor_reset_stats()
             choices.clear()
-            tokens = _generate(model, prompt, args.new_tokens)
-            if i >= args.warmup:
+            tokens = _generate(model, prompt, opts.new_tokens)
+            if i >= opts.warmup:
                 stats = model.endor_stats()
                 ideal = _ideal_bytes(model.endor_stats()["path"], choices,
                                      stats["decode_tokens"]) if name.endswith("nocache") \
                     else None
-                stats["top_decile_share"] = top_decile_share(choices, args.num_experts)
+                stats["top_decile_share"] = top_decile_share(choices, num_experts)
                 runs[name].append((stats["decode_s"] / stats["decode_tokens"], stats, tokens,
                                    ideal))
     out = {}
@@ -221,42 +222,42 @@ def _time(models: dict, prompt, args) -> dict:
     return out
 
 
-def run_moe(args) -> dict:
-    if args.device != "cpu" or args.offload != "disk":
+def run_moe(opts: Options) -> dict:
+    """e2e.run(moe=True, ...): the options of e2e.Options."""
+    if opts.device != "cpu" or opts.offload != "disk":
         raise ValueError("--moe runs with --device cpu --offload disk")
-    if args.new_tokens is None:
-        args.new_tokens = 4 if args.quick else 8
-    systems = [s for s in (args.moe_systems or ",".join(SYSTEMS)).split(",") if s]
-    routers = [r for r in args.routers.split(",") if r]
+    if opts.new_tokens is None:
+        opts = replace(opts, new_tokens=4 if opts.quick else 8)
+    systems = [s for s in (opts.moe_systems or ",".join(SYSTEMS)).split(",") if s]
+    routers = [r for r in opts.routers.split(",") if r]
     if set(systems) - set(SYSTEMS) or set(routers) - set(ROUTERS) or not systems or not routers:
         raise ValueError(f"--moe-systems from {','.join(SYSTEMS)}; --routers from "
                          f"{','.join(ROUTERS)}")
-    config, shape = _config(args)
-    workdir, temp = _workdir(args)
+    config, shape = _config(opts)
+    workdir, temp = _workdir(opts)
     try:
         t0 = time.perf_counter()
-        paths = _prepare(config, args, workdir)
+        paths = _prepare(config, opts, workdir)
         prepare_s = time.perf_counter() - t0
         (dense_files, dense_rest), (endor_files, _) = _shards(paths["dense"]), \
             _shards(paths["endor"])
         model_bytes = sum(f.stat().st_size for f in (*dense_files, dense_rest))
-        budget = int(args.budget_fraction * model_bytes)
-        prompt = torch.randint(config.vocab_size, (1, args.prompt_len),
+        budget = int(opts.budget_fraction * model_bytes)
+        prompt = torch.randint(config.vocab_size, (1, opts.prompt_len),
                                generator=torch.Generator().manual_seed(0))
         threads = thread_split(torch.device("cpu"), True)[0]
-        args.num_experts = shape["experts"]
         rows, ratios = [], {}
         for router in routers:
             models = {}
             try:
                 for system in systems:
-                    model = _load(system, paths, budget, args, threads)
+                    model = _load(system, paths, budget, opts, threads)
                     if router == "zipf":
-                        skew_routers(model, args.zipf)
+                        skew_routers(model, opts.zipf)
                     choices, _ = record_choices(model)
                     files = endor_files if system.startswith("endor") else dense_files
                     models[system] = (model, files, choices)
-                timed = _time(models, prompt, args)
+                timed = _time(models, prompt, opts, shape["experts"])
             finally:
                 for model, _, _ in models.values():
                     model.endor_close()
@@ -293,12 +294,12 @@ def run_moe(args) -> dict:
         if "nocache_bytes_vs_ideal/uniform" in ratios:
             met["nocache_bytes_vs_ideal"] = ratios["nocache_bytes_vs_ideal/uniform"] <= \
                 DONE_WHEN["nocache_bytes_vs_ideal_max"]
-        params = {"moe": True, "shape": shape, "dtype": args.dtype, "sparsity": args.sparsity,
+        params = {"moe": True, "shape": shape, "dtype": opts.dtype, "sparsity": opts.sparsity,
                   "device": "cpu", "offload": "disk", "model_bytes": model_bytes,
-                  "budget_bytes": budget, "budget_fraction": args.budget_fraction,
-                  "new_tokens": args.new_tokens, "prompt_len": args.prompt_len,
-                  "prefetch": args.prefetch, "zipf": args.zipf, "routers": routers,
-                  "repeat": args.repeat, "warmup": args.warmup, "quick": args.quick,
+                  "budget_bytes": budget, "budget_fraction": opts.budget_fraction,
+                  "new_tokens": opts.new_tokens, "prompt_len": opts.prompt_len,
+                  "prefetch": opts.prefetch, "zipf": opts.zipf, "routers": routers,
+                  "repeat": opts.repeat, "warmup": opts.warmup, "quick": opts.quick,
                   "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s}
         return harness.envelope(NAME, params, rows, ratios=ratios, done_when=DONE_WHEN, met=met,
                                 table_columns=TABLE_COLUMNS)

@@ -1,9 +1,10 @@
-"""`endor bench formats`: bits per element and decode GB/s of Endor against the formats people use
-(CSR, COO, compressed-tensors sparse-bitmask, zstd, lz4), on random tensors pruned to exact
-sparsities, with the (1-s)*b+1 bound and a dense copy measured in the same run as the baseline.
+"""`endor bench formats`: bits per element and decompression GB/s of Endor against the formats
+people use (CSR, COO, compressed-tensors sparse-bitmask, zstd, lz4), on random tensors pruned to
+exact sparsities, with the (1-s)*b+1 bound and a dense copy measured in the same run as the
+baseline.
 
-Decode GB/s is dense bytes produced per second (median after warm-up); every format's round trip
-is checked bit-exact before it is timed, otherwise the comparison would mean nothing."""
+Decompression GB/s is dense bytes produced per second (median after warm-up); every format's round
+trip is checked bit-exact before it is timed, otherwise the comparison would mean nothing."""
 
 from __future__ import annotations
 
@@ -114,26 +115,27 @@ def make_tensor(source: str, shape, dtype, sparsity: float, seed: int) -> torch.
     return w.to(dtype)
 
 
-def run(args) -> dict:
+def run(*, shape, formats, dtypes, sparsities, seed, quick, warmup, repeat,
+        source="random") -> dict:
     load_before = harness.system_load()
-    shape = args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)
+    shape = shape or (QUICK_SHAPE if quick else DEFAULT_SHAPE)
     numel = math.prod(shape)
     if numel == 0:
         raise ValueError(f"--shape {shape} has no elements")
     chosen = codecs()
-    if args.formats:
-        wanted = [x.strip() for x in args.formats.split(",") if x.strip()]
+    if formats:
+        wanted = [x.strip() for x in formats.split(",") if x.strip()]
         unknown = sorted(set(wanted) - set(format_names()))
         if unknown:
             raise ValueError(f"unknown format(s) {unknown}; choose from {format_names()}")
         # The dense copy stays: every GB/s is reported against it.
         chosen = [c for c in chosen if c.name in wanted or c.name == "dense"]
     results = []
-    for dtype in args.dtypes:
-        for sparsity in args.sparsities:
-            tensor = make_tensor(getattr(args, "source", "random"), shape, dtype, sparsity,
-                                 args.seed)
-            rows = [measure_codec(c, tensor, warmup=args.warmup, repeat=args.repeat)
+    for dtype in dtypes:
+        for sparsity in sparsities:
+            tensor = make_tensor(source, shape, dtype, sparsity,
+                                 seed)
+            rows = [measure_codec(c, tensor, warmup=warmup, repeat=repeat)
                     for c in chosen]
             copy_gbps = rows[0]["decode_gbps"]
             bits = dtype.itemsize * 8
@@ -145,11 +147,11 @@ def run(args) -> dict:
             results.extend(rows)
             del tensor
     params = {"load_avg": {"before": load_before, "after": harness.system_load()},
-              "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
-              "sparsities": list(args.sparsities), "seed": args.seed, "quick": args.quick,
-              "warmup": args.warmup, "repeat": args.repeat,
+              "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in dtypes],
+              "sparsities": list(sparsities), "seed": seed, "quick": quick,
+              "warmup": warmup, "repeat": repeat,
               "formats": {c.name: c.description for c in chosen}}
-    params["source"] = getattr(args, "source", "random")
+    params["source"] = source
     if "zipnn" in params["formats"]:
         params["zipnn_version"] = peers.zipnn_version()
     if "ct-bitmask" in params["formats"]:

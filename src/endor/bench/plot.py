@@ -69,17 +69,17 @@ def _draw_formats(doc: dict):
             bits_ax.text(0.02, 0.02, "off chart: " + "; ".join(off_chart),
                          transform=bits_ax.transAxes, fontsize=7)
         bits_ax.set(title=dtype, xlabel="sparsity", ylabel="bits / element")
-        speed_ax.set(title=dtype, xlabel="sparsity", ylabel="decode GB/s (dense bytes)",
+        speed_ax.set(title=dtype, xlabel="sparsity", ylabel="decompress GB/s (dense bytes)",
                      yscale="log")
         for ax in (bits_ax, speed_ax):
             ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0))
     axes[1][-1].legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.0, 0.0))
-    _title(fig, doc, "size and decode speed per format")
+    _title(fig, doc, "size and decompression speed per format")
     return fig
 
 
-# --- decode --------------------------------------------------------------------------------------
+# --- decompress --------------------------------------------------------------------------------
 
 def _bars(ax, rows: list[dict], group: Callable[[dict], str], series: Callable[[dict], str],
           value: str) -> None:
@@ -94,7 +94,7 @@ def _bars(ax, rows: list[dict], group: Callable[[dict], str], series: Callable[[
     ax.grid(alpha=0.3, axis="y")
 
 
-def _draw_decode(doc: dict):
+def _draw_decompress(doc: dict):
     rows = doc["results"]
     devices = list(dict.fromkeys(r["device"] for r in rows))
     fig, axes = _figure(len(devices), width=9.0)
@@ -105,7 +105,7 @@ def _draw_decode(doc: dict):
               lambda r: r["method"] + (" out=" if r["output"] == "out" else ""), "gbps")
         ax.set(title=device, ylabel="GB/s (dense bytes produced)", yscale="log")
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    _title(fig, doc, "decode vs copy and numpy")
+    _title(fig, doc, "decompress vs copy and numpy")
     return fig
 
 
@@ -275,7 +275,7 @@ def _draw_e2e(doc: dict):
 
 
 DRAWERS: dict[str, Callable[[dict], object]] = {
-    "formats": _draw_formats, "decode": _draw_decode, "transfer": _draw_transfer,
+    "formats": _draw_formats, "decompress": _draw_decompress, "transfer": _draw_transfer,
     "convert": _draw_convert,
     # Benchmarks that draw their own figure, imported only when drawn.
     "quality": lambda doc: importlib.import_module("endor.bench.quality").draw(doc),

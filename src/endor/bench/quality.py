@@ -25,7 +25,7 @@ from ..convert import convert
 from ..data.models import resolve_model
 from ..data.text import calibration_text, evaluation_text
 from ..evaluate import perplexity
-from ..loading import load_in_memory
+from ..reference_loader import load_in_memory
 from . import harness
 
 NAME = "quality"
@@ -92,20 +92,20 @@ def _evaluate(path, text: str, window: int, max_windows: int) -> dict:
             "eval": {k: result[k] for k in ("tokens", "windows", "window", "add_bos")}}
 
 
-def _settings(args) -> dict:
-    quick = getattr(args, "quick", False)
+def _settings(*, models, methods, patterns, window, max_windows, calib_samples,
+              quick) -> dict:
     base = QUICK if quick else FULL
-    models = args.models or (QUICK["models"] if quick else MODELS)
-    max_windows = args.max_windows if args.max_windows is not None else base["max_windows"]
-    calib = args.calib_samples if args.calib_samples is not None else base["calib_samples"]
-    if args.window < 2:
-        raise ValueError(f"--window must be at least 2, got {args.window}")
+    models = models or (QUICK["models"] if quick else MODELS)
+    max_windows = max_windows if max_windows is not None else base["max_windows"]
+    calib = calib_samples if calib_samples is not None else base["calib_samples"]
+    if window < 2:
+        raise ValueError(f"--window must be at least 2, got {window}")
     if max_windows < 1 or calib < 1:
         raise ValueError("--max-windows and --calib-samples must be at least 1")
     if not models:
         raise ValueError("--models names no model")
-    return {"models": list(models), "methods": list(args.methods),
-            "patterns": list(args.patterns), "window": args.window, "max_windows": max_windows,
+    return {"models": list(models), "methods": list(methods),
+            "patterns": list(patterns), "window": window, "max_windows": max_windows,
             "calib_samples": calib}
 
 
@@ -116,12 +116,15 @@ def _report(row: dict) -> None:
           file=sys.stderr, flush=True)
 
 
-def run(args) -> dict:
-    params = _settings(args)
+def run(*, models, methods, patterns, window, max_windows, calib_samples, workdir, quick,
+        warmup, repeat) -> dict:
+    """`warmup` and `repeat` are the common benchmark options; perplexity is computed once."""
+    params = _settings(models=models, methods=methods, patterns=patterns, window=window,
+                       max_windows=max_windows, calib_samples=calib_samples, quick=quick)
     text, calib = evaluation_text(), calibration_text()
-    if args.workdir is not None:
-        Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="endor-bench-quality-", dir=args.workdir))
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="endor-bench-quality-", dir=workdir))
     results = []
     try:
         for model in params["models"]:

@@ -201,9 +201,8 @@ def _host_device_rows(sizes_mib: list[int], *, warmup: int, repeat: int) -> list
         for memory in ("pageable", "pinned"):
             host = torch.empty(size, dtype=torch.uint8, pin_memory=memory == "pinned")
             host.fill_(7)
-            for direction, fn in (("h2d", lambda: on_device.copy_(host, non_blocking=True)),
-                                  ("d2h", lambda: host.copy_(on_device, non_blocking=True))):
-                stats = harness.measure(fn, warmup=warmup, repeat=repeat, device=device)
+            for direction, stats in _copy_stats(on_device, host, warmup=warmup,
+                                                repeat=repeat).items():
                 if memory == "pageable":
                     pageable_s[direction] = stats.median_s
                 rows.append({"link": "host_device", "mode": f"{direction} {memory}",
@@ -211,41 +210,52 @@ def _host_device_rows(sizes_mib: list[int], *, warmup: int, repeat: int) -> list
                              "gbps": stats.gbps(size),
                              "vs_pageable": pageable_s[direction] / stats.median_s,
                              **stats.as_dict()})
-            del host
+            del host  # freed before the next (pinned) buffer is allocated
         del on_device
     return rows
 
 
-def run(args) -> dict:
+def _copy_stats(on_device: torch.Tensor, host: torch.Tensor, *, warmup: int,
+                repeat: int) -> dict:
+    """{"h2d": stats, "d2h": stats}: copies between two same-size buffers. The buffers are
+    parameters here, not names the caller deletes after building these closures."""
+    copies = {"h2d": lambda: on_device.copy_(host, non_blocking=True),
+              "d2h": lambda: host.copy_(on_device, non_blocking=True)}
+    return {direction: harness.measure(fn, warmup=warmup, repeat=repeat,
+                                       device=on_device.device)
+            for direction, fn in copies.items()}
+
+
+def run(*, size_mib, blocks_mib, copy_mib, queue_depth, dir, quick, warmup, repeat) -> dict:
     load_before = harness.system_load()
-    size = (args.size_mib or (QUICK_SIZE_MIB if args.quick else DEFAULT_SIZE_MIB)) * MIB
-    blocks = args.blocks_mib or (QUICK_BLOCKS_MIB if args.quick else DEFAULT_BLOCKS_MIB)
-    copies = args.copy_mib or (QUICK_COPY_MIB if args.quick else DEFAULT_COPY_MIB)
-    if size <= 0 or min(blocks) <= 0 or min(copies) <= 0 or args.queue_depth <= 0:
+    size = (size_mib or (QUICK_SIZE_MIB if quick else DEFAULT_SIZE_MIB)) * MIB
+    blocks = blocks_mib or (QUICK_BLOCKS_MIB if quick else DEFAULT_BLOCKS_MIB)
+    copies = copy_mib or (QUICK_COPY_MIB if quick else DEFAULT_COPY_MIB)
+    if size <= 0 or min(blocks) <= 0 or min(copies) <= 0 or queue_depth <= 0:
         raise ValueError("--size-mib, --blocks-mib, --copy-mib and --queue-depth must be "
                          "positive")
-    parent = Path(args.dir) if args.dir else Path.cwd()
+    parent = Path(dir) if dir else Path.cwd()
     if not parent.is_dir():
         raise ValueError(f"--dir {parent} is not a directory")
     workdir = Path(tempfile.mkdtemp(prefix=".endor-bench-transfer-", dir=parent))
     try:
         path = workdir / "test.bin"
         write_test_file(path, size)
-        rows = _disk_rows(path, size, blocks, args.queue_depth, warmup=args.warmup,
-                          repeat=args.repeat)
+        rows = _disk_rows(path, size, blocks, queue_depth, warmup=warmup,
+                          repeat=repeat)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    memcpy = _memcpy_rows(min(size, 256 * MIB), warmup=args.warmup, repeat=args.repeat)
+    memcpy = _memcpy_rows(min(size, 256 * MIB), warmup=warmup, repeat=repeat)
     best_memcpy = max(r["gbps"] for r in memcpy)
     for row in rows:
         row["vs_memcpy"] = row["gbps"] / best_memcpy
     rows += memcpy
     if torch.cuda.is_available():
-        rows += _host_device_rows(copies, warmup=args.warmup, repeat=args.repeat)
+        rows += _host_device_rows(copies, warmup=warmup, repeat=repeat)
     params = {"load_avg": {"before": load_before, "after": harness.system_load()},
               "dir": str(parent), "size_mib": size // MIB, "blocks_mib": blocks,
               "copy_mib": copies if torch.cuda.is_available() else None,
-              "queue_depth": args.queue_depth,
-              "o_direct": any(r.get("o_direct") for r in rows), "quick": args.quick,
-              "warmup": args.warmup, "repeat": args.repeat}
+              "queue_depth": queue_depth,
+              "o_direct": any(r.get("o_direct") for r in rows), "quick": quick,
+              "warmup": warmup, "repeat": repeat}
     return harness.envelope(NAME, params, rows, table_columns=TABLE_COLUMNS)

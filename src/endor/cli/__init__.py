@@ -17,7 +17,7 @@ import sys
 
 from ..errors import FormatError
 
-SUBCOMMANDS = ["bench", "convert", "eval", "generate", "inspect"]
+SUBCOMMANDS = ["bench", "convert", "eval", "export", "generate", "inspect", "serve"]
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 1, 2, 130, 141
 DEBUG_HELP = "print the Python traceback of a failure (also: ENDOR_DEBUG=1)"
 
@@ -28,7 +28,7 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
                         help=DEBUG_HELP)
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
+            for sub in dict.fromkeys(action.choices.values()):  # an alias maps to its parser
                 _add_debug(sub)
 
 
@@ -36,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="endor", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"endor.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"endor.cli.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"endor.cli.{name}").add_parser(sub)
     for child in sub.choices.values():
         _add_debug(child)
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)

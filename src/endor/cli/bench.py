@@ -12,8 +12,12 @@ from .args import at_least
 
 # Listed first, in this order; any other module of endor.bench exposing add_arguments() and
 # run() is a benchmark too, listed after them by name.
-BENCHMARKS = ("formats", "decode", "transfer", "e2e", "convert")
+BENCHMARKS = ("formats", "decompress", "transfer", "e2e", "convert")
+# Former names still accepted on the command line (results are written under the new name).
+ALIASES = {"decompress": ["decode"]}
 DEFAULT_OUT = "bench-results"
+# Namespace entries that belong to the command line, not to a benchmark's run().
+CLI_KEYS = frozenset({"command", "benchmark", "run", "argv", "out", "debug"})
 
 
 def benchmark_names() -> list[str]:
@@ -22,14 +26,9 @@ def benchmark_names() -> list[str]:
 
 
 def _module(name: str):
-    """The benchmark's module, or None while nobody has written it yet (or when the module is a
-    helper such as harness or plot, not a benchmark)."""
-    try:
-        module = importlib.import_module(f"endor.bench.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"endor.bench.{name}":
-            raise
-        return None
+    """The benchmark's module, or None when the module is a helper (harness, plot...), not a
+    benchmark."""
+    module = importlib.import_module(f"endor.bench.{name}")
     return module if hasattr(module, "add_arguments") and hasattr(module, "run") else None
 
 
@@ -56,18 +55,26 @@ def add_parser(subparsers) -> None:
         if module is None:
             continue
         doc = (module.__doc__ or "").strip()
-        sub = benchmarks.add_parser(name, help=doc.splitlines()[0] if doc else None,
-                                        description=doc or None)
+        sub = benchmarks.add_parser(name, aliases=ALIASES.get(name, []),
+                                    help=doc.splitlines()[0] if doc else None,
+                                    description=doc or None)
         _add_common(sub)
         module.add_arguments(sub)
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, benchmark=name)  # the name, even when called by an alias
+
+
+def benchmark_params(args) -> dict:
+    """The keyword arguments of the benchmark's run(): its options as parsed, with the default
+    --repeat resolved."""
+    params = {k: v for k, v in vars(args).items() if k not in CLI_KEYS}
+    if params["repeat"] is None:
+        params["repeat"] = 2 if params["quick"] else 5
+    return params
 
 
 def run(args) -> int:
     name = args.benchmark
-    if args.repeat is None:
-        args.repeat = 2 if args.quick else 5
-    doc = _module(name).run(args)
+    doc = _module(name).run(**benchmark_params(args))
     if getattr(args, "argv", None) is not None:
         doc["command"] = shlex.join(["endor", *args.argv])  # the command that reruns it
     out = Path(args.out)

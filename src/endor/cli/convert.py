@@ -1,13 +1,12 @@
 """`endor convert SRC OUT`: prune and compress a HuggingFace model into an Endor checkpoint."""
 
 import argparse
-import sys
 from pathlib import Path
 
+from ..checkpoint import WEIGHT_KINDS
 from ..convert import convert, format_summary
-from ..prune import parse_nm
-
-METHODS = ("none", "magnitude", "wanda", "sparsegpt")
+from ..integrations.hub import resolve
+from ..prune import METHODS, check_sparsity, parse_nm
 
 
 def nm_argument(text: str):
@@ -19,13 +18,15 @@ def nm_argument(text: str):
 
 
 def sparsity_argument(text: str) -> float:
+    """argparse type for --sparsity: the library's check (endor.prune), as a usage error."""
     try:
         value = float(text)
     except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"sparsity must be a fraction in [0, 1), got {text!r}")
-    return value
+        value = text  # not a number: the check says what a sparsity must be
+    try:
+        return check_sparsity(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def positive_int(text: str) -> int:
@@ -40,9 +41,13 @@ def add_parser(sub):
         description="Prune a HuggingFace model's decoder Linear weights and store them in the "
                     "Endor format, one decoder layer at a time (bounded memory), verified, "
                     "resumable: rerunning an interrupted command continues where it stopped.")
-    p.add_argument("src", help="a HuggingFace model directory, a .gguf file, an alias "
-                               "(smollm2, gemma3-270m), or an Endor checkpoint directory (read "
-                               "decompressed: '--format dense' writes its dense twin)")
+    p.add_argument("src", help="a HuggingFace model directory, a Hub id ORG/NAME (through "
+                               "huggingface_hub: HF_HOME, HF_HUB_OFFLINE, HF_TOKEN), a .gguf "
+                               "file, an alias (smollm2, gemma3-270m), or an Endor checkpoint "
+                               "directory (read decompressed: '--weights dense' writes its dense "
+                               "twin)")
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of a Hub id (default: main)")
     p.add_argument("out", help="the checkpoint directory to write")
     p.add_argument("--method", choices=METHODS, default="none",
                    help="pruning method; 'none' keeps the weights (and their zeros) as they are "
@@ -58,9 +63,11 @@ def add_parser(sub):
                    help="calibration segments (default: 64)")
     p.add_argument("--calib-seqlen", type=positive_int, default=None, metavar="L",
                    help="tokens per calibration segment (default: 256)")
-    p.add_argument("--format", choices=("endor", "dense"), default="endor", dest="weights",
-                   help="'dense' writes the pruned weights uncompressed, loadable by "
-                        "transformers' from_pretrained (default: endor)")
+    p.add_argument("--weights", choices=WEIGHT_KINDS, default="endor",
+                   help="how the weights are stored: 'dense' writes the pruned weights "
+                        "uncompressed, loadable by transformers' from_pretrained (default: endor)")
+    # The option's former name, still accepted; not shown in --help.
+    p.add_argument("--format", choices=WEIGHT_KINDS, dest="weights", help=argparse.SUPPRESS)
     p.add_argument("--values", choices=("exp", "raw"), default="exp",
                    help="value codec of the Endor tensors: 'exp' codes each value's exponent in "
                         "3 bits (lossless, about 6.5 bits per element at 50%% bf16), 'raw' keeps "
@@ -92,7 +99,8 @@ def run(args) -> int:
                              f"{e.start})") from None
     extra = {k: v for k, v in (("calib_samples", args.calib_samples),
                                 ("calib_seqlen", args.calib_seqlen)) if v is not None}
-    summary = convert(args.src, args.out, method=args.method, sparsity=args.sparsity,
+    src = resolve(args.src, revision=args.revision)  # a Hub id: its local snapshot
+    summary = convert(src, args.out, method=args.method, sparsity=args.sparsity,
                       nm=args.nm, calib_text=calib_text, weights=args.weights,
                       dense_patterns=args.keep_dense, resume=not args.overwrite,
                       verify=args.verify, progress=not args.quiet, values=args.values, **extra)

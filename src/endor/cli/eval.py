@@ -2,12 +2,11 @@
 by default), with the protocol of endor.evaluate.perplexity."""
 
 import json
-import sys
 from pathlib import Path
 
 from ..data.text import evaluation_text
 from ..evaluate import perplexity
-from ..loading import load_in_memory
+from ..reference_loader import load_in_memory
 from .args import at_least
 
 

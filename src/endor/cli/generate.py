@@ -8,7 +8,7 @@ import sys
 import torch
 
 from ..checkpoint import require_checkpoint
-from ..loading import load_tokenizer
+from ..reference_loader import load_tokenizer
 from ..runtime import load_model
 from .args import at_least, non_empty
 
@@ -34,7 +34,7 @@ def add_parser(sub):
     p.add_argument("--prefetch", type=at_least(0), default=1, metavar="N",
                    help="layers loading ahead of the one computing, in dense layers' memory: "
                         "compressed shards read further ahead in it (default 1)")
-    p.add_argument("--backend", default="auto", help="decoder backend (default auto)")
+    p.add_argument("--backend", default="auto", help="decompressor backend (default auto)")
     p.add_argument("--expert-cache", choices=("lfu", "lru"), default="lfu",
                    help="mixture-of-experts models: which experts the cache keeps, the most used "
                         "(lfu, default) or the most recent (lru)")

@@ -9,7 +9,7 @@ def add_parser(sub):
     p = sub.add_parser("inspect", help="list tensors, sparsity and sizes of a file or checkpoint")
     p.add_argument("path", help="an Endor/safetensors file or a converted checkpoint directory")
     p.add_argument("--verify", action="store_true",
-                   help="decode every tensor and check its checksum")
+                   help="decompress every tensor and check its checksum")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     p.set_defaults(run=run)
 

@@ -6,7 +6,7 @@ interface as source.SourceCheckpoint, every tensor dense on read.
 
 An Endor tensor is read one at a time: its parts with positioned reads (no mmap, so RSS
 does not grow with the model), rules 5 and 7 checked (tile index, checksum), then decompressed
-(the decoder checks rule 6). The manifest's pruning settings carry over as `prior_pruning`, so
+(the decompressor checks rule 6). The manifest's pruning settings carry over as `prior_pruning`, so
 the converted checkpoint still says how its weights were pruned."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ..format.header import StoredTensor
 from ..format.io import check_compressed, check_dense, endor_tensor
 from ..format.spec import SAFETENSORS_DTYPES
 from ..kernels import decompress
+from .ct_source import CompressedTensorsSource, compressed_tensors_config
 from .source import SourceCheckpoint, fingerprint, read_stored
 
 _PRUNING_KEYS = ("method", "sparsity", "nm", "calibration")
@@ -144,4 +145,7 @@ def open_source(path):
     path = Path(path)
     if (path / MANIFEST).is_file():
         return EndorSource(path)
+    qc = compressed_tensors_config(path)
+    if qc is not None:  # llm-compressor's sparse-bitmask / pack-quantized weights, decoded
+        return CompressedTensorsSource(path, qc)
     return SourceCheckpoint(path)

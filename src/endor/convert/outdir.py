@@ -234,8 +234,8 @@ def verify_shard(path: Path, expected: dict) -> None:
     """Re-read a shard just written and compare every tensor bit for bit with what was meant
     (`expected`: {name: dense tensor or the EndorTensor that was written}). The file is opened
     as a reader would (layout rules checked); an Endor tensor's header entry must be the one
-    written and its parts on disk must be its parts byte for byte, so the file decodes to
-    what the EndorTensor decodes to (which the caller checked against the weight); dense
+    written and its parts on disk must be its parts byte for byte, so the file decompresses to
+    what the EndorTensor decompresses to (which the caller checked against the weight); dense
     tensors are compared byte by byte. All reads are chunked positioned reads. A shard that
     fails is deleted (so a rerun writes it again) and the error raised."""
     try:

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointWriter
+from ..checkpoint import WEIGHT_KINDS, CheckpointWriter
+from ..data.models import resolve_model
 from ..data.text import calibration_text
 from ..errors import FormatError
 from ..format import compress, load_file
@@ -35,8 +36,7 @@ from ..format.spec import DTYPES, INT_OF_SIZE
 from ..kernels import decompress
 from ..format.codecs import codec_names
 from ..moe import parse_expert_name, to_model_names
-from ..prune import METHODS, needs_calibration, needs_hessian, prune_weight
-from ..prune.nm import check_nm
+from ..prune import check_settings, needs_calibration, needs_hessian, prune_weight
 from . import calibrate, outdir
 from .endor_source import open_source
 from .structure import ModelLayout, build_layout, load_config
@@ -53,11 +53,6 @@ def resolve_source(src) -> Path:
     path = Path(src)
     if path.is_dir():
         return path
-    try:
-        from ..data.models import resolve_model
-    except ImportError:
-        raise FileNotFoundError(f"{src} is not a model directory (GGUF files and aliases need "
-                                "endor.data.models)") from None
     return Path(resolve_model(str(src)))
 
 
@@ -79,7 +74,7 @@ def _return_free_memory() -> None:
 @contextmanager
 def _one_torch_thread():
     """Pruning and encoding run single-threaded (numpy). torch's few whole-tensor ops there
-    (argument checks, the decoder's verification) lose more at thread barriers than they gain
+    (argument checks, the decompressor's verification) lose more at thread barriers than they gain
     on a small, busy machine: a 187 MB model converted in 3.5 s with 2 threads, 1.0 s with 1
     (2 cores shared, load 5). Reading the next tensor on a thread did not help either."""
     before = torch.get_num_threads()
@@ -113,7 +108,7 @@ class _Conversion:
     # -- one shard -----------------------------------------------------------------------
     def _encode(self, name: str, t: torch.Tensor):
         """What shard files hold for `name`: an EndorTensor for a pruned Linear weight of an
-        Endor checkpoint (checked to decode back to `t` when verifying), else `t` itself."""
+        Endor checkpoint (checked to decompress back to `t` when verifying), else `t` itself."""
         if name not in self.sparse or self.writer.weights != "endor":
             if name in self.layout.linear_weights:
                 self.nnz[name] = _count_nonzero(t)
@@ -121,7 +116,7 @@ class _Conversion:
         et = compress(t, values=self.settings["values"])
         self.nnz[name] = et.nnz
         if self.verify and not bit_equal(decompress(et), t):
-            raise FormatError("verification failed: the compressed tensor does not decode to "
+            raise FormatError("verification failed: the compressed tensor does not decompress to "
                               "the pruned weight (encoder fault)", tensor=name)
         return et
 
@@ -311,19 +306,11 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     makes the dense twin of the pruned checkpoint A without pruning again (B's manifest lists
     A's pruning under "prior_pruning"). `values` is the value codec of the Endor tensors
     ("exp" or "raw", docs/FORMAT.md section 1.1)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if weights not in ("endor", "dense"):
-        raise ValueError(f"weights must be 'endor' or 'dense', got {weights!r}")
+    method, sparsity, nm = check_settings(method, sparsity, nm)
+    if weights not in WEIGHT_KINDS:
+        raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
     if values not in codec_names():
         raise ValueError(f"values must be one of {codec_names()}, got {values!r}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
-            or not 0 <= sparsity < 1:
-        raise ValueError(f"sparsity must be a fraction in [0, 1), got {sparsity!r}")
-    if nm is not None:
-        if method == "none":
-            raise ValueError("N:M sparsity needs a pruning method (magnitude, wanda, sparsegpt)")
-        nm = check_nm(nm)
     if needs_calibration(method) and calib_text is None:
         calib_text = calibration_text()
     patterns = list(dense_patterns or [])

@@ -1,5 +1,5 @@
-"""The on-disk and in-memory format (docs/FORMAT.md) and the decoder contract (the backend registry
-and the reference decoder). Depends on nothing else in endor but `errors`."""
+"""The on-disk and in-memory format (docs/FORMAT.md) and the decompressor contract (the backend
+registry and the reference decompressor). Depends on nothing else in endor but `errors`."""
 
 from .decompress import Backend, backends, decompress, register
 from .encode import compress

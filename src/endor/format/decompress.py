@@ -1,6 +1,7 @@
-"""The decoder contract: one small registry of decoders; `decompress` picks one, so callers never
-branch on the device. The format owns it with its reference decoder; `endor.kernels` registers the
-fast backends (CPU C extension, Triton) into it when imported (`import endor` does that)."""
+"""The decompressor contract: one small registry of decompressors; `decompress` picks one, so
+callers never branch on the device. The format owns it with its reference decompressor;
+`endor.kernels` registers the fast backends (CPU C extension, Triton) into it when imported
+(`import endor` does that)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from .tensor import EndorTensor
 class Backend:
     name: str
     device_types: tuple[str, ...]
-    decode: Callable[[EndorTensor, torch.Tensor], None]  # (et on device, flat out) -> None
+    decompress: Callable[[EndorTensor, torch.Tensor], None]  # (et on device, flat out) -> None
     available: Callable[[], bool]
     codecs: tuple[str, ...] | None = ("raw",)  # value codecs it decodes; None: every codec
 
@@ -79,8 +80,8 @@ def decompress(et: EndorTensor, *, device=None, out: torch.Tensor | None = None,
     if out is None:
         out = torch.empty(et.numel, dtype=et.dtype, device=device)
     if et.numel:
-        chosen.decode(et, out.view(-1))
+        chosen.decompress(et, out.view(-1))
     return out.view(et.shape)
 
 
-register(Backend("reference", ("cpu", "cuda"), reference.decode, lambda: True, codecs=None))
+register(Backend("reference", ("cpu", "cuda"), reference.decompress, lambda: True, codecs=None))

@@ -1,4 +1,5 @@
-"""The slow, obviously correct decoder every fast one is tested against. Plain torch, any device."""
+"""The slow, obviously correct decompressor every fast one is tested against. Plain torch, any
+device."""
 
 import torch
 
@@ -18,7 +19,7 @@ def unpack_bits(bitmap: torch.Tensor, numel: int) -> torch.Tensor:
     return bits[:numel].bool()
 
 
-def decode(et: EndorTensor, out: torch.Tensor) -> None:
+def decompress(et: EndorTensor, out: torch.Tensor) -> None:
     """Fill `out` (flat, contiguous, et.dtype, on et.device) with the dense tensor."""
     mask = unpack_bits(et.bitmap, et.numel)
     if not torch.equal(tile_offsets(mask), et.tiles):

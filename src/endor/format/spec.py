@@ -33,7 +33,7 @@ SAFETENSORS_DTYPES = {
 }
 SAFETENSORS_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 ITEMSIZE = {k: v.itemsize for k, v in SAFETENSORS_DTYPES.items()}  # bytes per element, by name
-# Same-width integer views: decoders move bit patterns, never float values.
+# Same-width integer views: decompressors move bit patterns, never float values.
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # any dtype's bits
 

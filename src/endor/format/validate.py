@@ -1,4 +1,4 @@
-"""Checks of docs/FORMAT.md rules 2-5, run on everything read from a file before decoding."""
+"""Checks of docs/FORMAT.md rules 2-5, run on everything read from a file before decompressing."""
 
 import json
 import math

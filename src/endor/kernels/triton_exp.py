@@ -1,5 +1,5 @@
 """The Triton decoder of the `exp` value codec (docs/FORMAT.md 1.1): one GPU program per
-4096-element tile, as the raw decoder (triton_decode.py), with the values rebuilt in registers.
+4096-element tile, as the raw decoder (triton_decompress.py), with the values rebuilt in registers.
 
 Each program finds the slot of every set bit (same prefix sums as the raw kernel), reads the
 value's code bits from the bit planes and its sign+mantissa bytes, ranks the tile's escapes with
@@ -23,7 +23,7 @@ from ..format import spec
 from ..format.codecs import exp as X
 from ..format.codecs import get_codec
 from ..format.tensor import EndorTensor
-from . import triton_decode
+from . import triton_decompress
 
 tl = None  # triton.language, bound by _kernel() on first use
 
@@ -147,7 +147,7 @@ def _check_layout(et: EndorTensor, out: torch.Tensor) -> dict:
     if out.dtype != et.dtype or out.numel() != numel or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {et.dtype}[{numel}], got "
                          f"{out.dtype}{list(out.shape)}")
-    if out.device.type == "cpu" and not triton_decode._interpreter_requested():
+    if out.device.type == "cpu" and not triton_decompress._interpreter_requested():
         raise RuntimeError("the triton backend runs CPU tensors only under Triton's interpreter; "
                            "set TRITON_INTERPRET=1 before starting Python, or use backend='auto'")
     return parts
@@ -176,14 +176,14 @@ def _launch(et: EndorTensor, out: torch.Tensor, flags: torch.Tensor | None, num_
 
 
 def decode(et: EndorTensor, out: torch.Tensor, *,
-           num_warps: int = triton_decode.DEFAULT_NUM_WARPS) -> None:
+           num_warps: int = triton_decompress.DEFAULT_NUM_WARPS) -> None:
     """Fill `out` with the dense tensor of an exp-coded `et`; codec data is trusted (loads are
     clamped): use `decode_and_validate` for data read from a file."""
     _launch(et, out, None, num_warps)
 
 
 def decode_and_validate(et: EndorTensor, out: torch.Tensor, *,
-                        num_warps: int = triton_decode.DEFAULT_NUM_WARPS) -> torch.Tensor:
+                        num_warps: int = triton_decompress.DEFAULT_NUM_WARPS) -> torch.Tensor:
     """`decode` plus rule 6 and the exp rules checked per tile in the same pass: a 0-dim bool
     on the device, True iff every tile passed and both indexes run from 0 to their totals."""
     flags = torch.empty(spec.num_tiles(et.numel), dtype=torch.uint8, device=out.device)

@@ -28,8 +28,8 @@ METHODS = ("none", "magnitude", "wanda", "sparsegpt")
 _CALIBRATED = ("wanda", "sparsegpt")
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["METHODS", "CalibrationStats", "needs_calibration", "needs_hessian", "nm_sparsity",
-           "parse_nm", "prune_weight"]
+__all__ = ["METHODS", "CalibrationStats", "check_settings", "check_sparsity", "needs_calibration",
+           "needs_hessian", "nm_sparsity", "parse_nm", "prune_weight"]
 
 
 def _check_method(method) -> None:
@@ -49,13 +49,26 @@ def needs_hessian(method: str) -> bool:
     return method == "sparsegpt"
 
 
-def _check_sparsity(sparsity) -> float:
+def check_sparsity(sparsity) -> float:
+    """`sparsity` as a float in [0, 1), else a ValueError saying what it must be."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
         raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
     if not (math.isfinite(sparsity) and 0 <= sparsity < 1):
         raise ValueError(f"sparsity must be in [0, 1) (the fraction of weights set to zero), "
                          f"got {sparsity!r}")
     return float(sparsity)
+
+
+def check_settings(method, sparsity, nm=None) -> tuple[str, float, tuple[int, int] | None]:
+    """The pruning settings, checked in one place for every caller (prune_weight, convert(), the
+    CLI's argument types): (method, sparsity as a float, nm as an (N, M) tuple or None)."""
+    _check_method(method)
+    sparsity = check_sparsity(sparsity)
+    nm = None if nm is None else check_nm(nm)
+    if method == "none" and nm is not None:
+        raise ValueError(f"nm={nm} asks for N:M sparsity but method is 'none'; choose a pruning "
+                         f"method: {', '.join(METHODS[1:])}")
+    return method, sparsity, nm
 
 
 def _check_weight(weight) -> None:
@@ -115,13 +128,8 @@ def prune_weight(weight: torch.Tensor, *, method: str, sparsity: float,
     by wanda and sparsegpt (see needs_calibration / needs_hessian) and ignored otherwise.
     SparseGPT computes in float32; a kept weight that underflows to zero when cast back to the
     weight's dtype becomes +0.0 too (the result may be marginally sparser than asked)."""
-    _check_method(method)
-    sparsity = _check_sparsity(sparsity)
-    nm = None if nm is None else check_nm(nm)
+    method, sparsity, nm = check_settings(method, sparsity, nm)
     if method == "none":
-        if nm is not None:
-            raise ValueError(f"nm={nm} asks for N:M sparsity but method is 'none'; choose one "
-                             f"of {', '.join(METHODS[1:])}")
         return weight
     _check_weight(weight)
     in_features = weight.shape[1]

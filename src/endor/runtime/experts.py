@@ -10,7 +10,7 @@ weights:
     union of the batch's choices -> cache hits: the compressed bytes held in RAM
                                  -> misses: O_DIRECT reads of their byte ranges, all issued at
                                     once (8 in flight; the disk queues them), taken in order
-    each expert: verify (XXH3 of its bytes vs the digest taken at load), decode gate and up
+    each expert: verify (XXH3 of its bytes vs the digest taken at load), decompress gate and up
     into one [2I, H] buffer and down into [H, I], compute, reuse the buffers for the next.
 
 When the layers' attention and router stream too (a budget below them), the layer stream keeps
@@ -140,9 +140,9 @@ def _typed(image: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> tor
     return raw.view(dtype)
 
 
-def decode_expert(layer: ExpertLayer, expert: Expert, image: torch.Tensor, gate_up: torch.Tensor,
+def decompress_expert(layer: ExpertLayer, expert: Expert, image: torch.Tensor, gate_up: torch.Tensor,
                   down: torch.Tensor, backend: str) -> None:
-    """Decode one expert from `image` (its byte range) into gate_up [2I, H] (gate rows, then
+    """Decompress one expert from `image` (its byte range) into gate_up [2I, H] (gate rows, then
     up rows: transformers' concatenation) and down [H, I]."""
     n = layer.intermediate * layer.hidden
     flat = gate_up.view(-1)
@@ -177,7 +177,7 @@ class ExpertStore:
         self._span = round_up(span) + ALIGN
         self._buffers = [aligned_buffer(self._span) for _ in range(READ_THREADS)]
         biggest = max(layers, key=lambda x: x.intermediate * x.hidden)
-        # Compressed bytes stay in host memory; a GPU gets them right before decoding there.
+        # Compressed bytes stay in host memory; a GPU gets them right before decompressing there.
         self.device = torch.device(device or "cpu")
         self._gate_up = torch.empty(2 * biggest.intermediate * biggest.hidden,
                                     dtype=biggest.dtype, device=self.device)
@@ -286,7 +286,7 @@ class ExpertStore:
             t1 = time.perf_counter()
             if self.device.type != "cpu":
                 image = image.to(self.device)
-            decode_expert(layer, layer.experts[e], image, gate_up, down, self.backend)
+            decompress_expert(layer, layer.experts[e], image, gate_up, down, self.backend)
             if read and k + len(self._buffers) < len(order):  # its buffer is free: next read
                 later = order[k + len(self._buffers)]
                 pending[later] = self._pool.submit(self._read, layer, layer.experts[later],
@@ -371,4 +371,4 @@ def expert_dense_bytes(layers: list[ExpertLayer]) -> int:
 
 
 __all__ = ["ExpertCache", "ExpertLayer", "ExpertStore", "POLICIES", "RoutedExperts",
-           "decode_expert", "layer_views_source", "plan_experts"]
+           "decompress_expert", "layer_views_source", "plan_experts"]

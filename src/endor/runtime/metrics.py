@@ -1,5 +1,5 @@
 """What the runtime measures: per phase (prefill, decode) the forwards, tokens, wall time, bytes
-read from disk and moved to the decoder, and the time each stage of the stream was busy.
+read from disk and moved to the decompressor, and the time each stage of the stream was busy.
 
 Stages run concurrently (the reader reads layer j+1 while layer j computes), so their busy times
 add up to more than the wall time when the overlap works; `stall` is the part of the wall time
@@ -18,7 +18,7 @@ PHASES = ("prefill", "decode")
 class LoadTimes:
     """What the workers measured for one layer load."""
     bytes_read: int = 0  # from disk
-    bytes_moved: int = 0  # shard bytes handed to the decoder (from disk or from RAM)
+    bytes_moved: int = 0  # shard bytes handed to the decompressor (from disk or from RAM)
     read_s: float = 0.0
     verify_s: float = 0.0
     transfer_s: float = 0.0

@@ -18,7 +18,7 @@ from ..checkpoint import Checkpoint
 from ..errors import FormatError
 from ..kernels import choose
 from .metrics import Metrics
-from .plan import parse_size, plan_layer, plan_memory
+from .plan import parse_size, plan_memory
 from .reader import ShardReader
 from .stream import LayerStream
 from .experts import POLICIES, ExpertStore, RoutedExperts, layer_views_source, plan_experts
@@ -65,21 +65,22 @@ def _empty_model(path, dtype: torch.dtype):
 
 def thread_split(device: torch.device, streaming: bool,
                  compute_threads: int | None = None) -> tuple[int | None, int | None]:
-    """(compute, decode) CPU threads. Computing on the CPU while streaming, the decoder gets a
-    core of its own (two on larger machines) and the model's forward the others: with every core
-    given to torch's OpenMP compute, the decoder thread preempts it in the middle of parallel
-    regions and each of them waits for a time slice (measured 5-9x slower decode tokens/s on 2
-    cores). None leaves torch's setting alone (GPU compute, or nothing streamed)."""
+    """(compute, decompress) CPU threads. Computing on the CPU while streaming, the decompressor
+    gets a core of its own (two on larger machines) and the model's forward the others: with every
+    core given to torch's OpenMP compute, the decompressor thread preempts it in the middle of
+    parallel regions and each of them waits for a time slice (measured 5-9x slower decode tokens/s
+    on 2 cores). None leaves torch's setting alone (GPU compute, or nothing streamed)."""
     if device.type != "cpu" or not streaming:
         return compute_threads, None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    decode = 1 if cores <= 4 else 2
-    return compute_threads or max(1, cores - decode), decode
+    decompress = 1 if cores <= 4 else 2
+    return compute_threads or max(1, cores - decompress), decompress
 
 
 def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, prefetch: int = 1,
                backend: str = "auto", compute_threads: int | None = None,
-               direct_io: bool = True, expert_reads: bool = True, expert_cache: str = "lfu"):
+               direct_io: bool = True, expert_reads: bool = True, expert_cache: str = "lfu",
+               model: nn.Module | None = None):
     """Load a converted checkpoint (weights "endor" or "dense") for offloaded inference.
 
     device: where it computes ("cpu", "cuda"). offload: where streamed layers live between
@@ -87,10 +88,10 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     host memory). max_memory: bytes for resident weights (int, "500MB", "2GiB", {"cuda": ...});
     None keeps every layer resident, 0 streams every layer. Streaming buffers come on top and
     are reported by model.endor_stats(): read slots (the largest shard each) and one dense slot
-    (the largest decoded layer; dense weights are used in place, in the read slots).
+    (the largest decompressed layer; dense weights are used in place, in the read slots).
     prefetch: layers loading ahead of the one computing: prefetch+1 read slots, or as many
     compressed shards as fit in the memory of prefetch+1 dense layers (stream.read_slot_count).
-    backend: decoder (see endor.decompress).
+    backend: decompressor (see endor.decompress).
     compute_threads: torch threads during the model's forward (default: see thread_split).
     direct_io: read shards with O_DIRECT (default); False reads them buffered and evicts them
     from the page cache right after (cold reads either way; faster on some virtual disks where
@@ -99,6 +100,9 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     router picks, one byte range each, keeping hot ones compressed in the memory the resident
     layers leave (runtime/experts.py); False streams MoE layers whole, experts and all.
     expert_cache: "lfu" (keep the most used experts) or "lru".
+    model: fill this model instead of building one: the architecture of the checkpoint's
+    config.json with its parameters on the meta device and its buffers real (transformers'
+    from_pretrained hands over its own: endor.integrations.hf_quantizer).
 
     Returns the model (generate() works) with endor_stats(), endor_reset_stats() and
     endor_close() attached; or use `with endor.runtime.open_model(...) as model:`."""
@@ -117,7 +121,8 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
 
     ckpt = Checkpoint(path)
     files, rest_file = layer_files(ckpt)
-    model = _empty_model(ckpt.path, model_dtype([rest_file, *files[:1]]))
+    if model is None:
+        model = _empty_model(ckpt.path, model_dtype([rest_file, *files[:1]]))
     layer_path, layers = find_layer_list(model, files[0].keys() if files else [], len(files))
     prefixes = [f"{layer_path}.{i}." for i in range(len(files))]
     moe = moe_layers(layers, files, prefixes)
@@ -156,9 +161,9 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                 layer_views_source(moe, expert_views)))
     reader = ShardReader(direct=direct_io)
     stream = None
-    # Routed experts read and decode beside the compute too: the same split as streaming.
-    threads, decode_threads = thread_split(device, bool(memory.streamed) or bool(routed and moe),
-                                           compute_threads)
+    # Routed experts read and decompress beside the compute too: the same split as streaming.
+    threads, decompress_threads = thread_split(
+        device, bool(memory.streamed) or bool(routed and moe), compute_threads)
     if memory.streamed:
         streamed = [plans[i] for i in memory.streamed]
         try:
@@ -168,7 +173,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                 reader.close()  # everything is in RAM now
             stream = LayerStream(streamed, device=device, prefetch=prefetch, backend=backend,
                                  reader=reader if offload == "disk" else None, digests=digests,
-                                 held=held, metrics=metrics, decode_threads=decode_threads)
+                                 held=held, metrics=metrics, decompress_threads=decompress_threads)
         except BaseException:
             reader.close()
             raise
@@ -179,7 +184,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                 {"path": str(ckpt.path), "weights": ckpt.weights, "device": str(device),
                  "offload": offload, "prefetch": prefetch, "backend": backend,
                  "compute_threads": threads or torch.get_num_threads(),
-                 "decode_threads": decode_threads})
+                 "decompress_threads": decompress_threads})
     return model
 
 

@@ -92,13 +92,13 @@ class LayerPlan:
     file_size: int  # bytes read per load: the whole shard, or an MoE layer's prefix before its
     # experts (read one by one: runtime/experts.py)
     tensors: tuple[TensorPlan, ...]
-    dense_buffer_bytes: int  # what decoding this layer needs in a slot's dense buffer
+    dense_buffer_bytes: int  # what decompressing this layer needs in a slot's dense buffer
     weight_bytes: int  # the layer's weights, dense, as they count against the budget
 
     @property
     def keeps_image(self) -> bool:
         """Whether some weight is a view of the shard image (which then lives until the layer
-        has computed), rather than decoded or copied into the dense buffer."""
+        has computed), rather than decompressed or copied into the dense buffer."""
         return any(tp.out is None for tp in self.tensors)
 
 
@@ -137,8 +137,8 @@ def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict, *, skip=()
         aligned = st.start % dtype.itemsize == 0
         return Part(st.start, st.end, dtype, None if aligned else reserve(st.end - st.start))
 
-    # A layer with compressed tensors is decoded into the dense buffer whole (its few dense
-    # tensors copied beside them), so its shard image can be reused as soon as it is decoded;
+    # A layer with compressed tensors is decompressed into the dense buffer whole (its few dense
+    # tensors copied beside them), so its shard image can be reused as soon as it is decompressed;
     # a dense layer is used in place, a view of its image (no copy at all).
     any_compressed = any(f.is_compressed(names[rel]) for rel in expected)
     for rel in sorted(expected):

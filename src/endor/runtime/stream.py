@@ -24,9 +24,9 @@ FlexGen's loop, one layer at a time:
     release(j)  its buffers are free again: start loading the next layers into them
 
 Buffers come in two pools: read slots (a shard image; prefetch+1 of them, more for compressed
-shards read from disk: read_slot_count) and dense slots (a decoded layer; DENSE_SLOTS). A decoded
-layer gives its read slot back at once, so with Endor weights the reads of the next layers go on
-while a decoded layer waits for its turn to compute; a dense layer's weights are views of its
+shards read from disk: read_slot_count) and dense slots (a decompressed layer; DENSE_SLOTS). A
+decompressed layer gives its read slot back at once, so with Endor weights the reads of the next layers go on
+while a decompressed layer waits for its turn to compute; a dense layer's weights are views of its
 image, which it keeps until it has computed.
 
 The schedule is cyclic: after the last streamed layer come the first ones of the next forward,
@@ -53,13 +53,13 @@ from .plan import LayerPlan
 from .reader import PendingRead, ShardReader, aligned_buffer
 
 _WORKER_POLL_S = 0.5
-# Decoded layers buffered (Endor weights). One: the next layer is decoded when the current one
-# has computed, so decode and compute take turns on the CPU instead of contending for cores and
+# Decompressed layers buffered (Endor weights). One: the next layer is decompressed when the
+# current one has computed, so decompression and compute take turns on the CPU instead of contending for cores and
 # memory bandwidth, while the reads of the layers after go on. Measured on the e2e model, 2
 # cores, interleaved runs: 0.29 s/token with one dense slot, 0.48 with two (prefetch 3).
 DENSE_SLOTS = 1
-# On a GPU, decode kernels (their own stream) run beside the compute stream's, so a second
-# decoded layer lets layer j+1 decode while layer j computes.
+# On a GPU, decompress kernels (their own stream) run beside the compute stream's, so a second
+# decompressed layer lets layer j+1 decompress while layer j computes.
 DENSE_SLOTS_CUDA = 2
 
 
@@ -98,10 +98,10 @@ class Load:
     cancelled: bool = False  # dropped by a restart: the loader only lets its read finish
     error: BaseException | None = None
     pending: PendingRead | None = None  # the disk read in flight
-    image: torch.Tensor | None = None  # the shard's bytes as the decoder reads them
+    image: torch.Tensor | None = None  # the shard's bytes as the decompressor reads them
     views: dict | None = None  # relative tensor name -> dense tensor on the device
     times: LoadTimes = field(default_factory=LoadTimes)
-    ready_event: object = None  # cuda: the decode stream finished this layer
+    ready_event: object = None  # cuda: the decompress stream finished this layer
 
 
 class LayerStream:
@@ -111,7 +111,7 @@ class LayerStream:
     def __init__(self, layers: list[LayerPlan], *, device: torch.device, prefetch: int,
                  backend: str, reader: ShardReader | None, digests: dict[int, int],
                  held: dict[int, torch.Tensor] | None, metrics: Metrics,
-                 decode_threads: int | None = None):
+                 decompress_threads: int | None = None):
         if not layers:
             raise ValueError("nothing to stream")
         self.layers = layers
@@ -122,7 +122,7 @@ class LayerStream:
         self.digests = digests
         self.held = held  # cpu offload: layer index -> shard image in host memory
         self.metrics = metrics
-        self.decode_threads = decode_threads
+        self.decompress_threads = decompress_threads
         self.closed = False
         self._cuda = device.type == "cuda"
         n_read = min(prefetch + 1, len(layers))
@@ -145,7 +145,7 @@ class LayerStream:
             s.device_image.numel() for s in self.read_slots if s.device_image is not None)
         if self._cuda:
             self._copy_stream = torch.cuda.Stream(device)
-            self._decode_stream = torch.cuda.Stream(device)
+            self._decompress_stream = torch.cuda.Stream(device)
         self._lock = threading.Condition()
         self._inflight: deque[Load] = deque()  # issued and not yet released, in order
         self._free_read: deque[ReadSlot] = deque()
@@ -239,7 +239,8 @@ class LayerStream:
         self._needs_restart = False
 
     def _cancel_all(self) -> None:
-        """Stop issuing, let every load in flight end (reads finish, nothing more is decoded)."""
+        """Stop issuing, let every load in flight end (reads finish, nothing more is
+        decompressed)."""
         with self._lock:
             self._stopping = True
             loads = list(self._inflight)
@@ -277,9 +278,10 @@ class LayerStream:
     # ---- loader thread -------------------------------------------------------------------
 
     def _loader_loop(self) -> None:
-        if self.decode_threads:
-            # Per thread: the CPU decoder and torch ops here use this many, compute keeps its own.
-            torch.set_num_threads(self.decode_threads)
+        if self.decompress_threads:
+            # Per thread: the CPU decompressor and torch ops here use this many, compute keeps
+            # its own.
+            torch.set_num_threads(self.decompress_threads)
         while True:
             load = self._queue.get()
             if load is None:
@@ -287,7 +289,7 @@ class LayerStream:
             try:
                 self._fetch(load)
                 if self._take_dense_slot(load):
-                    self._decode(load)
+                    self._decompress(load)
                     if not load.layer.keeps_image:
                         with self._lock:  # its image is no longer needed: read the next shard
                             self._free_read.append(load.read_slot)
@@ -340,26 +342,26 @@ class LayerStream:
             image = slot.device_image
         load.image = image
 
-    def _decode(self, load: Load) -> None:
+    def _decompress(self, load: Load) -> None:
         t0 = time.perf_counter()
         dense = load.dense_slot
         if self._cuda:
-            with torch.cuda.stream(self._decode_stream):
+            with torch.cuda.stream(self._decompress_stream):
                 if dense.free_event is not None:
-                    self._decode_stream.wait_event(dense.free_event)
-                load.views = decode_layer(load.layer, load.image, dense.buffer, self.backend)
+                    self._decompress_stream.wait_event(dense.free_event)
+                load.views = decompress_layer(load.layer, load.image, dense.buffer, self.backend)
                 load.ready_event = torch.cuda.Event()
-                load.ready_event.record(self._decode_stream)
+                load.ready_event.record(self._decompress_stream)
             load.ready_event.synchronize()  # for the timing; it also frees the image below
         else:
-            load.views = decode_layer(load.layer, load.image, dense.buffer, self.backend)
+            load.views = decompress_layer(load.layer, load.image, dense.buffer, self.backend)
         load.times.decompress_s = time.perf_counter() - t0
         load.image = None
 
 
-def decode_layer(plan: LayerPlan, image: torch.Tensor, dense: torch.Tensor,
+def decompress_layer(plan: LayerPlan, image: torch.Tensor, dense: torch.Tensor,
                  backend: str) -> dict:
-    """Every tensor of one layer, dense, from its shard image: Endor tensors decoded into
+    """Every tensor of one layer, dense, from its shard image: Endor tensors decompressed into
     `dense`, dense tensors used in place (or cast into `dense` when their dtype differs)."""
     views = {}
     for tp in plan.tensors:

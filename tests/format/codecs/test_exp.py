@@ -10,7 +10,7 @@ import endor
 from endor.format.codecs import exp as X
 from endor.format.encode import tile_offsets
 from endor.format.decompress import backends
-from endor.kernels.cpu import decode as cpu_decode
+from endor.kernels.cpu import decompress as cpu_decode
 from endor.kernels.cpu import supported_isas
 from endor.format.equal import bit_equal
 from tests.helpers import DTYPES, INT_VIEW, sparse_tensor

@@ -1,9 +1,9 @@
-"""The fast CPU decoder (backend "cpu"): a plain C extension (decode.c) with scalar, AVX2 and
-AVX-512 paths chosen at run time, tiles split over threads with the GIL released.
+"""The fast CPU decompressor (backend "cpu"): a plain C extension (decompress.c) with scalar, AVX2
+and AVX-512 paths chosen at run time, tiles split over threads with the GIL released.
 
 The instruction-set path is, in order: the `isa=` argument, the ENDOR_CPU_ISA environment
 variable (scalar | avx2 | avx512 | auto), the best one this CPU runs. Without the compiled
-extension `available()` is False and the registry falls back to the reference decoder."""
+extension `available()` is False and the registry falls back to the reference decompressor."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from ...format.decompress import Backend, register
 from ...format.tensor import EndorTensor
 
 try:
-    from . import _decode
+    from . import _decompress
 except ImportError:  # built with optional=True: no compiler, no extension
-    _decode = None
+    _decompress = None
 
 ISAS = ("scalar", "avx2", "avx512")  # index = the extension's ISA code
 ISA_ENV = "ENDOR_CPU_ISA"
@@ -37,14 +37,14 @@ CODECS = ("raw", "exp")
 
 
 def available() -> bool:
-    return _decode is not None
+    return _decompress is not None
 
 
 def supported_isas() -> tuple[str, ...]:
     """The paths this CPU runs, slowest first (empty without the extension)."""
-    if _decode is None:
+    if _decompress is None:
         return ()
-    mask = _decode.supported()
+    mask = _decompress.supported()
     return tuple(name for code, name in enumerate(ISAS) if mask >> code & 1)
 
 
@@ -56,7 +56,7 @@ def _choose_isa(isa: str | None) -> int:
     if isa == "auto":
         return ISAS.index(supported[-1])
     if isa not in ISAS:
-        raise ValueError(f"{source}={isa!r} is not a CPU decoder path; choose one of "
+        raise ValueError(f"{source}={isa!r} is not a CPU decompressor path; choose one of "
                          f"{', '.join(('auto', *ISAS))}")
     if isa not in supported:
         raise ValueError(f"{source}={isa!r}: this CPU runs only {', '.join(supported)}")
@@ -91,7 +91,7 @@ def _check_parts(et: EndorTensor, out: torch.Tensor) -> None:
             raise FormatError(f"{name} is {t.dtype}{list(t.shape)}, expected {dtype}[{count}] "
                               f"for a {et.dtype} tensor of shape {list(et.shape)}")
         if t.device.type != "cpu":
-            raise ValueError(f"the cpu decoder needs {name} on the cpu, not {t.device}")
+            raise ValueError(f"the cpu decompressor needs {name} on the cpu, not {t.device}")
     if et.nnz > n:
         raise FormatError(f"values has {et.nnz} elements, more than the tensor's {n}")
     if et.dtype not in spec.INT_VIEW:
@@ -120,18 +120,18 @@ def _raise_for(code: int, tile: int, et: EndorTensor) -> None:
             where = (f"tile {tile} has {ones} bits set, tiles[{tile + 1}] - tiles[{tile}] = "
                      f"{claimed}; {where}")
         raise FormatError(f"bitmap popcounts disagree with the tile index (corrupt data): {where}")
-    raise AssertionError(f"cpu decoder returned error code {code}")  # arguments were checked
+    raise AssertionError(f"cpu decompressor returned error code {code}")  # arguments were checked
 
 
-def decode(et: EndorTensor, out: torch.Tensor, *, isa: str | None = None,
+def decompress(et: EndorTensor, out: torch.Tensor, *, isa: str | None = None,
            threads: int | None = None, huge_pages: bool = True) -> None:
     """Fill `out` (contiguous, et.dtype, et.numel elements, on the cpu) with the dense tensor,
     bit-exact. `threads` defaults to one per 1M elements up to torch.get_num_threads().
     `huge_pages` asks the kernel for transparent huge pages on the output (Linux), which makes
     a freshly allocated output several times cheaper to fault in. On FormatError the contents
     of `out` are unspecified."""
-    if _decode is None:
-        raise RuntimeError("the cpu decoder extension is not built; reinstall endor with a C "
+    if _decompress is None:
+        raise RuntimeError("the cpu decompressor extension is not built; reinstall endor with a C "
                            "compiler (pip install -e .) or use backend='reference'")
     _check_parts(et, out)
     code = _choose_isa(isa)
@@ -142,13 +142,13 @@ def decode(et: EndorTensor, out: torch.Tensor, *, isa: str | None = None,
     bitmap, tiles = et.bitmap.contiguous(), et.tiles.contiguous()
     if et.values_codec == "raw":
         values = et.values.contiguous()
-        err, tile = _decode.decode(bitmap.data_ptr(), values.data_ptr(), values.numel(),
+        err, tile = _decompress.decompress(bitmap.data_ptr(), values.data_ptr(), values.numel(),
                                    tiles.data_ptr(), out.data_ptr(), et.numel, et.dtype.itemsize,
                                    code, threads, bool(huge_pages))
     else:
         parts = {k: v.contiguous() for k, v in et.codec_parts.items()}
         e_bits, m_bits, n_bytes, _ = exp_codec.LAYOUT[et.dtype]
-        err, tile = _decode.decode(
+        err, tile = _decompress.decompress(
             bitmap.data_ptr(), 0, et.nnz, tiles.data_ptr(), out.data_ptr(), et.numel,
             et.dtype.itemsize, code, threads, bool(huge_pages),
             *(parts[s].data_ptr() for s in (exp_codec.SIGNMANT, exp_codec.CODES,
@@ -159,4 +159,4 @@ def decode(et: EndorTensor, out: torch.Tensor, *, isa: str | None = None,
         _raise_for(err, tile, et)
 
 
-register(Backend("cpu", ("cpu",), decode, available, codecs=CODECS))
+register(Backend("cpu", ("cpu",), decompress, available, codecs=CODECS))

@@ -1,13 +1,14 @@
-"""endor bench decode: the numpy baseline decodes bit-exactly, every available backend and both
-copies are timed with both kinds of output, and the ratios are computed against the copy and
-numpy rows of the same case."""
+"""endor bench decompress: the numpy baseline decompresses bit-exactly, every available backend
+and both copies are timed with both kinds of output, and the ratios are computed against the copy
+and numpy rows of the same case."""
 
 import pytest
 import torch
 
 import endor
-from endor.bench import decode, harness
+from endor.bench import decompress, harness
 from endor.cli import build_parser
+from endor.cli.bench import benchmark_params
 from endor.kernels import backends
 from endor.format.equal import bit_equal
 from tests.helpers import DTYPES
@@ -20,30 +21,29 @@ def test_numpy_baseline_is_bit_exact(dtype):
     for shape in SHAPES:
         for sparsity in (0.0, 0.5, 1.0):
             dense = harness.random_sparse(shape, dtype, sparsity, seed=5)
-            assert bit_equal(decode.numpy_decoder(endor.compress(dense))(), dense)
+            assert bit_equal(decompress.numpy_decompressor(endor.compress(dense))(), dense)
 
 
 def test_numpy_baseline_keeps_special_values():
     dense = torch.tensor([-0.0, float("nan"), 0.0, float("-inf"), 1e-42])
-    assert bit_equal(decode.numpy_decoder(endor.compress(dense))(), dense)
+    assert bit_equal(decompress.numpy_decompressor(endor.compress(dense))(), dense)
 
 
 def _args(*extra):
-    args = build_parser().parse_args(["bench", "decode", "--quick", "--device", "cpu", *extra])
-    args.repeat = 1
-    return args
+    return benchmark_params(build_parser().parse_args(["bench", "decompress", "--quick", "--device",
+                                                       "cpu", "--repeat", "1", *extra]))
 
 
 @pytest.fixture(scope="module")
 def doc():
-    return decode.run(_args("--shape", "96,130", "--dtypes", "fp16,bf16",
+    return decompress.run(**_args("--shape", "96,130", "--dtypes", "fp16,bf16",
                             "--sparsities", "0.5,0.9", "--warmup", "0"))
 
 
 def _cpu_backends():
     return sorted(n for n, b in backends().items()
                   if "cpu" in b.device_types and b.available()
-                  and n not in decode.INTERPRETED_ON_CPU)
+                  and n not in decompress.INTERPRETED_ON_CPU)
 
 
 def test_every_backend_and_baseline_is_timed_per_case(doc):
@@ -81,22 +81,21 @@ def test_ratios_are_against_the_same_case(doc):
 
 
 def test_backend_choice_and_errors():
-    d = decode.run(_args("--shape", "16,16", "--dtypes", "fp32", "--sparsities", "0.5",
+    d = decompress.run(**_args("--shape", "16,16", "--dtypes", "fp32", "--sparsities", "0.5",
                          "--backends", "reference", "--numpy", "none", "--warmup", "0"))
     assert {r["method"] for r in d["results"]} == {"copy", "reference"}
     with pytest.raises(ValueError, match="unknown backend"):
-        decode.run(_args("--shape", "8,8", "--backends", "simd9000"))
+        decompress.run(**_args("--shape", "8,8", "--backends", "simd9000"))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA"):
-            decode.run(_args("--shape", "8,8", "--device", "cuda"))
+            decompress.run(**_args("--shape", "8,8", "--device", "cuda"))
 
 
 @pytest.mark.gpu
 def test_cuda_rows_report_hbm_and_device_copy():
-    args = build_parser().parse_args(["bench", "decode", "--quick", "--device", "cuda",
-                                      "--dtypes", "bf16", "--sparsities", "0.5"])
-    args.repeat = 2
-    rows = decode.run(args)["results"]
+    args = build_parser().parse_args(["bench", "decompress", "--quick", "--device", "cuda",
+                                      "--dtypes", "bf16", "--sparsities", "0.5", "--repeat", "2"])
+    rows = decompress.run(**benchmark_params(args))["results"]
     assert {r["device"] for r in rows} == {"cuda"}
     assert all(r["pct_of_hbm"] > 0 for r in rows)
     assert {("copy", "fresh"), ("copy", "out")} <= {(r["method"], r["output"]) for r in rows}

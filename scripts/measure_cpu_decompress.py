@@ -1,6 +1,6 @@
-"""Measure the CPU decoder against a dense copy and the numpy baseline (the targets of the CPU
+"""Measure the CPU decompressor against a dense copy and the numpy baseline (the targets of the CPU
 backend): a 64M-element fp16 tensor at 50% random sparsity by default. Prints medians after
-warm-up. Usage: .venv/bin/python scripts/measure_cpu_decode.py [--numel N] [--isa avx512]"""
+warm-up. Usage: .venv/bin/python scripts/measure_cpu_decompress.py [--numel N] [--isa avx512]"""
 
 import argparse
 import json
@@ -35,13 +35,13 @@ def main() -> None:
     reused = torch.empty_like(dense)
     huge = not args.no_huge_pages
 
-    def decode_fresh():
+    def decompress_fresh():
         out = torch.empty(et.numel, dtype=et.dtype)
-        cpu.decode(et, out, isa=args.isa, threads=args.threads, huge_pages=huge)
+        cpu.decompress(et, out, isa=args.isa, threads=args.threads, huge_pages=huge)
         return out
 
-    def decode_out():
-        cpu.decode(et, reused, isa=args.isa, threads=args.threads, huge_pages=huge)
+    def decompress_out():
+        cpu.decompress(et, reused, isa=args.isa, threads=args.threads, huge_pages=huge)
 
     ints = np.dtype(np.int16 if dense.element_size() == 2 else np.int32)
     bitmap_np = et.bitmap.numpy()
@@ -53,13 +53,13 @@ def main() -> None:
         out[mask] = values_np
         return out
 
-    assert torch.equal(decode_fresh().view(torch.int16 if ints == np.int16 else torch.int32),
+    assert torch.equal(decompress_fresh().view(torch.int16 if ints == np.int16 else torch.int32),
                        dense.view(torch.int16 if ints == np.int16 else torch.int32))
     stats = {
         "copy_fresh": measure(lambda: torch.empty_like(dense).copy_(dense), repeat=args.repeat),
         "copy_out": measure(lambda: reused.copy_(dense), repeat=args.repeat),
-        "decode_fresh": measure(decode_fresh, repeat=args.repeat),
-        "decode_out": measure(decode_out, repeat=args.repeat),
+        "decompress_fresh": measure(decompress_fresh, repeat=args.repeat),
+        "decompress_out": measure(decompress_out, repeat=args.repeat),
         "numpy_baseline": measure(numpy_baseline, repeat=args.numpy_repeat),
     }
     report = {
@@ -73,10 +73,10 @@ def main() -> None:
                                             / stats["copy_fresh"].median_s, 3),
         "ratio_decode_vs_copy_out": round(stats["decode_out"].median_s
                                           / stats["copy_out"].median_s, 3),
-        "ratio_decode_out_vs_copy_fresh": round(stats["decode_out"].median_s
+        "ratio_decompress_out_vs_copy_fresh": round(stats["decompress_out"].median_s
                                                 / stats["copy_fresh"].median_s, 3),
         "speedup_vs_numpy": round(stats["numpy_baseline"].median_s
-                                  / stats["decode_fresh"].median_s, 1),
+                                  / stats["decompress_fresh"].median_s, 1),
         "machine": machine_info(),
     }
     print(json.dumps(report, indent=1))

@@ -1,10 +1,10 @@
-"""`endor bench decode`: GB/s of every available Endor decoder against a copy of the dense tensor
-measured in the same run (fresh output, and into a reused buffer), and against the naive numpy
-decoder (unpackbits + boolean-mask assignment). On CUDA also (bytes read + written) / time
-against the HBM peak and a device-to-device copy.
+"""`endor bench decompress`: GB/s of every available Endor decompressor against a copy of the
+dense tensor measured in the same run (fresh output, and into a reused buffer), and against the
+naive numpy decompressor (unpackbits + boolean-mask assignment). On CUDA also (bytes read +
+written) / time against the HBM peak and a device-to-device copy.
 
-GB/s is dense bytes produced per second; `ratio_vs_copy` is decode time / copy time with the same
-kind of output (fresh with fresh, `out=` with the reused buffer)."""
+GB/s is dense bytes produced per second; `ratio_vs_copy` is decompress time / copy time with the
+same kind of output (fresh with fresh, `out=` with the reused buffer)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from ..format.equal import bit_equal
 from ..kernels import backends, decompress
 from . import harness, peers
 
-NAME = "decode"
+NAME = "decompress"
 DEFAULT_SHAPE = [8192, 8192]
 QUICK_SHAPE = [1024, 1024]
 HEADLINE = (torch.float16, 0.5)
@@ -34,7 +34,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtypes", type=harness.dtype_list, default="fp16,bf16,fp32")
     parser.add_argument("--sparsities", type=harness.float_list, default="0.5,0.7,0.9")
     parser.add_argument("--backends", default=None,
-                        help="comma-separated decoder backends (default: every available one)")
+                        help="comma-separated decompressor backends (default: every available "
+                             "one)")
     parser.add_argument("--numpy", choices=("headline", "all", "none"), default="headline",
                         help="where to time the numpy baseline: only float16 at 50%% "
                              "(default), every case, or nowhere")
@@ -50,20 +51,20 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def numpy_decoder(et):
-    """The naive CPU decoder users write first: numpy unpackbits + boolean-mask assignment.
+def numpy_decompressor(et):
+    """The naive CPU decompressor users write first: numpy unpackbits + boolean-mask assignment.
     Returns a no-argument function producing the dense tensor."""
     int_dtype = spec.INT_VIEW[et.dtype]
     bitmap = et.bitmap.cpu().numpy()
     values = et.values.cpu().view(int_dtype).numpy()
     numel, shape = et.numel, et.shape
 
-    def decode() -> torch.Tensor:
+    def numpy_decompress() -> torch.Tensor:
         mask = np.unpackbits(bitmap, count=numel, bitorder="little").view(bool)
         out = np.zeros(numel, dtype=values.dtype)
         out[mask] = values
         return torch.from_numpy(out).view(et.dtype).view(shape)
-    return decode
+    return numpy_decompress
 
 
 def _devices(choice: str) -> list[torch.device]:
@@ -120,15 +121,15 @@ def _case(tensor, ets, device, backend_names, *, with_numpy, with_zipnn, hbm_gbp
         et = et.to(device)
         read_bytes = et.nbytes
         if with_numpy and device.type == "cpu" and codec == "raw":
-            decode = numpy_decoder(et)
-            if not bit_equal(decode(), tensor):
-                raise RuntimeError("the numpy baseline did not decode bit-exactly")
-            rows.append((codec, "numpy", "fresh", timed(decode), read_bytes + dense_bytes, True))
+            numpy_decompress = numpy_decompressor(et)
+            if not bit_equal(numpy_decompress(), tensor):
+                raise RuntimeError("the numpy baseline did not decompress bit-exactly")
+            rows.append((codec, "numpy", "fresh", timed(numpy_decompress), read_bytes + dense_bytes, True))
         for name in backend_names:
             if not backends()[name].handles(codec):
                 continue
             if not bit_equal(decompress(et, backend=name), tensor):
-                raise RuntimeError(f"backend {name!r} did not decode {codec} bit-exactly on "
+                raise RuntimeError(f"backend {name!r} did not decompress {codec} bit-exactly on "
                                    f"{device}")
             rows.append((codec, name, "fresh", timed(lambda: decompress(et, backend=name)),
                          read_bytes + dense_bytes, True))
@@ -158,39 +159,40 @@ def _case(tensor, ets, device, backend_names, *, with_numpy, with_zipnn, hbm_gbp
     return results
 
 
-def run(args) -> dict:
+def run(*, shape, backends, device, dtypes, sparsities, seed, numpy, hbm_gbps, quick, warmup,
+        repeat, values, zipnn) -> dict:
     load_before = harness.system_load()
-    shape = args.shape or (QUICK_SHAPE if args.quick else DEFAULT_SHAPE)
+    shape = shape or (QUICK_SHAPE if quick else DEFAULT_SHAPE)
     if math.prod(shape) == 0:
         raise ValueError(f"--shape {shape} has no elements")
-    wanted = [x.strip() for x in args.backends.split(",")] if args.backends else None
-    codecs = [x.strip() for x in args.values.split(",") if x.strip()]
+    wanted = [x.strip() for x in backends.split(",")] if backends else None
+    codecs = [x.strip() for x in values.split(",") if x.strip()]
     unknown = sorted(set(codecs) - set(codec_names()))
     if unknown or not codecs:
-        raise ValueError(f"--values {args.values!r}: choose from {codec_names()}")
-    if args.zipnn and not peers.PEERS["zipnn"].available():
+        raise ValueError(f"--values {values!r}: choose from {codec_names()}")
+    if zipnn and not peers.PEERS["zipnn"].available():
         raise ValueError("--zipnn: the zipnn package is not installed (pip install zipnn)")
-    devices = _devices(args.device)
+    devices = _devices(device)
     per_device = {d.type: _backends(d, wanted) for d in devices}
     results = []
-    for dtype in args.dtypes:
-        for sparsity in args.sparsities:
-            tensor = harness.random_sparse(shape, dtype, sparsity, seed=args.seed)
+    for dtype in dtypes:
+        for sparsity in sparsities:
+            tensor = harness.random_sparse(shape, dtype, sparsity, seed=seed)
             ets = {codec: compress(tensor, values=codec) for codec in codecs}
-            with_numpy = args.numpy == "all" or (args.numpy == "headline"
+            with_numpy = numpy == "all" or (numpy == "headline"
                                                  and (dtype, sparsity) == HEADLINE)
             for device in devices:
                 for row in _case(tensor, ets, device, per_device[device.type],
-                                 with_numpy=with_numpy, with_zipnn=args.zipnn,
-                                 hbm_gbps=args.hbm_gbps, warmup=args.warmup,
-                                 repeat=args.repeat):
+                                 with_numpy=with_numpy, with_zipnn=zipnn,
+                                 hbm_gbps=hbm_gbps, warmup=warmup,
+                                 repeat=repeat):
                     results.append({"dtype": harness.dtype_name(dtype), "sparsity": sparsity,
                                     "numel": tensor.numel(), **row})
             del tensor, ets
     params = {"load_avg": {"before": load_before, "after": harness.system_load()},
-              "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in args.dtypes],
-              "sparsities": list(args.sparsities), "backends": per_device,
-              "numpy": args.numpy, "hbm_gbps": args.hbm_gbps, "seed": args.seed,
-              "values": codecs, "zipnn_version": peers.zipnn_version() if args.zipnn else None,
-              "quick": args.quick, "warmup": args.warmup, "repeat": args.repeat}
+              "shape": list(shape), "dtypes": [harness.dtype_name(d) for d in dtypes],
+              "sparsities": list(sparsities), "backends": per_device,
+              "numpy": numpy, "hbm_gbps": hbm_gbps, "seed": seed,
+              "values": codecs, "zipnn_version": peers.zipnn_version() if zipnn else None,
+              "quick": quick, "warmup": warmup, "repeat": repeat}
     return harness.envelope(NAME, params, results, table_columns=TABLE_COLUMNS)

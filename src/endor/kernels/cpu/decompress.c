@@ -407,7 +407,7 @@ static int decode_job(const job_t *job, int threads, int huge_pages, int64_t *ba
 }
 
 PyDoc_STRVAR(decode_doc,
-"decode(bitmap_addr, values_addr, nnz, tiles_addr, out_addr, numel, elem_size, isa, threads,\n"
+"decompress(bitmap_addr, values_addr, nnz, tiles_addr, out_addr, numel, elem_size, isa, threads,\n"
 "       huge_pages[, signmant, codes, bases, escidx, escapes, n_escapes, e_bits, m_bits,\n"
 "       n_bytes, planes]) -> (error_code, bad_tile)\n\n"
 "With the exp codec's part addresses (signmant != 0) the values come from them (values_addr\n"
@@ -474,18 +474,19 @@ static PyObject *py_supported(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"decode", py_decode, METH_VARARGS, decode_doc},
+    {"decompress", py_decode, METH_VARARGS, decode_doc},
     {"supported", py_supported, METH_NOARGS,
      "supported() -> int: bit i set iff ISA i (0 scalar, 1 avx2, 2 avx512) runs on this CPU."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_decode", "Endor's CPU decoder (see decode.c).", -1, methods,
+    PyModuleDef_HEAD_INIT, "_decompress", "Endor's CPU decompressor (see decompress.c).", -1,
+    methods,
     NULL, NULL, NULL, NULL,
 };
 
-PyMODINIT_FUNC PyInit__decode(void) {
+PyMODINIT_FUNC PyInit__decompress(void) {
     build_tables();
     supported_isas = detect_isas();
     return PyModule_Create(&module);

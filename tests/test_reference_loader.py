@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from endor import FormatError
-from endor.loading import load_in_memory
+from endor.reference_loader import load_in_memory
 from tests.evaluate.tiny_models import char_tokenizer, tiny_model, write_endor_checkpoint
 from endor.format.equal import bit_equal
 from tests.helpers import DTYPES

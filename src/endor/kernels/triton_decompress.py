@@ -1,4 +1,5 @@
-"""The Triton decoder (backend "triton"): one GPU program per 4096-element tile (docs/FORMAT.md).
+"""The Triton decompressor (backend "triton"): one GPU program per 4096-element tile
+(docs/FORMAT.md).
 
 Each program loads its tile's 512 bitmap bytes, expands them to a [512, 8] block of bits (row r
 = bitmap byte r = elements 8r..8r+7), turns the bits into slots in the packed values with an
@@ -15,8 +16,8 @@ Why this shape, for an H200:
   32-byte sectors per instruction and repeats hit L1, so the gather reads each value byte from
   HBM once.
 * Every load of `values` is masked to [0, nnz): a crafted file whose popcounts disagree with the
-  tile index (FORMAT.md rule 6, which the checksum alone cannot catch) decodes to garbage but
-  never reads out of bounds. `decode_and_validate` reports such tiles from the same pass.
+  tile index (FORMAT.md rule 6, which the checksum alone cannot catch) decompresses to garbage but
+  never reads out of bounds. `decompress_and_validate` reports such tiles from the same pass.
 * One tile per program and 4 warps. A tile needs two dependent memory round trips (bitmap, then
   values), so bandwidth comes from many tiles in flight per SM. Compiled offline for sm_90a
   (ptxas 13.4), the full-tile bf16 kernel takes 48 registers and ~512 SASS instructions per
@@ -57,7 +58,7 @@ DEFAULT_TILES_PER_PROGRAM = 1
 tl = None  # triton.language, bound by _kernel() on first use (the kernel reads it as a global)
 
 
-def _decode_kernel(bitmap_ptr, values_ptr, tiles_ptr, out_ptr, flags_ptr, numel, nnz,
+def _decompress_kernel(bitmap_ptr, values_ptr, tiles_ptr, out_ptr, flags_ptr, numel, nnz,
                    tile_begin, tile_end,
                    MASKED: tl.constexpr, CHECK: tl.constexpr, TILES_PER_PROGRAM: tl.constexpr):
     rows = tl.arange(0, 512)
@@ -129,9 +130,9 @@ def _kernel(interpret: bool):
     tl = triton.language
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
-        return InterpretedFunction(_decode_kernel)
+        return InterpretedFunction(_decompress_kernel)
     from triton.runtime.jit import JITFunction
-    return JITFunction(_decode_kernel)
+    return JITFunction(_decompress_kernel)
 
 
 def _check_layout(et: EndorTensor, out: torch.Tensor) -> None:
@@ -184,11 +185,11 @@ def _launch(et: EndorTensor, out: torch.Tensor, flags: torch.Tensor | None, num_
                          TILES_PER_PROGRAM=1, num_warps=num_warps)
 
 
-def decode(et: EndorTensor, out: torch.Tensor, *, num_warps: int = DEFAULT_NUM_WARPS,
+def decompress(et: EndorTensor, out: torch.Tensor, *, num_warps: int = DEFAULT_NUM_WARPS,
            tiles_per_program: int = DEFAULT_TILES_PER_PROGRAM) -> None:
     """Fill `out` (flat, contiguous, et.dtype, on et.device) with the dense tensor. Enqueued on
     the current CUDA stream: no host sync, no allocation. Bitmap popcounts are trusted (FORMAT.md
-    rule 6); call `validate_tiles` or use `decode_and_validate` for data read from a file.
+    rule 6); call `validate_tiles` or use `decompress_and_validate` for data read from a file.
     Exp-coded tensors go to triton_exp (one tile per program)."""
     if et.values_codec == "exp":
         from . import triton_exp
@@ -197,10 +198,10 @@ def decode(et: EndorTensor, out: torch.Tensor, *, num_warps: int = DEFAULT_NUM_W
     _launch(et, out, None, num_warps, tiles_per_program)
 
 
-def decode_and_validate(et: EndorTensor, out: torch.Tensor, *,
+def decompress_and_validate(et: EndorTensor, out: torch.Tensor, *,
                         num_warps: int = DEFAULT_NUM_WARPS,
                         tiles_per_program: int = DEFAULT_TILES_PER_PROGRAM) -> torch.Tensor:
-    """`decode`, plus FORMAT.md rule 6 checked in the same pass: returns a 0-dim bool tensor on
+    """`decompress`, plus FORMAT.md rule 6 checked in the same pass: returns a 0-dim bool tensor on
     the device, True iff every tile's popcount equals its tile-index difference and no padding
     bit is set. Nothing waits for it; read it when the answer is needed (`bool(ok)` syncs)."""
     flags = torch.empty(spec.num_tiles(et.numel), dtype=torch.uint8, device=out.device)
@@ -227,7 +228,7 @@ def validate_tiles(et: EndorTensor) -> torch.Tensor:
     sync: a 0-dim bool tensor, True iff each tile's bitmap popcount (a 256-entry table lookup
     per byte, summed per 512-byte tile) equals tiles[k+1] - tiles[k], the index runs from 0 to
     nnz, and the bitmap bits past the last element are zero. Run it on a tensor read from a file
-    before trusting `decode`; it reads only the bitmap and the tile index (about 1 bit per
+    before trusting `decompress`; it reads only the bitmap and the tile index (about 1 bit per
     element), never the values."""
     numel = et.numel
     if et.bitmap.dtype != torch.uint8 or et.bitmap.numel() != spec.bitmap_bytes(numel):
@@ -250,4 +251,4 @@ def validate_tiles(et: EndorTensor) -> torch.Tensor:
     return ok
 
 
-register(Backend("triton", ("cuda", "cpu"), decode, available, codecs=("raw", "exp")))
+register(Backend("triton", ("cuda", "cpu"), decompress, available, codecs=("raw", "exp")))
