@@ -18,7 +18,8 @@ SRC = Path(endor.__file__).parent
 LAYERS = [
     ["errors", "data"],           # typed user errors; embedded models and texts (no endor import)
     ["format"],                   # the file format and the decompressor contract
-    ["kernels", "checkpoint", "prune"],  # fast decompressors; checkpoint directories; pruning maths
+    ["kernels", "checkpoint", "prune", "moe"],  # fast decompressors; checkpoint directories;
+    # pruning maths; mixture-of-experts naming (per-expert checkpoint tensors <-> fused parameters)
     ["convert", "runtime", "reference_loader", "inspect"],  # write; run; in-memory reference; list
     ["evaluate", "integrations"],  # perplexity; from_pretrained, serve, export, Hub ids
     ["bench"],                    # benchmarks and the Accelerate baseline

@@ -63,12 +63,14 @@ class CheckpointWriter:
         """A shard on disk under its final name is complete: it was renamed into place last."""
         return self.path(i).is_file()
 
-    def write(self, i: int, tensors: Mapping, metadata: Mapping[str, str] | None = None) -> Path:
+    def write(self, i: int, tensors: Mapping, metadata: Mapping[str, str] | None = None, *,
+              order=None) -> Path:
         """Write shard i. save_file writes under a temporary name and renames the file into place
         (a shard under its final name is complete: resume relies on it), with its metadata
-        sorted (identical conversions give byte-identical shards)."""
+        sorted (identical conversions give byte-identical shards). `order`: names stored last,
+        in sequence (an MoE layer's experts, one contiguous range each: FORMAT.md section 2)."""
         meta = {"endor.group": self.shards[i].group, **(metadata or {})}
-        save_file(tensors, self.path(i), metadata=meta)
+        save_file(tensors, self.path(i), metadata=meta, order=order)
         return self.path(i)
 
     def stream(self, i: int, entries: Mapping, metadata: Mapping[str, str] | None = None):

@@ -11,6 +11,7 @@ import torch
 from .checkpoint import MANIFEST, Checkpoint
 from .data.models import hub_offline, resolve_model
 from .errors import FormatError
+from .moe import model_names, to_model_names, use_eager_experts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -85,7 +86,11 @@ def _load_endor_checkpoint(path: Path, *, dtype, device: torch.device):
 
     expected = set(model.state_dict())
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    stored = set(checkpoint.weight_map)
+    try:
+        # MoE checkpoints store one tensor per expert; the model fuses them (endor.moe)
+        stored = model_names(model, checkpoint.weight_map)
+    except ValueError as e:
+        raise FormatError(str(e), path=path) from None
     unexpected = sorted(stored - expected)
     if unexpected:
         raise FormatError(f"holds {len(unexpected)} tensor(s) that the model built from "
@@ -96,12 +101,13 @@ def _load_endor_checkpoint(path: Path, *, dtype, device: torch.device):
                           f"{missing[:3]}; rerun `endor convert`", path=path)
 
     state = {}
-    for name in sorted(stored):
+    for name in sorted(checkpoint.weight_map):
         tensor = checkpoint.file_of(name).get_tensor(name, device=device)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[name] = tensor
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(to_model_names(model, state), strict=False, assign=True)
+    use_eager_experts(model)
     model.tie_weights()  # a tied lm_head is left out of converted checkpoints
     left_on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
                     if t.is_meta]

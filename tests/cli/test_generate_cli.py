@@ -59,3 +59,24 @@ def test_errors_before_generation(checkpoint, tmp_path, capsys):
     (broken / "endor.json").unlink()
     assert main(["generate", str(broken), "--prompt", "x"]) == 1
     assert "HuggingFace model directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--expert-cache", "lru"], ["--whole-layers"]])
+def test_a_moe_checkpoint_generates_the_reference_tokens(tmp_path, capsys, extra):
+    from endor.convert import convert
+    from endor.reference_loader import load_in_memory
+    from tests.moe_models import save_moe
+
+    save_moe("qwen2_moe", tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "out", method="magnitude", sparsity=0.5, progress=False)
+    save_char_tokenizer(tmp_path / "out")
+    reference, tokenizer = load_in_memory(tmp_path / "out")
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():  # as the CLI: greedy, ends at the config's EOS token
+        want = reference.generate(ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1]:]
+    code = main(["generate", str(tmp_path / "out"), "--prompt", PROMPT, "--max-new-tokens", "5",
+                 "--max-memory", "1MB", *extra])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(PROMPT + tokenizer.decode(want))
+    assert ("experts:" in captured.err) != ("--whole-layers" in extra)

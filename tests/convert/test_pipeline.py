@@ -296,8 +296,8 @@ def test_verification_catches_a_disk_fault_and_removes_the_shard(model_dirs, tmp
                                                                  monkeypatch, weights):
     real = checkpoint.save_file
 
-    def save_then_flip_a_byte(tensors, path, metadata=None):
-        real(tensors, path, metadata=metadata)
+    def save_then_flip_a_byte(tensors, path, metadata=None, **options):
+        real(tensors, path, metadata=metadata, **options)
         if "00001-of" in path.name:  # layer 0: flip a byte of its last tensor's data
             data = bytearray(path.read_bytes())
             data[-3] ^= 0x40

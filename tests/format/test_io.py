@@ -113,3 +113,33 @@ def test_files_get_the_process_umask(tmp_path, umask):
     finally:
         os.umask(before)
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ordered_save_puts_each_listed_tensor_in_one_range_in_sequence(tmp_path, dtype):
+    tensors = {"a.dense": torch.arange(5, dtype=torch.int64),
+               "b": endor.compress(sparse_tensor((7, 13), dtype, 0.5, seed=1)),
+               "c": endor.compress(sparse_tensor((1, 1), dtype, 1.0, seed=2)),
+               "d": endor.compress(sparse_tensor((830, 545), dtype, 0.3, seed=3)),
+               "e.norm": torch.ones(3, dtype=dtype)}
+    path = tmp_path / "ordered.safetensors"
+    endor.save_file(tensors, path, metadata={"k": "v"}, order=["d", "b", "c"])
+    with endor.open_file(path) as f:
+        spans = {n: sorted(f.byte_ranges(n)) for n in tensors}
+        assert f.metadata() == {"k": "v"}
+        for name, t in tensors.items():
+            want = endor.decompress(t) if isinstance(t, endor.EndorTensor) else t
+            assert bit_equal(f.get_tensor(name), want) if want.is_floating_point() else \
+                torch.equal(f.get_tensor(name), want)
+    for name in ("b", "c", "d"):  # parts adjacent: one range
+        assert all(x[1] == y[0] for x, y in zip(spans[name], spans[name][1:]))
+    last = max(e for n in ("a.dense", "e.norm") for _, e in spans[n])
+    assert spans["d"][0][0] == last  # unlisted tensors first, then d, b, c
+    assert spans["b"][0][0] == spans["d"][-1][1] and spans["c"][0][0] == spans["b"][-1][1]
+    with safe_open(str(path), "pt") as f:  # still a safetensors file for any reader
+        assert set(f.keys()) >= {"a.dense", "e.norm", "d.endor.tiles", "d.endor.bitmap"}
+    endor.save_file(tensors, tmp_path / "again.safetensors", metadata={"k": "v"},
+                    order=["d", "b", "c"])
+    assert (tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
+    with pytest.raises(ValueError, match="order"):
+        endor.save_file(tensors, tmp_path / "bad.safetensors", order=["nope"])

@@ -94,6 +94,14 @@ class Options:
     quick: bool
     warmup: int
     repeat: int
+    # --moe (bench/e2e_moe.py): a mixture-of-experts model with routed expert reads
+    moe: bool = False
+    expert_intermediate: int | None = None
+    experts: int | None = None
+    top_k: int | None = None
+    zipf: float = 1.0
+    routers: str = "uniform,zipf"
+    moe_systems: str | None = None
 
 
 def add_arguments(parser) -> None:
@@ -127,6 +135,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="stop timing rounds once the next would end past this many seconds "
                              "(at least one timed round; the rows' n says how many ran)")
+    from .e2e_moe import add_moe_arguments  # local: e2e_moe builds on this module's helpers
+    add_moe_arguments(parser)
     parser.add_argument("--workdir", default=None,
                         help="where the synthetic and converted checkpoints are cached (default "
                              "$ENDOR_CACHE/bench-e2e or ~/.cache/endor/bench-e2e; --quick: a "
@@ -361,6 +371,9 @@ def _ratios(by: dict, rounds: dict) -> dict:
 def run(**options) -> dict:
     """`options`: every field of Options, as keywords."""
     opts = Options(**options)
+    if opts.moe:
+        from .e2e_moe import run_moe  # local: e2e_moe builds on this module's helpers
+        return run_moe(opts)
     if opts.new_tokens is None:
         opts = replace(opts, new_tokens=4 if opts.quick else 8)
     systems = _check_args(opts)

@@ -39,6 +39,12 @@ def add_parser(sub):
                    help="fused: decoder weights stay compressed and decode steps compute from "
                         "them; dense: decompress every layer; auto: fused on the CPU "
                         "(default auto)")
+    p.add_argument("--expert-cache", choices=("lfu", "lru"), default="lfu",
+                   help="mixture-of-experts models: which experts the cache keeps, the most used "
+                        "(lfu, default) or the most recent (lru)")
+    p.add_argument("--whole-layers", action="store_true",
+                   help="mixture-of-experts models: stream MoE layers whole instead of reading "
+                        "only the experts the router picks")
     p.add_argument("--json", action="store_true",
                    help="print exactly one JSON object (tokens, text, speed, split) instead")
     p.set_defaults(run=run)
@@ -54,7 +60,10 @@ def _report(stats: dict) -> str:
             f"(read from disk {stats['bytes_read_per_token'] / 1e6:.2f} MB/token); "
             f"{streamed} of {stats['layers']} layers streamed, prefetch {stats['prefetch']}, "
             f"direct I/O {'yes' if stats['direct_io'] else 'no'}\n"
-            f"busy ms/token (stages overlap): {busy}")
+            f"busy ms/token (stages overlap): {busy}"
+            + (f"\nexperts: {stats['expert_hits']} cache hits, {stats['expert_misses']} reads "
+               f"(hit rate {stats['expert_hit_rate']:.2f}, {stats['expert_cache_policy']})"
+               if "expert_hits" in stats else ""))
 
 
 def run(args) -> int:
@@ -68,7 +77,8 @@ def run(args) -> int:
     model = load_model(args.model, device=args.device, offload=args.offload,
                        max_memory=args.max_memory, prefetch=args.prefetch,
                        direct_io=not args.buffered_io, backend=args.backend,
-                       compute=args.compute)
+                       compute=args.compute, expert_reads=not args.whole_layers,
+                       expert_cache=args.expert_cache)
     try:
         ids = prompt_ids.to(model.device)
         streamer = None

@@ -41,6 +41,7 @@ from ..format.equal import bit_equal
 from ..format.spec import DTYPES, INT_OF_SIZE
 from ..kernels import decompress
 from ..format.codecs import codec_names
+from ..moe import parse_expert_name, to_model_names
 from ..prune import check_settings, needs_calibration, needs_hessian, prune_weight
 from . import calibrate, outdir
 from .endor_source import open_source
@@ -206,7 +207,8 @@ class _Conversion:
         i = self.groups[group]
         nnz = {n: self.nnz.pop(n) for n in stored if n in self.nnz}
         errors = {n: self.errors.pop(n) for n in stored if n in self.errors}
-        path = self.writer.write(i, stored, shard_metadata(self.settings, nnz, errors or None))
+        path = self.writer.write(i, stored, shard_metadata(self.settings, nnz, errors or None),
+                                 order=_expert_order(stored))
         if self.verify:
             outdir.verify_shard(path, stored)
         stored.clear()
@@ -218,13 +220,14 @@ class _Conversion:
         self.bytes_done += nbytes
         self.progress.shard_done(nbytes, layer=group != REST)
 
-    def _prune(self, name: str, weight: torch.Tensor, stats=None) -> torch.Tensor:
+    def _prune(self, name: str, weight: torch.Tensor, stats=None, method=None) -> torch.Tensor:
         s = self.settings
+        method = method or s["method"]
         joint = None
-        if self.lossy and s["method"] == "sparsegpt":
+        if self.lossy and method == "sparsegpt":
             joint = (8 if self.values == "int8" else 4, self.group_size)
         try:
-            pruned = prune_weight(weight, method=s["method"], sparsity=s["sparsity"] or 0.0,
+            pruned = prune_weight(weight, method=method, sparsity=s["sparsity"] or 0.0,
                                   nm=None if s["nm"] is None else tuple(s["nm"]), stats=stats,
                                   quantize=joint)
         except (ValueError, TypeError) as e:
@@ -260,6 +263,15 @@ class _Conversion:
                     _return_free_memory()  # pruning and encoding temporaries
                 self._finish_shard(f"layers.{i}", stored)
 
+    def _fused(self, i: int, tensors: dict) -> dict:
+        """Layer i's tensors (full stored names) as the model names them: experts fused."""
+        if i not in self.layout.moe_layers:
+            return tensors
+        try:
+            return to_model_names(self.layout.model, tensors)
+        except ValueError as e:
+            raise FormatError(str(e), path=self.source.path) from None
+
     # -- calibrated methods --------------------------------------------------------------
     def calibrated_layers(self, todo: list[int], tokens: torch.Tensor, hessian: bool) -> None:
         layout, model, device = self.layout, self.layout.model, self.device
@@ -280,21 +292,27 @@ class _Conversion:
                 if i in todo:
                     self.progress.stage(i, "reading")
                     originals = {name: self.source.read(name) for name in self.names[group]}
-                    missing = sorted(set(params) - set(originals))
+                    as_model = self._fused(i, originals)
+                    missing = sorted(set(params) - set(as_model))
                     if missing:
                         raise FormatError(f"the source lacks {', '.join(missing)}, needed to run "
                                           f"layer {i} on the calibration data",
                                           path=self.source.path)
-                    _set_params(model, {n: originals[n].to(device, torch.float32)
+                    _set_params(model, {n: as_model[n].to(device, torch.float32)
                                         for n in params})
+                    del as_model
                     targets = {n: model.get_submodule(n.removesuffix(".weight"))
-                               for n in self.names[group] if n in self.sparse}
+                               for n in self.names[group]
+                               if n in self.sparse and not self.layout.is_expert_weight(n)}
                     self.progress.stage(i, "calibrating")
                     stats = calibrate.collect_stats(layer, call, hidden, targets,
                                                     hessian=hessian, device=device)
                     self.progress.stage(i, "pruning")
-                    final = {n: self._prune(n, t.to(device), stats.get(n)).cpu()
-                             if n in targets else t for n, t in originals.items()}
+                    # Experts have no module to hook (transformers fuses them): magnitude,
+                    # recorded in endor.json as "expert_pruning".
+                    final = {n: self._prune(n, t.to(device), stats.get(n)).cpu() if n in targets
+                             else self._prune(n, t, method="magnitude") if n in self.sparse
+                             else t for n, t in originals.items()}
                     del stats, originals
                     if pending is not None:
                         pending.result()  # at most one layer waits to be written
@@ -312,6 +330,7 @@ class _Conversion:
                     final = load_file(self.writer.path(self.groups[group]))
                 if i < last:
                     self.progress.stage(i, "running the pruned layer")
+                    final = self._fused(i, final)
                     _set_params(model, {n: final[n].to(device, torch.float32) for n in params})
                     hidden = calibrate.propagate(layer, call, hidden, device)
                 _set_params(model, {n: torch.empty_like(p, device="meta")
@@ -365,8 +384,20 @@ class _Conversion:
             _set_params(model, {n: torch.empty_like(t, device="meta") for n, t in loaded.items()})
 
 
-def _settings(source, method, sparsity, nm, weights, patterns, calib_text, samples, seqlen,
-              values, group_size=None):
+def _expert_order(stored: dict) -> list[str] | None:
+    """An MoE layer's per-expert tensors in storage order (expert 0's gate, up, down, then
+    expert 1's...): each expert one contiguous byte range. None for a dense layer."""
+    roles = {"gate": 0, "up": 1, "down": 2}
+    experts = []
+    for name in stored:
+        parsed = parse_expert_name(name)
+        if parsed is not None:
+            experts.append((parsed[0], parsed[1], roles[parsed[2]], name))
+    return [e[-1] for e in sorted(experts)] or None
+
+
+def _settings(source, layout, method, sparsity, nm, weights, patterns, calib_text, samples,
+              seqlen, values, group_size=None):
     calibration = None
     if needs_calibration(method):
         calibration = {"text_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
@@ -379,6 +410,10 @@ def _settings(source, method, sparsity, nm, weights, patterns, calib_text, sampl
     if values in _QUANTIZED:
         settings["quantization"] = {"group_size": group_size,
                                     "rounding": "joint" if method == "sparsegpt" else "rtn"}
+    if layout.moe_layers and method != "none":
+        # Each expert is pruned alone; calibrated methods hook nn.Linear inputs, and experts
+        # are fused parameters with no module of their own.
+        settings["expert_pruning"] = "magnitude" if needs_calibration(method) else method
     prior = source.prior_pruning()
     if prior is not None:  # an Endor checkpoint: how its weights were pruned already
         settings["prior_pruning"] = prior
@@ -400,7 +435,8 @@ def _check_values(values, group_size, weights):
 
 def _sparse_names(source, layout, patterns) -> set:
     """Decoder Linear weights to prune and compress: all of them but those matching a pattern."""
-    linear = [n for n in source.names() if n in layout.linear_weights]
+    linear = [n for n in source.names()
+              if n in layout.linear_weights or layout.is_expert_weight(n)]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in linear):
             example = linear[0] if linear else "(none)"
@@ -455,8 +491,8 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     source = open_source(src_dir)
     layout = build_layout(load_config(src_dir))
     sparse = _sparse_names(source, layout, patterns)
-    settings = _settings(source, method, sparsity, nm, weights, patterns, calib_text or "",
-                         calib_samples, calib_seqlen, values, group_size)
+    settings = _settings(source, layout, method, sparsity, nm, weights, patterns,
+                         calib_text or "", calib_samples, calib_seqlen, values, group_size)
 
     groups = [f"layers.{i}" for i in range(layout.num_layers)] + [REST]
     with outdir.replacing(out, replace=not resume) as work:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import FormatError
+from ..moe import is_experts_module, parse_expert_name
 
 
 @dataclass
@@ -21,6 +22,7 @@ class ModelLayout:
     num_layers: int
     linear_weights: frozenset  # full names of the decoder layers' nn.Linear weights
     tied: dict  # tied parameter name -> the name it is tied to (transformers' mapping)
+    moe_layers: frozenset = frozenset()  # decoder layers with fused experts (endor.moe)
 
     def layer_of(self, name: str) -> int | None:
         """The decoder layer a tensor name belongs to, or None (embeddings, final norm, head)."""
@@ -30,9 +32,16 @@ class ModelLayout:
         return int(m.group(1))
 
     def layer_type(self, name: str) -> str:
-        """`model.layers.3.self_attn.q_proj.weight` -> `self_attn.q_proj`."""
+        """`model.layers.3.self_attn.q_proj.weight` -> `self_attn.q_proj`; experts collapse:
+        `model.layers.3.mlp.experts.7.up_proj.weight` -> `mlp.experts.*.up_proj`."""
         inner = re.sub("^" + re.escape(self.layers_prefix) + r"\.\d+\.", "", name)
+        inner = re.sub(r"\.experts\.\d+\.", ".experts.*.", inner)
         return inner.removesuffix(".weight")
+
+    def is_expert_weight(self, name: str) -> bool:
+        """A per-expert projection of an MoE decoder layer, as checkpoints store them
+        (`...layers.3.mlp.experts.7.up_proj.weight`): 2-D, pruned and compressed like a Linear."""
+        return self.layer_of(name) in self.moe_layers and parse_expert_name(name) is not None
 
     def layer(self, i: int) -> nn.Module:
         return self.model.get_submodule(f"{self.layers_prefix}.{i}")
@@ -83,4 +92,6 @@ def build_layout(config, *, dtype: torch.dtype = torch.float32) -> ModelLayout:
     tied = {}
     if hasattr(model, "get_expanded_tied_weights_keys"):
         tied = dict(model.get_expanded_tied_weights_keys(all_submodels=True))
-    return ModelLayout(model, prefix, num_layers, linear, tied)
+    moe = frozenset(i for i, layer in enumerate(model.get_submodule(prefix))
+                    if any(is_experts_module(m) for m in layer.modules()))
+    return ModelLayout(model, prefix, num_layers, linear, tied, moe)

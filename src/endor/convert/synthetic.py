@@ -43,7 +43,26 @@ def parameter_shapes(config) -> dict:
     for target, origin in layout.tied.items():
         if origin in shapes:
             shapes.pop(target, None)
-    return shapes
+    return _per_expert(shapes)
+
+
+def _per_expert(shapes: dict) -> dict:
+    """Fused expert parameters as checkpoints store them: one 2-D tensor per expert and
+    projection, Qwen-MoE names (`<block>.experts.<e>.gate_proj.weight`; see endor.moe)."""
+    out = {}
+    for name, shape in shapes.items():
+        if name.endswith(".experts.gate_up_proj") and len(shape) == 3:
+            module = name.rpartition(".")[0]
+            for e in range(shape[0]):
+                out[f"{module}.{e}.gate_proj.weight"] = (shape[1] // 2, shape[2])
+                out[f"{module}.{e}.up_proj.weight"] = (shape[1] // 2, shape[2])
+        elif name.endswith(".experts.down_proj") and len(shape) == 3:
+            module = name.rpartition(".")[0]
+            for e in range(shape[0]):
+                out[f"{module}.{e}.down_proj.weight"] = tuple(shape[1:])
+        else:
+            out[name] = shape
+    return out
 
 
 def write_synthetic_checkpoint(out_dir, config, *, seed: int = 0,

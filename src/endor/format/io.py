@@ -6,7 +6,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -25,9 +25,15 @@ from .validate import (Entry, check_dense_entry, check_entry, check_tiles, expec
                        parse_metadata)
 
 
-def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None) -> None:
+def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None, *,
+              order: Sequence[str] | None = None) -> None:
     """Write dense tensors and EndorTensors to one safetensors file, atomically (temporary name,
-    then rename)."""
+    then rename).
+
+    `order`: logical names whose bytes come last in the file, in this sequence, each tensor's
+    parts adjacent (tiles, values, bitmap): a group of tensors written one after the other is
+    then one contiguous byte range (the experts of a mixture-of-experts layer, docs/FORMAT.md
+    section 2). Without it the safetensors library lays the file out (by dtype, then name)."""
     path = Path(path)
     user_meta = dict(metadata or {})
     if spec.METADATA_KEY in user_meta:
@@ -63,11 +69,14 @@ def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None)
          "dense": dense})
     tmp = path.with_name(path.name + ".tmp")
     try:
-        try:
-            _st_save_file(flat, str(tmp), metadata=user_meta or None)
-        except SafetensorError as e:
-            raise _as_os_error(e, path) from None
-        _sort_metadata(tmp)
+        if order is None:
+            try:
+                _st_save_file(flat, str(tmp), metadata=user_meta or None)
+            except SafetensorError as e:
+                raise _as_os_error(e, path) from None
+            _sort_metadata(tmp)
+        else:
+            _write_ordered(flat, _storage_order(flat, entries, order), tmp, user_meta)
         chmod_as_created(tmp)
         os.replace(tmp, path)
     finally:
@@ -75,6 +84,50 @@ def save_file(tensors: Mapping, path, metadata: Mapping[str, str] | None = None)
             tmp.unlink()
 
 
+def _storage_order(flat: dict, entries: dict, order: Sequence[str]) -> list[str]:
+    """Stored names: those outside `order` first (sorted), then `order`'s, parts adjacent."""
+    unknown = [n for n in order if n not in entries and n not in flat]
+    if unknown or len(set(order)) != len(order):
+        raise ValueError(f"order must list distinct tensor names of this file, got {unknown[:3]}")
+
+    def stored(name):
+        if name in entries:  # every part of it (which parts: its codec's), tiles first
+            parts = sorted(n for n in flat if spec.is_part_name(n)
+                           and n.rsplit(spec.PART_MARKER, 1)[0] == name)
+            return sorted(parts, key=lambda n: not n.endswith(spec.PART_MARKER + "tiles"))
+        return [name]
+
+    last = [s for name in order for s in stored(name)]
+    placed = set(last)
+    return sorted(n for n in flat if n not in placed) + last
+
+
+def _write_ordered(flat: dict, names: list[str], path: Path, metadata: dict) -> None:
+    """A safetensors file with the tensors' bytes in the sequence `names` (the format leaves
+    the order of data to the writer; readers follow the offsets)."""
+    header, offset = {}, 0
+    for name in names:
+        t = flat[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header = {"__metadata__": dict(sorted(metadata.items())), **header}
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            t = flat[name]
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
+_ST_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                   torch.float64: "F64", torch.int64: "I64", torch.int32: "I32",
+                   torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 def _as_os_error(e: SafetensorError, path) -> Exception:
     """The library reports a full or failing disk as a SafetensorError; callers (and the CLI)
     expect the OSError it is, with its errno and the file's name."""

@@ -80,6 +80,17 @@ class Metrics:
         for stage in ("read", "verify", "transfer", "decompress"):
             stats.busy_s[stage] += getattr(t, stage + "_s")
 
+    def add_expert(self, bytes_read: int, bytes_moved: int, stall_s: float,
+                   decompress_s: float) -> None:
+        """One routed expert (runtime/experts.py) of the forward running: its bytes count
+        toward the token like a layer's, its wait for the disk as a stall."""
+        stats = self.phases[self._phase or "prefill"]
+        self._stall += stall_s
+        stats.bytes_read += bytes_read
+        stats.bytes_moved += bytes_moved
+        stats.busy_s["read"] += stall_s
+        stats.busy_s["decompress"] += decompress_s
+
     def summary(self) -> dict:
         pre, dec = self.phases["prefill"], self.phases["decode"]
         per_token = (lambda x: x / dec.tokens) if dec.tokens else (lambda x: 0.0)

@@ -22,6 +22,9 @@ from .metrics import Metrics
 from .plan import parse_size, plan_layer, plan_memory
 from .reader import ShardReader
 from .stream import LayerStream
+from .experts import POLICIES, ExpertStore, RoutedExperts, layer_views_source, plan_experts
+from .moe_layers import (load_resident_experts, moe_layers, plan_moe_layer, replace_experts,
+                         use_eager_experts, without_experts)
 from .weights import (check_streamed, find_layer_list, layer_files, load_resident_layer,
                       load_rest, model_dtype)
 
@@ -77,8 +80,8 @@ def thread_split(device: torch.device, streaming: bool,
 
 def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, prefetch: int = 1,
                backend: str = "auto", compute_threads: int | None = None,
-               direct_io: bool = True, model: nn.Module | None = None,
-               compute: str = "auto"):
+               direct_io: bool = True, expert_reads: bool = True, expert_cache: str = "lfu",
+               model: nn.Module | None = None, compute: str = "auto"):
     """Load a converted checkpoint (weights "endor" or "dense") for offloaded inference.
 
     device: where it computes ("cpu", "cuda"). offload: where streamed layers live between
@@ -94,6 +97,10 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     direct_io: read shards with O_DIRECT (default); False reads them buffered and evicts them
     from the page cache right after (cold reads either way; faster on some virtual disks where
     transparent huge pages are off: see reader.py).
+    expert_reads (mixture-of-experts models, with a max_memory): read only the experts the
+    router picks, one byte range each, keeping hot ones compressed in the memory the resident
+    layers leave (runtime/experts.py); False streams MoE layers whole, experts and all.
+    expert_cache: "lfu" (keep the most used experts) or "lru".
     model: fill this model instead of building one: the architecture of the checkpoint's
     config.json with its parameters on the meta device and its buffers real (transformers'
     from_pretrained hands over its own: endor.integrations.hf_quantizer).
@@ -110,6 +117,8 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
         raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+    if expert_cache not in POLICIES:
+        raise ValueError(f"expert_cache must be one of {POLICIES}, got {expert_cache!r}")
     if compute_threads is not None and (isinstance(compute_threads, bool) or not isinstance(
             compute_threads, int) or compute_threads < 1):
         raise ValueError(f"compute_threads must be a positive integer, got {compute_threads!r}")
@@ -123,12 +132,16 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
         model = _empty_model(ckpt.path, model_dtype([rest_file, *files[:1]]))
     layer_path, layers = find_layer_list(model, files[0].keys() if files else [], len(files))
     prefixes = [f"{layer_path}.{i}." for i in range(len(files))]
+    moe = moe_layers(layers, files, prefixes)
+    use_eager_experts(model)
+    routed = expert_reads and budget is not None  # no budget: every expert resident, dense
     plans, kept = [], []
     for i, (layer, f) in enumerate(zip(layers, files)):
-        expected = {n: (t.shape, t.dtype) for n, t in layer.state_dict(keep_vars=True).items()}
-        plan = plan_layer(i, f, prefixes[i], expected)
-        names = fused.fusable(layer, plan) if compute == "fused" else frozenset()
+        plan = plan_moe_layer(i, f, prefixes[i], layer, moe.get(i), routed)
+        names = fused.fusable(layer, plan) if compute == "fused" and i not in moe \
+            else frozenset()
         if names:
+            expected = {n: (t.shape, t.dtype) for n, t in layer.state_dict(keep_vars=True).items()}
             plan = plan_layer(i, f, prefixes[i], expected, keep_compressed=names)
             fused.install(layer, names, backend=backend)
         plans.append(plan)
@@ -142,15 +155,38 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
             fused.load_resident(layers[i], files[i], plans[i], prefixes[i], kept[i],
                                 device=device, backend=backend)
         else:
-            load_resident_layer(layers[i], files[i], plans[i], prefixes[i], device=device,
-                                backend=backend)
+            load_resident_layer(layers[i], files[i], without_experts(plans[i], moe.get(i)),
+                                prefixes[i], device=device, backend=backend)
+        if i in moe and not routed:
+            load_resident_experts(layers[i], files[i], prefixes[i], moe[i], device=device,
+                                  backend=backend)
 
     metrics = Metrics()
+    store = None
+    if routed and moe:
+        cache = max(0, (memory.budget or 0) - memory.resident_bytes)
+        store = ExpertStore([plan_experts(i, files[i], prefixes[i], moe[i], layers[i]
+                                          .get_submodule(moe[i].module).gate_up_proj.dtype)
+                             for i in sorted(moe)], held=offload == "cpu", cache_bytes=cache,
+                            policy=expert_cache, backend=backend, direct=direct_io,
+                            metrics=metrics, device=device)
+        for i, names in moe.items():
+            replace_experts(layers[i], names, RoutedExperts(
+                layers[i].get_submodule(names.module), i, store.weights))
+    expert_views: dict = {}
+    for i in memory.streamed:
+        if i in moe and not routed:  # whole layers: the stream hands the experts over
+            expert_views[i] = {}
+            replace_experts(layers[i], moe[i], RoutedExperts(
+                layers[i].get_submodule(moe[i].module), i,
+                layer_views_source(moe, expert_views)))
     reader = ShardReader(direct=direct_io)
     stream = None
-    # Fused streamed layers leave the loader nothing to decompress: compute keeps every core.
-    threads, decompress_threads = thread_split(device, bool(memory.streamed) and not any(kept),
-                                               compute_threads)
+    # Fused streamed layers leave the loader nothing to decompress (compute keeps every core);
+    # routed experts read and decompress beside the compute, as streamed layers do.
+    threads, decompress_threads = thread_split(
+        device, (bool(memory.streamed) and not any(kept)) or bool(routed and moe),
+        compute_threads)
     if memory.streamed:
         streamed = [plans[i] for i in memory.streamed]
         try:
@@ -165,9 +201,9 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
             reader.close()
             raise
         for i in memory.streamed:
-            _install_stream_hooks(layers[i], i, stream, kept[i])
+            _install_stream_hooks(layers[i], i, stream, kept[i], expert_views.get(i))
     install_metric_hooks(model, metrics, threads, device)
-    _attach_api(model, stream, metrics, memory, plans, reader,
+    _attach_api(model, stream, store, metrics, memory, plans, reader,
                 {"path": str(ckpt.path), "weights": ckpt.weights, "device": str(device),
                  "offload": offload, "prefetch": prefetch, "backend": backend,
                  "compute": compute, "fused_layers": sum(bool(k) for k in kept),
@@ -177,17 +213,26 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
 
 
 def _install_stream_hooks(layer: nn.Module, index: int, stream: LayerStream,
-                          kept: frozenset[str] = frozenset()) -> None:
+                          kept: frozenset[str] = frozenset(),
+                          expert_views: dict | None = None) -> None:
+    """`kept`: Endor weights used compressed (fused compute). `expert_views`: where an MoE layer
+    streamed whole puts its per-expert tensors (they are no parameters of the model:
+    RoutedExperts takes them from there)."""
     placeholders = dict(layer.state_dict(keep_vars=True))  # the meta tensors, put back after use
     placeholders.update(dict.fromkeys(kept))  # Endor weights: none between uses
 
     def swap_in(module, args):
         for name, view in stream.acquire(index).items():
-            fused.set_weight(module, name, view)
+            if expert_views is not None and ".experts." in name and name not in placeholders:
+                expert_views[name] = view
+            else:
+                fused.set_weight(module, name, view)
 
     def swap_out(module, args, output):
         for name, meta in placeholders.items():
             fused.set_weight(module, name, meta)
+        if expert_views:
+            expert_views.clear()
         stream.release(index)
 
     layer.register_forward_pre_hook(swap_in)
@@ -226,10 +271,11 @@ def install_metric_hooks(model: nn.Module, metrics: Metrics, threads: int | None
     model.register_forward_hook(end, with_kwargs=True, always_call=True)
 
 
-def _attach_api(model, stream, metrics, memory, plans, reader, info) -> None:
+def _attach_api(model, stream, store, metrics, memory, plans, reader, info) -> None:
     def endor_stats() -> dict:
         streamed = [plans[i] for i in memory.streamed]
         return {
+            **(store.stats() if store is not None else {}),
             **info,
             **metrics.summary(),
             "layers": len(plans),
@@ -252,6 +298,8 @@ def _attach_api(model, stream, metrics, memory, plans, reader, info) -> None:
     def endor_close() -> None:
         if stream is not None:
             stream.close()
+        if store is not None:
+            store.close()
 
     model.endor_stats = endor_stats
     model.endor_reset_stats = metrics.reset
@@ -260,6 +308,8 @@ def _attach_api(model, stream, metrics, memory, plans, reader, info) -> None:
     model._endor_stream = stream  # for tests and profiling
     if stream is not None:
         weakref.finalize(model, stream.close)
+    if store is not None:
+        weakref.finalize(model, store.close)
 
 
 @contextlib.contextmanager

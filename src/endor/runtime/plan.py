@@ -78,6 +78,7 @@ class TensorPlan:
     suffixes: tuple[str, ...] = ()  # an Endor tensor's part suffixes, in `parts` order
     version: int = 2  # format version of the file (its checksum rule)
     stored: tuple = ()  # a dense tensor's safetensors (dtype name, shape), what its checksum covers
+    source_name: str = ""  # its name in the shard, relative to the layer, if not `name`
 
     @property
     def nbytes(self) -> int:
@@ -88,7 +89,8 @@ class TensorPlan:
 class LayerPlan:
     index: int
     file: Path
-    file_size: int
+    file_size: int  # bytes read per load: the whole shard, or an MoE layer's prefix before its
+    # experts (read one by one: runtime/experts.py)
     tensors: tuple[TensorPlan, ...]
     dense_buffer_bytes: int  # what decompressing this layer needs in a slot's dense buffer
     weight_bytes: int  # the layer's weights, dense, as they count against the budget
@@ -101,12 +103,17 @@ class LayerPlan:
 
 
 def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict,
-               keep_compressed: frozenset[str] = frozenset()) -> LayerPlan:
+               keep_compressed: frozenset[str] = frozenset(), *, skip=(),
+               model_name=None) -> LayerPlan:
     """Lay out decoder layer `index` stored in `f` (tensor names `prefix` + relative name) for a
     model whose layer holds `expected` = {relative name: (shape, dtype)}. Endor tensors named in
-    `keep_compressed` are not decoded: they stay views of the shard image (fused compute)."""
-    names = {n[len(prefix):]: n for n in f.keys() if n.startswith(prefix)}
-    unexpected = sorted(set(f.keys()) - set(names.values()))
+    `keep_compressed` are not decompressed: they stay views of the shard image (fused compute).
+    `skip`: relative stored names read elsewhere (an MoE layer's experts, stored last: only the
+    shard's prefix before them is read); `model_name`: stored relative name -> the model's
+    (endor.moe)."""
+    all_names = {n[len(prefix):]: n for n in f.keys() if n.startswith(prefix)}
+    names = {(model_name or str)(rel): full for rel, full in all_names.items() if rel not in skip}
+    unexpected = sorted(set(f.keys()) - set(all_names.values()))
     if unexpected:
         raise FormatError(f"holds {unexpected[:3]} outside decoder layer {index} ({prefix}*)",
                           path=f.path)
@@ -167,10 +174,15 @@ def plan_layer(index: int, f: EndorFile, prefix: str, expected: dict,
         in_place = rel in keep_compressed or (not any_compressed and stored_dtype == dtype
                                               and all(p.staging is None for p in parts))
         out = None if in_place else reserve(math.prod(shape) * dtype.itemsize)
+        stored_rel = full[len(prefix):]
         plans.append(TensorPlan(rel, torch.Size(shape), dtype, parts, compressed, digest, out,
-                                entry, suffixes, f.version or 1, stored))
+                                entry, suffixes, f.version or 1, stored,
+                                stored_rel if stored_rel != rel else ""))
     weight_bytes = sum(p.nbytes for p in plans)
-    return LayerPlan(index, f.path, f.header.file_size, tuple(plans), cursor, weight_bytes)
+    read = f.header.file_size
+    if skip:
+        read = max((p.end for tp in plans for p in tp.parts), default=f.header.data_start)
+    return LayerPlan(index, f.path, read, tuple(plans), cursor, weight_bytes)
 
 
 @dataclass(frozen=True)

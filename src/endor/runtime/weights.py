@@ -135,8 +135,8 @@ def load_rest(model: nn.Module, f: EndorFile, layer_prefix: str, *, device, back
 def load_resident_layer(layer: nn.Module, f: EndorFile, plan: LayerPlan, prefix: str, *,
                         device, backend) -> None:
     for tp in plan.tensors:
-        set_tensor(layer, tp.name,
-                   load_dense(f, prefix + tp.name, tp.dtype, device=device, backend=backend))
+        set_tensor(layer, tp.name, load_dense(f, prefix + (tp.source_name or tp.name), tp.dtype,
+                                              device=device, backend=backend))
 
 
 def check_shard(plan: LayerPlan, reader: ShardReader, image: torch.Tensor) -> int:
