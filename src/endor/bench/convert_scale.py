@@ -56,7 +56,7 @@ def synthetic_70b(out: Path, layers: int):
 
 
 def source_params(src: Path) -> int:
-    from ..convert.source import open_source
+    from ..convert.endor_source import open_source
 
     source = open_source(src)
     return sum(_numel(source.shape(n)) for n in source.names())
