@@ -320,9 +320,9 @@ class _Conversion:
                     if self.lossy:  # the next layer sees the weights the model will run with
                         self.progress.stage(i, "writing")
                         encoded = {n: self._encode(n, t) for n, t in final.items()}
-                        self._finish_shard(group, encoded)
                         final = {n: decompress(e) if n in self.sparse else e
                                  for n, e in encoded.items()}
+                        self._finish_shard(group, encoded)  # empties `encoded`
                     else:
                         pending = background.submit(self._write_layer, i, dict(final))
                 else:
