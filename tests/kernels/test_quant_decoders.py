@@ -34,7 +34,7 @@ def compressed(codec, shape, dtype, sparsity, group_size=128):
 def reference_decode(et):
     out = torch.empty(et.numel, dtype=et.dtype)
     if et.numel:
-        reference.decode(et, out)
+        reference.decompress(et, out)
     return out.view(et.shape)
 
 
@@ -51,7 +51,7 @@ def garbage(et):
 def test_cpu_matches_reference(isa, codec, dtype, shape, sparsity):
     et = compressed(codec, shape, dtype, sparsity)
     out = garbage(et)
-    cpu.decode(et, out, isa=isa)
+    cpu.decompress(et, out, isa=isa)
     assert bit_equal(out.view(et.shape), reference_decode(et))
 
 
@@ -64,7 +64,7 @@ def test_cpu_group_sizes_and_threads(isa, codec, group_size, threads):
     for dtype in DTYPES:
         et = compressed(codec, (37, 1000), dtype, 0.45, group_size)
         out = garbage(et)
-        cpu.decode(et, out, isa=isa, threads=threads)
+        cpu.decompress(et, out, isa=isa, threads=threads)
         assert bit_equal(out.view(et.shape), reference_decode(et))
 
 
@@ -100,7 +100,7 @@ def extreme(dtype, codec):
 def test_cpu_extreme_scales(isa, codec, dtype):
     et = extreme(dtype, codec)
     out = garbage(et)
-    cpu.decode(et, out, isa=isa)
+    cpu.decompress(et, out, isa=isa)
     ref = reference_decode(et)
     assert bit_equal(out.view(et.shape), ref)
     assert bool(torch.isinf(ref).any())
