@@ -41,27 +41,36 @@ def available() -> bool:
     return _decompress is not None
 
 
+def isas_in(mask: int) -> tuple[str, ...]:
+    """The paths an extension's `supported()` bit mask names, slowest first."""
+    return tuple(name for code, name in enumerate(ISAS) if mask >> code & 1)
+
+
 def supported_isas() -> tuple[str, ...]:
     """The paths this CPU runs, slowest first (empty without the extension)."""
     if _decompress is None:
         return ()
-    mask = _decompress.supported()
-    return tuple(name for code, name in enumerate(ISAS) if mask >> code & 1)
+    return isas_in(_decompress.supported())
 
 
-def _choose_isa(isa: str | None) -> int:
+def choose_isa(isa: str | None, supported: tuple[str, ...], kind: str = "decompressor") -> int:
+    """The ISA code to run: `isa`, else $ENDOR_CPU_ISA, else the best of `supported`; `kind`
+    names the kernel in errors."""
     source = "isa"
     if isa is None:
         isa, source = os.environ.get(ISA_ENV, "") or "auto", ISA_ENV
-    supported = supported_isas()
     if isa == "auto":
         return ISAS.index(supported[-1])
     if isa not in ISAS:
-        raise ValueError(f"{source}={isa!r} is not a CPU decompressor path; choose one of "
+        raise ValueError(f"{source}={isa!r} is not a CPU {kind} path; choose one of "
                          f"{', '.join(('auto', *ISAS))}")
     if isa not in supported:
         raise ValueError(f"{source}={isa!r}: this CPU runs only {', '.join(supported)}")
     return ISAS.index(isa)
+
+
+def _choose_isa(isa: str | None) -> int:
+    return choose_isa(isa, supported_isas())
 
 
 def _default_threads(numel: int) -> int:

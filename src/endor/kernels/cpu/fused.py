@@ -4,14 +4,13 @@ decoder), output rows split over threads with the GIL released."""
 
 from __future__ import annotations
 
-import os
 
 import torch
 
 from ...errors import FormatError
 from ...format import spec
 from ...format.tensor import EndorTensor
-from . import ISA_ENV, ISAS, _raise_for
+from . import ISAS, _raise_for, choose_isa, isas_in
 
 try:
     from . import _fused
@@ -30,25 +29,11 @@ def available() -> bool:
 
 
 def supported_isas() -> tuple[str, ...]:
-    if _fused is None:
-        return ()
-    mask = _fused.supported()
-    return tuple(name for code, name in enumerate(ISAS) if mask >> code & 1)
+    return isas_in(_fused.supported()) if _fused is not None else ()
 
 
 def _choose_isa(isa: str | None) -> int:
-    source = "isa"
-    if isa is None:
-        isa, source = os.environ.get(ISA_ENV, "") or "auto", ISA_ENV
-    supported = supported_isas()
-    if isa == "auto":
-        return ISAS.index(supported[-1])
-    if isa not in ISAS:
-        raise ValueError(f"{source}={isa!r} is not a CPU kernel path; choose one of "
-                         f"{', '.join(('auto', *ISAS))}")
-    if isa not in supported:
-        raise ValueError(f"{source}={isa!r}: this CPU runs only {', '.join(supported)}")
-    return ISAS.index(isa)
+    return choose_isa(isa, supported_isas(), "kernel")
 
 
 def _check_parts(et: EndorTensor) -> None:
