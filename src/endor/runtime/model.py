@@ -22,7 +22,8 @@ from .metrics import Metrics
 from .plan import parse_size, plan_layer, plan_memory
 from .reader import ShardReader
 from .stream import LayerStream
-from .experts import POLICIES, ExpertStore, RoutedExperts, layer_views_source, plan_experts
+from .expert_store import ExpertStore
+from .experts import POLICIES, RoutedExperts, layer_views_source, plan_experts
 from .moe_layers import (load_resident_experts, moe_layers, plan_moe_layer, replace_experts,
                          use_eager_experts, without_experts)
 from .weights import (check_streamed, find_layer_list, layer_files, load_resident_layer,
@@ -162,6 +163,11 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                                   backend=backend)
 
     metrics = Metrics()
+    # Fused streamed layers leave the loader nothing to decompress (compute keeps every core);
+    # routed experts read and decompress beside the compute, as streamed layers do.
+    threads, decompress_threads = thread_split(
+        device, (bool(memory.streamed) and not any(kept)) or bool(routed and moe),
+        compute_threads)
     store = None
     if routed and moe:
         cache = max(0, (memory.budget or 0) - memory.resident_bytes)
@@ -169,7 +175,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                                           .get_submodule(moe[i].module).gate_up_proj.dtype)
                              for i in sorted(moe)], held=offload == "cpu", cache_bytes=cache,
                             policy=expert_cache, backend=backend, direct=direct_io,
-                            metrics=metrics, device=device)
+                            metrics=metrics, device=device, decode_threads=decompress_threads)
         for i, names in moe.items():
             replace_experts(layers[i], names, RoutedExperts(
                 layers[i].get_submodule(names.module), i, store.weights))
@@ -182,11 +188,6 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                 layer_views_source(moe, expert_views)))
     reader = ShardReader(direct=direct_io)
     stream = None
-    # Fused streamed layers leave the loader nothing to decompress (compute keeps every core);
-    # routed experts read and decompress beside the compute, as streamed layers do.
-    threads, decompress_threads = thread_split(
-        device, (bool(memory.streamed) and not any(kept)) or bool(routed and moe),
-        compute_threads)
     if memory.streamed:
         streamed = [plans[i] for i in memory.streamed]
         try:
