@@ -111,7 +111,7 @@ class LayerStream:
     def __init__(self, layers: list[LayerPlan], *, device: torch.device, prefetch: int,
                  backend: str, reader: ShardReader | None, digests: dict[int, int],
                  held: dict[int, torch.Tensor] | None, metrics: Metrics,
-                 decompress_threads: int | None = None):
+                 decompress_threads: int | None = None, verify: bool = True):
         if not layers:
             raise ValueError("nothing to stream")
         self.layers = layers
@@ -120,6 +120,7 @@ class LayerStream:
         self.backend = backend
         self.reader = reader
         self.digests = digests
+        self.verify = verify  # False: reads are not checked against `digests` (load_model)
         self.held = held  # cpu offload: layer index -> shard image in host memory
         self.metrics = metrics
         self.decompress_threads = decompress_threads
@@ -318,13 +319,14 @@ class LayerStream:
             if load.cancelled:
                 return
             t1 = time.perf_counter()
-            if image_digest(slot.host, plan.file_size) != self.digests[plan.index]:
-                raise FormatError("checksum mismatch: the shard changed on disk or is corrupt "
-                                  "since the model was loaded", path=plan.file)
+            if self.verify:
+                if image_digest(slot.host, plan.file_size) != self.digests[plan.index]:
+                    raise FormatError("checksum mismatch: the shard changed on disk or is "
+                                      "corrupt since the model was loaded", path=plan.file)
+                times.verify_s = time.perf_counter() - t1
             # The disk's busy time for this shard: two reads overlap, count the overlap once.
             started = max(load.pending.started or t1, self._last_read_end)
             times.read_s = max(0.0, (load.pending.finished or t1) - started)
-            times.verify_s = time.perf_counter() - t1
             self._last_read_end = max(self._last_read_end, load.pending.finished or t1)
             times.bytes_read = plan.file_size
             image = slot.host
