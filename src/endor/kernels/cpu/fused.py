@@ -171,7 +171,7 @@ def matmul(x: torch.Tensor, et: EndorTensor, *, isa: str | None = None,
 
 def _register() -> None:
     from ..fused import LinearBackend, register_linear
-    register_linear(LinearBackend("cpu", ("cpu",), matmul, available))
+    register_linear(LinearBackend("cpu", ("cpu",), matmul, available, codecs=CODECS))
 
 
 _register()
