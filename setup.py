@@ -8,7 +8,8 @@ from setuptools import Extension, setup
 BASE_FLAGS = ["-O3", "-std=c11", "-fno-strict-aliasing"]
 SOURCES = {
     "endor.kernels.cpu._decompress": (Path("src/endor/kernels/cpu/decompress.c"), []),
-    "endor.kernels.cpu._fused": (Path("src/endor/kernels/cpu/fused.c"), []),
+    # quant_values.c (included) rounds float16 as quant.c does: no FMA contraction either
+    "endor.kernels.cpu._fused": (Path("src/endor/kernels/cpu/fused.c"), ["-ffp-contract=off"]),
     # no FMA contraction: quant.c's float16 rounding relies on separately rounded steps
     "endor.kernels.cpu._quant": (Path("src/endor/kernels/cpu/quant.c"), ["-ffp-contract=off"]),
 }
@@ -17,6 +18,8 @@ ext_modules = [
     Extension(
         name,
         sources=[str(source)],
+        # the files a source #includes (exp_values.c, quant_values.c, headers): rebuild on change
+        depends=[str(p) for p in sorted(source.parent.glob("*.[ch]")) if p != source],
         extra_compile_args=BASE_FLAGS + flags,
         optional=True,  # without a compiler, the reference decompressor and linear still work
     )

@@ -312,6 +312,7 @@ DRAWERS: dict[str, Callable[[dict], object]] = {
     # Benchmarks that draw their own figure, imported only when drawn.
     "quality": lambda doc: importlib.import_module("endor.bench.quality").draw(doc),
     "e2e": _draw_e2e,
+    "gemv": lambda doc: importlib.import_module("endor.bench.gemv").draw(doc),
 }
 
 
