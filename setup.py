@@ -14,12 +14,18 @@ SOURCES = {
     "endor.kernels.cpu._quant": (Path("src/endor/kernels/cpu/quant.c"), ["-ffp-contract=off"]),
 }
 
+# Included by the sources: an edit to one rebuilds the extensions that include it.
+COMMON = Path("src/endor/kernels/cpu/common.h")
+DEPENDS = {"endor.kernels.cpu._decompress": [COMMON, Path("src/endor/kernels/cpu/exp_values.c")],
+           "endor.kernels.cpu._fused": [COMMON, Path("src/endor/kernels/cpu/exp_values.c"),
+                                        Path("src/endor/kernels/cpu/quant_values.c")],
+           "endor.kernels.cpu._quant": [COMMON]}
+
 ext_modules = [
     Extension(
         name,
         sources=[str(source)],
-        # the files a source #includes (exp_values.c, quant_values.c, headers): rebuild on change
-        depends=[str(p) for p in sorted(source.parent.glob("*.[ch]")) if p != source],
+        depends=[str(p) for p in DEPENDS[name]],
         extra_compile_args=BASE_FLAGS + flags,
         optional=True,  # without a compiler, the reference decompressor and linear still work
     )

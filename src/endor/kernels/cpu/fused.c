@@ -29,25 +29,12 @@
  *
  * Sum order: per output, per x row, lanes accumulate in float32 across chunks, then a horizontal
  * sum. It differs from torch's GEMV; the error bound is stated in kernels/linear.py. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "common.h"
 
-#include <pthread.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-#if (defined(__x86_64__) || defined(__i386__)) && !defined(ENDOR_PORTABLE_ONLY)
-#define ENDOR_X86 1
-#include <immintrin.h>
-#else
-#define ENDOR_X86 0
-#endif
-
-#define TILE 4096
 #define CHUNK 32
 #define MAX_BLOCK 8 /* x rows per pass over W: accumulators stay in registers */
-#define MAX_THREADS 256
 /* Software prefetch distance (bytes) for the values and bitmap streams of the AVX-512 loops:
  * measured 1.2x faster than leaving it to the hardware prefetcher (4096x14336, one thread). */
 #ifndef PREFETCH_VALUES
@@ -60,7 +47,6 @@
  * the last value of a tile; tiles closer than that to the end of `values` use a padded copy. */
 #define OVERREAD 64
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 /* The same codes as decompress.c (the Python side maps them to messages), then ERR_MEMORY. */
 enum { OK = 0, ERR_TILE_INDEX = 1, ERR_POPCOUNT = 2, ERR_PADDING = 3, ERR_ARGUMENT = 4,
@@ -687,23 +673,7 @@ static void *run_part(void *arg) {
     return NULL;
 }
 
-static int supported_isas;
 static int bf16_dot_cpu; /* the CPU runs vdpbf16ps (AVX512_BF16) */
-
-static int detect_isas(void) {
-    int mask = 1 << ISA_SCALAR;
-#if ENDOR_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("popcnt"))
-        mask |= 1 << ISA_AVX2;
-    if ((mask >> ISA_AVX2 & 1) && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512vbmi2"))
-        mask |= 1 << ISA_AVX512;
-#endif
-    return mask;
-}
 
 static int linear_job(const job_t *job, int threads, int64_t *bad_tile) {
     *bad_tile = -1;
@@ -723,12 +693,8 @@ static int linear_job(const job_t *job, int threads, int64_t *bad_tile) {
         *bad_tile = job->ntiles - 1;
         return ERR_PADDING;
     }
-    if (threads > job->rows) threads = (int)job->rows;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
+    threads = clamp_threads(threads, job->rows);
     part_t parts[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
     /* A tile's values (decoders write up to one 64-value block past them), then the int8/int4
      * codecs' integers (vector stores up to 64 past). */
     const size_t values_bytes = (size_t)TILE * 4 + 256 + OVERREAD;
@@ -744,13 +710,7 @@ static int linear_job(const job_t *job, int threads, int64_t *bad_tile) {
         parts[t].scratch = scratch + scratch_bytes * t;
         parts[t].qscratch = (int8_t *)(parts[t].scratch + values_bytes);
     }
-    for (int t = 1; t < threads; t++)
-        started[t] = pthread_create(&ids[t], NULL, run_part, &parts[t]) == 0;
-    run_part(&parts[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else run_part(&parts[t]);
-    }
+    run_parts(run_part, parts, sizeof parts[0], threads);
     free(scratch);
     for (int t = 0; t < threads; t++) {
         if (parts[t].err != OK) {
@@ -851,12 +811,6 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     return Py_BuildValue("iL", err, (long long)bad_tile);
 }
 
-static PyObject *py_supported(PyObject *self, PyObject *args) {
-    (void)self;
-    (void)args;
-    return PyLong_FromLong(supported_isas);
-}
-
 static PyObject *py_bf16_dot_supported(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -867,8 +821,7 @@ static PyMethodDef methods[] = {
     {"bf16_dot_supported", py_bf16_dot_supported, METH_NOARGS,
      "bf16_dot_supported() -> bool: the avx512 path can multiply bfloat16 pairs (AVX512_BF16)."},
     {"linear", py_linear, METH_VARARGS, linear_doc},
-    {"supported", py_supported, METH_NOARGS,
-     "supported() -> int: bit i set iff ISA i (0 scalar, 1 avx2, 2 avx512) runs on this CPU."},
+    SUPPORTED_METHOD,
     {NULL, NULL, 0, NULL},
 };
 
@@ -881,9 +834,11 @@ PyMODINIT_FUNC PyInit__fused(void) {
 #if ENDOR_X86
     build_tables();
 #endif
-    supported_isas = detect_isas();
+#define FUSED_AVX2 (CPU_HAS("avx2") && CPU_HAS("fma") && CPU_HAS("popcnt"))
+    SET_SUPPORTED_ISAS(FUSED_AVX2, FUSED_AVX2 && CPU_HAS("avx512f") && CPU_HAS("avx512bw") &&
+                                       CPU_HAS("avx512vl") && CPU_HAS("avx512vbmi2"));
 #if ENDOR_X86
-    bf16_dot_cpu = (supported_isas >> ISA_AVX512 & 1) && __builtin_cpu_supports("avx512bf16");
+    bf16_dot_cpu = (supported_isas >> ISA_AVX512 & 1) && CPU_HAS("avx512bf16");
 #endif
     return PyModule_Create(&module);
 }
