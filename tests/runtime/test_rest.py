@@ -61,6 +61,8 @@ def test_small_budget_streams_the_head_and_reads_embedding_rows(tmp_path):
         head = m.get_output_embeddings()
         assert isinstance(head, StreamedHead) and greedy(m, PROMPT, NEW_TOKENS) == want
         assert head.bytes_read >= NEW_TOKENS * rest // 2
+        stats = m.endor_stats()  # the head's reads count toward each token's bytes
+        assert stats["bytes_read_per_token"] >= rest // 2
     # A budget that holds them keeps them resident, as before.
     with open_model(path, max_memory=rest * 2) as m:
         assert isinstance(m.get_output_embeddings(), torch.nn.Linear)

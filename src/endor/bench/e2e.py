@@ -53,6 +53,7 @@ import torch
 
 from ..checkpoint import Checkpoint
 from ..runtime import load_model
+from ..runtime.fused import fused_codecs
 from ..runtime.model import thread_split
 from ..runtime.weights import layer_files
 from . import e2e_variants as variants
@@ -232,8 +233,11 @@ def _row(system, t: harness.Stats, stats: dict, tokens, reference, cold: bool,
            "decode_tokens_per_s": batch / t.median_s, "s_per_token": t.median_s,
            "min_s": t.min_s, "max_s": t.max_s, "n": t.n}
     if isinstance(system, Variant):
+        # whether the fused kernel read these values (else: decompressed per matrix, then GEMV)
         row.update(values=system.values, compute=stats.get("compute", system.compute),
-                   ram=system.ram)
+                   ram=system.ram, fused_layers=stats.get("fused_layers", 0),
+                   fused_reads_values=system.values in fused_codecs(torch.device(
+                       stats.get("device", "cpu"))))
     nbytes = stats.get("bytes_read_per_token") or stats.get("streamed_shard_bytes", 0)
     row["mb_read_per_token"] = nbytes / 1e6
     row["gbps"] = t.gbps(int(nbytes))
@@ -339,6 +343,7 @@ def run(**options) -> dict:
     if isinstance(opts.batch, str):
         opts = replace(opts, batch=harness.int_list(opts.batch))
     systems, values = _check_args(opts)
+    load_at_start = harness.system_load()
     device = torch.device(opts.device)
     config, shape = _config(opts)
     workdir, temp = _workdir(opts)
@@ -410,6 +415,7 @@ def run(**options) -> dict:
                   "batch": list(opts.batch), "repeat": opts.repeat, "warmup": opts.warmup,
                   "quick": opts.quick, "max_seconds": opts.max_seconds,
                   "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s,
+                  "load_avg_at_start": load_at_start,
                   "checkpoint_bytes": {k: _checkpoint_bytes(p) for k, p in paths.items()}}
         return harness.envelope(NAME, params, rows, ratios=ratios, done_when=DONE_WHEN,
                                 met=variants.met(ratios),

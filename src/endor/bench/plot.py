@@ -277,6 +277,20 @@ def _e2e_color(system: str, k: int = 0):
     return "C1"  # Accelerate, ram-dense
 
 
+def _draw_batch_curve(ax, rows: list[dict]) -> None:
+    """Tokens/s (every prompt counted) against the batch size, one line per system."""
+    systems = list(dict.fromkeys(r["system"] for r in rows if "batch" in r and
+                                 r.get("decode_tokens_per_s")))
+    for k, system in enumerate(systems):
+        points = sorted((r["batch"], r["decode_tokens_per_s"]) for r in rows
+                        if r["system"] == system and "batch" in r)
+        ax.plot(*zip(*points), marker="o", label=system, color=_e2e_color(system, k))
+    ax.set(xscale="log", yscale="log", xlabel="batch (prompts per step)",
+           ylabel="decode tokens/s", title="batch curve")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+
+
 def _draw_e2e(doc: dict):
     """e2e: decode tokens/s per system (Endor, dense, Accelerate, ideal), and per-stage busy time
     per token of our two pipelines (stages overlap: bars add up to more than the wall time when
@@ -284,9 +298,12 @@ def _draw_e2e(doc: dict):
     rows = [r for r in doc.get("results", []) if isinstance(r, dict) and "system" in r]
     if not rows:
         return _draw_generic(doc)
-    fig, axes = _figure(2, width=5.5)
-    speed_ax, stage_ax = axes[0]
-    first = min((r["batch"] for r in rows if "batch" in r), default=None)
+    batches = sorted({r["batch"] for r in rows if "batch" in r})
+    fig, axes = _figure(3 if len(batches) > 1 else 2, width=5.5)
+    speed_ax, stage_ax = axes[0][:2]
+    if len(batches) > 1:
+        _draw_batch_curve(axes[0][2], rows)
+    first = batches[0] if batches else None
     rows = [r for r in rows if r.get("batch", first) == first]  # batch curves: the first size
     shown = [r for r in rows if r.get("decode_tokens_per_s")]
     bars = speed_ax.bar(range(len(shown)), [r["decode_tokens_per_s"] for r in shown],

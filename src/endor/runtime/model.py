@@ -21,7 +21,7 @@ from . import fused
 from .metrics import Metrics
 from .plan import parse_size, plan_layer, plan_memory
 from .reader import ShardReader
-from .rest import offload_rest, rest_size
+from .rest import StreamedHead, offload_rest, rest_size
 from .stream import LayerStream
 from .experts import POLICIES, ExpertStore, RoutedExperts, layer_views_source, plan_experts
 from .moe_layers import (load_resident_experts, moe_layers, plan_moe_layer, replace_experts,
@@ -171,6 +171,9 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                                   backend=backend)
 
     metrics = Metrics()
+    head = model.get_output_embeddings()
+    if isinstance(head, StreamedHead):
+        head.metrics = metrics
     store = None
     if routed and moe:
         cache = max(0, (memory.budget or 0) - memory.resident_bytes)

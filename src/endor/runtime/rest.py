@@ -19,6 +19,7 @@ as the decoder layers are read."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,7 @@ class StreamedHead(nn.Module):
         self.chunk_rows = max(1, min(self.out_features, chunk_bytes // source.row_bytes))
         self.buffer = torch.empty(self.chunk_rows, self.in_features, dtype=source.dtype)
         self.bytes_read = 0
+        self.metrics = None  # runtime.metrics.Metrics: the head's reads count toward the token
 
     @property
     def buffer_bytes(self) -> int:
@@ -133,14 +135,20 @@ class StreamedHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
         fd = self.source.open()
+        read_s = 0.0
         try:
             for start in range(0, self.out_features, self.chunk_rows):
                 stop = min(start + self.chunk_rows, self.out_features)
                 chunk = self.buffer[:stop - start]
+                t0 = time.perf_counter()
                 self.source.read_into(fd, start, chunk)
+                read_s += time.perf_counter() - t0
                 w = chunk.to(self.device, non_blocking=False)
                 y[..., start:stop] = nn.functional.linear(x, w.to(x.dtype))
-            self.bytes_read += self.out_features * self.source.row_bytes
+            nbytes = self.out_features * self.source.row_bytes
+            self.bytes_read += nbytes
+            if self.metrics is not None:  # read in line with compute: its wait is a stall
+                self.metrics.add_expert(nbytes, nbytes, read_s, 0.0)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
