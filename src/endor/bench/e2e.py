@@ -63,6 +63,7 @@ from .e2e_limits import disk_row, h2d_row
 from .e2e_prepare import convert_all as _convert_all  # noqa: F401  (e2e_moe, tests)
 from .e2e_prepare import prepare
 from .e2e_variants import Variant
+from .e2e_checks import COST_MAX, base_system, checks_met, checks_ratios, parse_checks
 
 NAME = "e2e"
 DONE_WHEN = variants.DONE_WHEN
@@ -110,6 +111,7 @@ class Options:
     values: str = "raw,exp,int4"
     compute: str = "dense,fused"
     batch: list[int] | str = "1"
+    checks: str = "on"  # bench/e2e_checks.py
     # --moe (bench/e2e_moe.py): a mixture-of-experts model with routed expert reads
     moe: bool = False
     expert_intermediate: int | None = None
@@ -163,6 +165,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="stop timing rounds once the next would end past this many seconds "
                              "(at least one timed round; the rows' n says how many ran)")
+    parser.add_argument("--checks", default="on",
+                        help="on (default), off or on,off: time our pipelines with checksums "
+                             "verified, not verified (load_model(verify=False)), or both in the "
+                             "same interleaved rounds, reporting what checking costs")
     from .e2e_moe import add_moe_arguments  # local: e2e_moe builds on this module's helpers
     add_moe_arguments(parser)
     parser.add_argument("--workdir", default=None,
@@ -283,7 +289,8 @@ def _check_args(opts: Options) -> tuple[list, list[str]]:
                          f"choose from {','.join(allowed)}")
     values = variants.parse_names(opts.values, variants.VALUES, "--values")
     computes = variants.parse_names(opts.compute, variants.COMPUTES, "--compute")
-    return variants.expand(systems, values, computes), values
+    return variants.with_checks(variants.expand(systems, values, computes),
+                                parse_checks(opts.checks)), values
 
 
 def _workdir(opts: Options) -> tuple[Path, Path | None]:
@@ -306,12 +313,12 @@ def _load(system, paths: dict, budget: int, threads, opts: Options):
         prefetch = opts.prefetch if opts.endor_prefetch is None else opts.endor_prefetch
         model = load_model(path, device=device, max_memory=budget, offload=opts.offload,
                            prefetch=prefetch, direct_io=opts.io == "direct",
-                           compute=system.compute)
+                           compute=system.compute, verify=system.verify)
         return model, _shards(path)[0]
-    if system == "dense":
+    if base_system(system)[0] == "dense":
         return load_model(paths["dense"], device=device, max_memory=budget, offload=opts.offload,
-                          prefetch=opts.prefetch, direct_io=opts.io == "direct"), \
-            _shards(paths["dense"])[0]
+                          prefetch=opts.prefetch, direct_io=opts.io == "direct",
+                          verify=base_system(system)[1]), _shards(paths["dense"])[0]
     if system == "ram-dense":  # plain transformers, every weight in RAM, all cores
         return load_accelerate(paths["dense"], device=device, max_memory=None), []
     model = load_accelerate(paths["dense"], device=device, max_memory=budget,
@@ -395,7 +402,8 @@ def run(**options) -> dict:
                                  cold and disk and files_read(system), b))
         first = opts.batch[0]
         by = {r["system"]: r for r in rows if r["batch"] == first}
-        ratios = variants.ratios(by, timed[first]["_rounds"])
+        ratios = {**variants.ratios(by, timed[first]["_rounds"]),
+                  **checks_ratios(by, timed[first]["_rounds"])}
         ratios.update(variants.batch_ratios(rows))
         if "dense" in by:
             for v in values:
@@ -418,12 +426,13 @@ def run(**options) -> dict:
                   "endor_prefetch": opts.endor_prefetch, "io": opts.io, "values": values,
                   "compute": variants.parse_names(opts.compute, variants.COMPUTES, "--compute"),
                   "batch": list(opts.batch), "repeat": opts.repeat, "warmup": opts.warmup,
-                  "quick": opts.quick, "max_seconds": opts.max_seconds,
+                  "quick": opts.quick, "max_seconds": opts.max_seconds, "checks": opts.checks,
                   "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s,
                   "load_avg_at_start": load_at_start,
                   "checkpoint_bytes": {k: _checkpoint_bytes(p) for k, p in paths.items()}}
-        return harness.envelope(NAME, params, rows, ratios=ratios, done_when=DONE_WHEN,
-                                met=variants.met(ratios),
+        return harness.envelope(NAME, params, rows, ratios=ratios,
+                                done_when={**DONE_WHEN, "checks_cost_max": COST_MAX},
+                                met={**variants.met(ratios), **checks_met(ratios)},
                                 rounds_s_per_token={b: timed[b]["_rounds"] for b in opts.batch},
                                 table_columns=TABLE_COLUMNS)
     finally:

@@ -14,7 +14,9 @@ well-chosen compute="auto" would get)."""
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from .e2e_checks import UNCHECKED
 
 VALUES = ("raw", "exp", "int8", "int4")
 COMPUTES = ("dense", "fused", "auto")
@@ -36,10 +38,12 @@ class Variant:
     values: str
     compute: str
     ram: bool = False
+    verify: bool = True  # --checks off: load_model(verify=False), name ending -unchecked
 
     @property
     def name(self) -> str:
-        return f"ram-endor-{self.values}" if self.ram else f"endor-{self.values}-{self.compute}"
+        name = f"ram-endor-{self.values}" if self.ram else f"endor-{self.values}-{self.compute}"
+        return name if self.verify else name + UNCHECKED
 
 
 def parse_names(text, allowed: tuple[str, ...], option: str) -> list[str]:
@@ -66,13 +70,28 @@ def expand(systems: list[str], values: list[str], computes: list[str]) -> list[s
     return out
 
 
+def with_checks(systems: list, checks: tuple[bool, ...]) -> list:
+    """Each streamed Endor variant and the dense pipeline once per --checks setting (checked:
+    its name; unchecked: name-unchecked); the others (Accelerate, in RAM) as they are."""
+    out = []
+    for s in systems:
+        if isinstance(s, Variant) and not s.ram:
+            out += [replace(s, verify=verify) for verify in checks]
+        elif s == "dense":
+            out += [s if verify else s + UNCHECKED for verify in checks]
+        else:
+            out.append(s)
+    return out
+
+
 def name_of(system) -> str:
     return system.name if isinstance(system, Variant) else system
 
 
 def _faster(by: dict, values: str) -> dict | None:
     """The row of codec `values` (streamed) with the least time per token."""
-    rows = [r for r in by.values() if r.get("values") == values and not r.get("ram")]
+    rows = [r for r in by.values() if r.get("values") == values and not r.get("ram") and
+            not r["system"].endswith(UNCHECKED)]
     return min(rows, key=lambda r: r["s_per_token"]) if rows else None
 
 

@@ -82,7 +82,7 @@ def thread_split(device: torch.device, streaming: bool, compute_threads: int | N
 def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, prefetch: int = 1,
                backend: str = "auto", compute_threads: int | None = None,
                direct_io: bool = True, expert_reads: bool = True, expert_cache: str = "lfu",
-               model: nn.Module | None = None, compute: str = "auto",
+               model: nn.Module | None = None, compute: str = "auto", verify: bool = True,
                decompress_threads: int | None = None):
     """Load a converted checkpoint (weights "endor" or "dense") for offloaded inference.
 
@@ -112,6 +112,11 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     from the compressed form for a few tokens (decode), decompress + GEMM for many (prefill);
     "dense" decompresses every layer; "auto" (default) is fused for the layers whose codec the
     fused kernel reads, dense for the others (runtime/fused.py resolve_compute says why).
+    verify: True (default) checks every streamed shard's stored checksums at load and every
+    later read of it against the digest taken then (docs/FORMAT.md, "What is checked when").
+    False skips both, so a shard corrupted or changed on disk reaches the model unnoticed: it
+    exists to measure what checking costs (`endor bench e2e --checks on,off`), not for use.
+    Resident and non-layer weights are checked when loaded either way (once, not per token).
 
     Returns the model (generate() works) with endor_stats(), endor_reset_stats() and
     endor_close() attached; or use `with endor.runtime.open_model(...) as model:`."""
@@ -122,6 +127,8 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
         raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
     if expert_cache not in POLICIES:
         raise ValueError(f"expert_cache must be one of {POLICIES}, got {expert_cache!r}")
+    if not isinstance(verify, bool):
+        raise ValueError(f"verify must be True or False, got {verify!r}")
     for name, value in (("compute_threads", compute_threads),
                         ("decompress_threads", decompress_threads)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or
@@ -206,12 +213,13 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
         streamed = [plans[i] for i in memory.streamed]
         try:
             digests, held = check_streamed(streamed, reader, hold=offload == "cpu",
-                                           pin=device.type == "cuda")
+                                           pin=device.type == "cuda", verify=verify)
             if offload == "cpu":
                 reader.close()  # everything is in RAM now
             stream = LayerStream(streamed, device=device, prefetch=prefetch, backend=backend,
                                  reader=reader if offload == "disk" else None, digests=digests,
-                                 held=held, metrics=metrics, decompress_threads=decompress_threads)
+                                 held=held, metrics=metrics, decompress_threads=decompress_threads,
+                                 verify=verify)
         except BaseException:
             reader.close()
             raise
@@ -221,7 +229,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     _attach_api(model, stream, store, metrics, memory, plans, reader,
                 {"path": str(ckpt.path), "weights": ckpt.weights, "device": str(device),
                  "offload": offload, "prefetch": prefetch, "backend": backend,
-                 "compute": compute, "fused_layers": sum(bool(k) for k in kept),
+                 "compute": compute, "verify": verify, "fused_layers": sum(bool(k) for k in kept),
                  "compute_threads": threads or torch.get_num_threads(),
                  "decompress_threads": decompress_threads})
     return model
