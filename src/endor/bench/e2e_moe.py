@@ -291,6 +291,9 @@ def run_moe(opts: Options) -> dict:
                         randomize_routers(model)
                     choices, _ = record_choices(model)
                     files = endor_files if system.startswith("endor") else dense_files
+                    if system == "accelerate-cold":  # the fused experts it wrote at load too
+                        files = [*files, *(p for ps in model.endor_offloaded.values()
+                                           for p in ps)]
                     models[system] = (model, files, choices)
                 timed = _time(models, prompt, opts, shape["experts"])
             finally:
