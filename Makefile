@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.endor-installed
 
 .PHONY: install test demo bench clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard src/endor/kernels/cpu/*.c)
+$(STAMP): pyproject.toml setup.py $(wildcard src/endor/kernels/cpu/*.c src/endor/kernels/cpu/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"

@@ -13,10 +13,16 @@ SOURCES = {
     "endor.kernels.cpu._quant": (Path("src/endor/kernels/cpu/quant.c"), ["-ffp-contract=off"]),
 }
 
+# Included by the sources: an edit to one rebuilds the extensions that include it.
+COMMON = Path("src/endor/kernels/cpu/common.h")
+DEPENDS = {"endor.kernels.cpu._decompress": [COMMON, Path("src/endor/kernels/cpu/exp_values.c")],
+           "endor.kernels.cpu._fused": [COMMON], "endor.kernels.cpu._quant": [COMMON]}
+
 ext_modules = [
     Extension(
         name,
         sources=[str(source)],
+        depends=[str(p) for p in DEPENDS[name]],
         extra_compile_args=BASE_FLAGS + flags,
         optional=True,  # without a compiler, the reference decompressor and linear still work
     )

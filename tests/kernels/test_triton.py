@@ -19,9 +19,10 @@ from endor.format import reference
 from endor.format.decompress import backends
 from endor.kernels import triton_decompress
 from endor.format.equal import bit_equal
+from endor.kernels.triton_common import triton_installed
 from tests.helpers import DTYPES, INT_VIEW, sparse_tensor
 
-pytestmark = pytest.mark.skipif(not triton_decompress._triton_installed(),
+pytestmark = pytest.mark.skipif(not triton_installed(),
                                 reason="triton is not installed")
 
 SPARSITIES = [0.0, 0.5, 0.99, 1.0]

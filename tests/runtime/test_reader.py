@@ -162,3 +162,51 @@ def test_requests_in_flight_read_the_same_bytes(tmp_path, monkeypatch, depth):
     assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("endor-io")]
     with pytest.raises(ValueError, match="depth"):
         ShardReader(depth=0)
+
+
+@pytest.mark.parametrize("nbytes", [0, 1, 4097, 3 * 8192 + 5])
+@pytest.mark.parametrize("direct", [True, False])
+def test_digest_on_the_io_thread_is_the_images(tmp_path, monkeypatch, nbytes, direct):
+    """start(digest=True): the I/O thread ending the read hashes exactly the file's bytes, after
+    every request (several here) has landed: the digest the runtime checks shards by."""
+    from endor.runtime.images import image_digest
+
+    monkeypatch.setattr(reader_module, "CHUNK", 8192)
+    data = os.urandom(nbytes)
+    (tmp_path / "f").write_bytes(data)
+    buf = aligned_buffer(nbytes)
+    r = ShardReader(direct=direct)
+    try:
+        pending = r.start(tmp_path / "f", buf, nbytes, digest=True)
+        assert pending.result() == nbytes
+        assert pending.digest == image_digest(buf, nbytes) == \
+            reader_module.digest_of(memoryview(data), nbytes)
+        assert pending.digest_s >= 0
+        plain = r.start(tmp_path / "f", buf, nbytes)
+        plain.result()
+        assert plain.digest is None  # not asked for: not hashed
+    finally:
+        r.close()
+
+
+def test_digest_after_a_refused_o_direct_read_and_none_for_a_short_one(tmp_path, monkeypatch,
+                                                                      reader):
+    data = os.urandom(5000)
+    (tmp_path / "f").write_bytes(data)
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset):
+        if fcntl_flags(fd) & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    buf = aligned_buffer(5000)
+    pending = reader.start(tmp_path / "f", buf, 5000, digest=True)
+    pending.result()  # the buffered fallback read, hashed where it ran
+    assert pending.digest == reader_module.digest_of(memoryview(data), 5000)
+    monkeypatch.undo()
+    short = reader.start(tmp_path / "f", aligned_buffer(8000), 8000, digest=True)
+    with pytest.raises(OSError, match="short read"):
+        short.result()
+    assert short.digest is None

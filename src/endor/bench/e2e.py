@@ -54,6 +54,8 @@ from ..runtime.reader import ShardReader, aligned_buffer
 from ..runtime.weights import layer_files
 from . import harness
 from .baseline import evict_on_read, load_accelerate
+from .e2e_checks import (COST_MAX, base_system, checks_met, checks_ratios, parse_checks,
+                         with_checks)
 
 NAME = "e2e"
 DONE_WHEN = {"endor_vs_dense_min": 1.5, "endor_vs_accelerate_min": 2.0,
@@ -102,6 +104,7 @@ class Options:
     zipf: float = 1.0
     routers: str = "uniform,zipf"
     moe_systems: str | None = None
+    checks: str = "on"  # bench/e2e_checks.py
 
 
 def add_arguments(parser) -> None:
@@ -135,6 +138,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="stop timing rounds once the next would end past this many seconds "
                              "(at least one timed round; the rows' n says how many ran)")
+    parser.add_argument("--checks", default="on",
+                        help="on (default), off or on,off: time our pipelines with checksums "
+                             "verified, not verified (load_model(verify=False)), or both in the "
+                             "same interleaved rounds, reporting what checking costs")
     from .e2e_moe import add_moe_arguments  # local: e2e_moe builds on this module's helpers
     add_moe_arguments(parser)
     parser.add_argument("--workdir", default=None,
@@ -332,7 +339,7 @@ def _check_args(opts: Options) -> list[str]:
     if unknown or not systems:
         raise ValueError(f"unknown systems {sorted(unknown)} for --offload {opts.offload}; "
                          f"choose from {','.join(allowed)}")
-    return systems
+    return with_checks(systems, parse_checks(opts.checks))
 
 
 def _workdir(opts: Options) -> tuple[Path, Path | None]:
@@ -403,13 +410,14 @@ def run(**options) -> dict:
         models = {}
         try:
             for system in systems:
-                if system in ("endor", "dense"):
-                    prefetch = opts.prefetch if system == "dense" or \
+                pipeline, verify = base_system(system)
+                if pipeline in ("endor", "dense"):
+                    prefetch = opts.prefetch if pipeline == "dense" or \
                         opts.endor_prefetch is None else opts.endor_prefetch
-                    model = load_model(paths[system], device=device, max_memory=budget,
+                    model = load_model(paths[pipeline], device=device, max_memory=budget,
                                        offload=opts.offload, prefetch=prefetch,
-                                       direct_io=opts.io == "direct")
-                    files = endor_files if system == "endor" else dense_files
+                                       direct_io=opts.io == "direct", verify=verify)
+                    files = endor_files if pipeline == "endor" else dense_files
                 else:
                     model = load_accelerate(paths["dense"], device=device, max_memory=budget,
                                             offload=opts.offload, compute_threads=threads)
@@ -431,7 +439,7 @@ def run(**options) -> dict:
             reference = reference if reference is not None else tokens
             rows.append(_row(system, t, stats, tokens, reference, cold and disk))
         by = {r["system"]: r for r in rows}
-        ratios = _ratios(by, timed["_rounds"])
+        ratios = {**_ratios(by, timed["_rounds"]), **checks_ratios(by, timed["_rounds"])}
         if "ideal_s" in ratios:
             ideal_s = ratios.pop("ideal_s")
             rows.append({"system": "ideal", "decode_tokens_per_s": 1.0 / ideal_s,
@@ -441,7 +449,7 @@ def run(**options) -> dict:
             rows.append(_disk_row(dense_files, opts))
         if device.type == "cuda":
             rows.append(_h2d_row(dense_files, opts))
-        met = {}
+        met = checks_met(ratios)
         if "endor_vs_dense" in ratios:
             met["endor_vs_dense"] = ratios["endor_vs_dense"] >= DONE_WHEN["endor_vs_dense_min"]
             met["endor_vs_ideal"] = ratios["endor_vs_ideal_time"] <= \
@@ -456,9 +464,10 @@ def run(**options) -> dict:
                   "prompt_len": opts.prompt_len, "prefetch": opts.prefetch,
                   "endor_prefetch": opts.endor_prefetch, "io": opts.io,
                   "repeat": opts.repeat, "warmup": opts.warmup, "quick": opts.quick,
-                  "max_seconds": opts.max_seconds,
+                  "max_seconds": opts.max_seconds, "checks": opts.checks,
                   "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s}
-        return harness.envelope(NAME, params, rows, ratios=ratios, done_when=DONE_WHEN,
+        return harness.envelope(NAME, params, rows, ratios=ratios,
+                                done_when={**DONE_WHEN, "checks_cost_max": COST_MAX},
                                 met=met, rounds_s_per_token=timed["_rounds"],
                                 table_columns=TABLE_COLUMNS)
     finally:

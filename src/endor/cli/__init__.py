@@ -6,7 +6,8 @@ load on first use inside the library, so `endor --help` costs little more than `
 
 One error contract, kept here for every command (errors.py says what each exit code means): an
 expected failure prints one line `endor <cmd>: error: ...` naming the path or option and exits
-1; a usage error exits 2 (argparse); Ctrl-C exits 130 whenever it comes, imports included;
+1; a usage error exits 2 (argparse); Ctrl-C exits 130 whenever it comes, imports included (the
+console script enters through src/_endor_entry.py, whose handler is set before any endor import);
 tracebacks only with --debug or ENDOR_DEBUG=1."""
 
 import argparse

@@ -2,6 +2,8 @@
 
 import argparse
 
+from ..runtime.plan import parse_size
+
 
 def at_least(minimum: int):
     """An argparse type: an integer >= minimum, with a clear message otherwise."""
@@ -22,3 +24,21 @@ def non_empty(value: str) -> str:
     if not value:
         raise argparse.ArgumentTypeError("must not be empty")
     return value
+
+
+def memory_size(value: str) -> int:
+    """An argparse type: a memory budget as --max-memory takes it (500MB, 2GiB, 0, 1000000), so
+    a malformed one is a usage error (exit 2) naming the option, not a failure after loading."""
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+MEMORY_HELP = ("bytes for resident weights, e.g. 500MB or 2GiB; 0 streams every decoder layer "
+               "(default: no limit, nothing streams)")
+
+
+def add_max_memory(parser) -> None:
+    parser.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
+                        help=MEMORY_HELP)

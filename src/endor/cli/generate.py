@@ -10,7 +10,7 @@ import torch
 from ..checkpoint import require_checkpoint
 from ..reference_loader import load_tokenizer
 from ..runtime import load_model
-from .args import at_least, non_empty
+from .args import add_max_memory, at_least, non_empty
 
 
 def add_parser(sub):
@@ -24,9 +24,7 @@ def add_parser(sub):
     p.add_argument("--offload", choices=("disk", "cpu"), default="disk",
                    help="where streamed layers live: disk (O_DIRECT reads) or cpu (compressed, "
                         "in RAM) (default disk)")
-    p.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="bytes for resident weights, e.g. 500MB or 2GiB; 0 streams every "
-                        "decoder layer (default: no limit, nothing streams)")
+    add_max_memory(p)
     p.add_argument("--buffered-io", action="store_true",
                    help="read shards buffered and evict them right after, instead of O_DIRECT "
                         "(cold reads either way; faster on some virtual disks where "

@@ -1,7 +1,7 @@
 """`endor serve MODEL`: an OpenAI-compatible HTTP server (/v1/models, /v1/completions,
 /v1/chat/completions, streaming as server-sent events, /health) over the offloaded runtime."""
 
-from .args import at_least
+from .args import add_max_memory, at_least
 
 
 def add_parser(sub):
@@ -17,9 +17,7 @@ def add_parser(sub):
     p.add_argument("--offload", choices=("disk", "cpu"), default="disk",
                    help="where streamed layers live: disk (O_DIRECT reads) or cpu (compressed, "
                         "in RAM) (default disk)")
-    p.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="bytes for resident weights, e.g. 500MB or 2GiB; 0 streams every "
-                        "decoder layer (default: no limit, nothing streams)")
+    add_max_memory(p)
     p.add_argument("--prefetch", type=at_least(0), default=1, metavar="N",
                    help="layers loading ahead of the one computing (default 1)")
     p.add_argument("--buffered-io", action="store_true",

@@ -39,10 +39,7 @@ compiles nothing."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib.util
-import os
 
 import torch
 
@@ -50,6 +47,7 @@ from ..errors import FormatError
 from ..format import spec
 from ..format.decompress import Backend, register
 from ..format.tensor import EndorTensor
+from .triton_common import available, build, language, on_device, require_runnable
 
 TILE_BYTES = spec.TILE_BITMAP_BYTES
 DEFAULT_NUM_WARPS = 4
@@ -109,33 +107,11 @@ def _decompress_kernel(bitmap_ptr, values_ptr, tiles_ptr, out_ptr, flags_ptr, nu
 _QUANT_CODECS = ("int8", "int4")
 
 
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
-def available() -> bool:
-    """True on a CUDA machine with triton, or anywhere with triton and TRITON_INTERPRET=1."""
-    if not _triton_installed():
-        return False
-    return _interpreter_requested() or torch.cuda.is_available()
-
-
 @functools.cache
 def _kernel(interpret: bool):
     global tl
-    # lazy: triton is heavy and optional; kernels compile on first use
-    import triton.language
-
-    tl = triton.language
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-        return InterpretedFunction(_decompress_kernel)
-    from triton.runtime.jit import JITFunction
-    return JITFunction(_decompress_kernel)
+    tl = language()
+    return build(_decompress_kernel, interpret)
 
 
 def _check_layout(et: EndorTensor, out: torch.Tensor) -> None:
@@ -157,9 +133,7 @@ def _check_layout(et: EndorTensor, out: torch.Tensor) -> None:
     if out.dtype != et.dtype or out.numel() != numel or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {et.dtype}[{numel}], got "
                          f"{out.dtype}{list(out.shape)}")
-    if out.device.type == "cpu" and not _interpreter_requested():
-        raise RuntimeError("the triton backend runs CPU tensors only under Triton's interpreter; "
-                           "set TRITON_INTERPRET=1 before starting Python, or use backend='auto'")
+    require_runnable(out.device)
 
 
 def _launch(et: EndorTensor, out: torch.Tensor, flags: torch.Tensor | None, num_warps: int,
@@ -178,7 +152,7 @@ def _launch(et: EndorTensor, out: torch.Tensor, flags: torch.Tensor | None, num_
             et.bitmap if flags is None else flags, numel, et.nnz)  # flags unused unless CHECK
     full_tiles = numel // spec.TILE_SIZE
     total_tiles = spec.num_tiles(numel)
-    with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
+    with on_device(out.device):
         if full_tiles:
             grid = (-(-full_tiles // tiles_per_program),)
             kernel[grid](*args, 0, full_tiles, MASKED=False, CHECK=flags is not None,

@@ -13,7 +13,6 @@ break the codec's rules (base, escape count, escaped exponent) or rule 6, in the
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -24,6 +23,7 @@ from ..format.codecs import exp as X
 from ..format.codecs import get_codec
 from ..format.tensor import EndorTensor
 from . import triton_decompress
+from .triton_common import build, language, on_device, require_runnable
 
 tl = None  # triton.language, bound by _kernel() on first use
 
@@ -112,15 +112,10 @@ def _kernel(interpret: bool):
     """The kernel, interpreted or compiled; compiled, `tile_values` becomes a JIT function
     (the interpreter calls the plain Python one)."""
     global tl, tile_values
-    import triton.language
-
-    tl = triton.language
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-        return InterpretedFunction(_exp_kernel)
-    from triton.runtime.jit import JITFunction
-    tile_values = JITFunction(_TILE_VALUES_PY)
-    return JITFunction(_exp_kernel)
+    tl = language()
+    if not interpret:
+        tile_values = build(_TILE_VALUES_PY, interpret)
+    return build(_exp_kernel, interpret)
 
 
 def _check_layout(et: EndorTensor, out: torch.Tensor) -> dict:
@@ -147,9 +142,7 @@ def _check_layout(et: EndorTensor, out: torch.Tensor) -> dict:
     if out.dtype != et.dtype or out.numel() != numel or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {et.dtype}[{numel}], got "
                          f"{out.dtype}{list(out.shape)}")
-    if out.device.type == "cpu" and not triton_decompress._interpreter_requested():
-        raise RuntimeError("the triton backend runs CPU tensors only under Triton's interpreter; "
-                           "set TRITON_INTERPRET=1 before starting Python, or use backend='auto'")
+    require_runnable(out.device)
     return parts
 
 
@@ -168,7 +161,7 @@ def _launch(et: EndorTensor, out: torch.Tensor, flags: torch.Tensor | None, num_
                   CHECK=flags is not None, num_warps=num_warps)
     full_tiles = numel // spec.TILE_SIZE
     total_tiles = spec.num_tiles(numel)
-    with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
+    with on_device(out.device):
         if full_tiles:
             kernel[(full_tiles,)](*args, 0, MASKED=False, **consts)
         if total_tiles > full_tiles:

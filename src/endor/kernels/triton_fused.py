@@ -16,7 +16,6 @@ which needs TRITON_INTERPRET=1. Triton is imported on first use."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -24,7 +23,7 @@ import torch
 from ..errors import FormatError
 from ..format import spec
 from ..format.tensor import EndorTensor
-from .triton_decompress import _interpreter_requested, available
+from .triton_common import available, build, language, on_device, require_runnable
 
 tl = None  # triton.language, bound by _kernel() on first use
 
@@ -69,14 +68,8 @@ def _linear_kernel(bitmap_ptr, values_ptr, tiles_ptr, x_ptr, y_ptr, numel, nnz, 
 @functools.cache
 def _kernel(interpret: bool):
     global tl
-    import triton.language
-
-    tl = triton.language
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-        return InterpretedFunction(_linear_kernel)
-    from triton.runtime.jit import JITFunction
-    return JITFunction(_linear_kernel)
+    tl = language()
+    return build(_linear_kernel, interpret)
 
 
 def _check_parts(et: EndorTensor, x: torch.Tensor) -> None:
@@ -96,9 +89,7 @@ def _check_parts(et: EndorTensor, x: torch.Tensor) -> None:
             x.stride(1) != 1:
         raise ValueError(f"x must be float32 [M, {et.shape[1]}] with contiguous rows, got "
                          f"{x.dtype}{list(x.shape)}")
-    if x.device.type == "cpu" and not _interpreter_requested():
-        raise RuntimeError("the triton backend runs CPU tensors only under Triton's interpreter; "
-                           "set TRITON_INTERPRET=1 before starting Python, or use backend='auto'")
+    require_runnable(x.device)
 
 
 def matmul(x: torch.Tensor, et: EndorTensor, *, num_warps: int = 4) -> torch.Tensor:
@@ -112,7 +103,7 @@ def matmul(x: torch.Tensor, et: EndorTensor, *, num_warps: int = 4) -> torch.Ten
     if et.numel == 0 or x.shape[0] == 0:
         return y
     kernel = _kernel(x.device.type != "cuda")
-    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+    with on_device(x.device):
         kernel[(spec.num_tiles(et.numel),)](
             et.bitmap, et.values, et.tiles, x, y, et.numel, et.nnz, n, k, x.shape[0],
             x.stride(0), TWO_ROWS=k >= spec.TILE_SIZE, num_warps=num_warps)

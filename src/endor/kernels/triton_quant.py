@@ -11,7 +11,6 @@ buffer and every scale index is bounded by the tensor's shape, whatever the tile
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import torch
@@ -21,7 +20,7 @@ from ..format import spec
 from ..format.codecs import get_codec
 from ..format.codecs.quant import QVALUES, SCALES, grid, groups_per_row
 from ..format.tensor import EndorTensor
-from . import triton_decompress
+from .triton_common import build, language, on_device, require_runnable
 
 CODECS = ("int8", "int4")
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -89,14 +88,8 @@ def _quant_kernel(bitmap_ptr, q_ptr, scales_ptr, tiles_ptr, out_ptr, numel, nnz,
 @functools.cache
 def _kernel(interpret: bool):
     global tl
-    import triton.language
-
-    tl = triton.language
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-        return InterpretedFunction(_quant_kernel)
-    from triton.runtime.jit import JITFunction
-    return JITFunction(_quant_kernel)
+    tl = language()
+    return build(_quant_kernel, interpret)
 
 
 def _check_layout(et: EndorTensor, out: torch.Tensor) -> None:
@@ -121,9 +114,7 @@ def _check_layout(et: EndorTensor, out: torch.Tensor) -> None:
     if out.dtype != et.dtype or out.numel() != n or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {et.dtype}[{n}], got "
                          f"{out.dtype}{list(out.shape)}")
-    if out.device.type == "cpu" and not triton_decompress._interpreter_requested():
-        raise RuntimeError("the triton backend runs CPU tensors only under Triton's interpreter; "
-                           "set TRITON_INTERPRET=1 before starting Python, or use backend='auto'")
+    require_runnable(out.device)
 
 
 def decode(et: EndorTensor, out: torch.Tensor, *, num_warps: int = 4) -> None:
@@ -148,7 +139,7 @@ def decode(et: EndorTensor, out: torch.Tensor, *, num_warps: int = 4) -> None:
     full = n // spec.TILE_SIZE
     total = spec.num_tiles(n)
     int4 = et.values_codec == "int4"
-    with torch.cuda.device(out.device) if out.device.type == "cuda" else contextlib.nullcontext():
+    with on_device(out.device):
         if full:
             kernel[(full,)](*args, 0, full, INT4=int4, DTYPE=dtype_code, MASKED=False,
                             num_warps=num_warps)

@@ -81,7 +81,7 @@ def thread_split(device: torch.device, streaming: bool,
 def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, prefetch: int = 1,
                backend: str = "auto", compute_threads: int | None = None,
                direct_io: bool = True, expert_reads: bool = True, expert_cache: str = "lfu",
-               model: nn.Module | None = None, compute: str = "auto"):
+               model: nn.Module | None = None, compute: str = "auto", verify: bool = True):
     """Load a converted checkpoint (weights "endor" or "dense") for offloaded inference.
 
     device: where it computes ("cpu", "cuda"). offload: where streamed layers live between
@@ -109,6 +109,11 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     from the compressed form for a few tokens (decode), decompress + GEMM for many (prefill);
     "dense" decompresses every layer; "auto" (default) is "dense" for now: see runtime/fused.py
     resolve_compute for the measured reason.
+    verify: True (default) checks every streamed shard's stored checksums at load and every
+    later read of it against the digest taken then (docs/FORMAT.md, "What is checked when").
+    False skips both, so a shard corrupted or changed on disk reaches the model unnoticed: it
+    exists to measure what checking costs (`endor bench e2e --checks on,off`), not for use.
+    Resident and non-layer weights are checked when loaded either way (once, not per token).
 
     Returns the model (generate() works) with endor_stats(), endor_reset_stats() and
     endor_close() attached; or use `with endor.runtime.open_model(...) as model:`."""
@@ -119,6 +124,8 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
         raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
     if expert_cache not in POLICIES:
         raise ValueError(f"expert_cache must be one of {POLICIES}, got {expert_cache!r}")
+    if not isinstance(verify, bool):
+        raise ValueError(f"verify must be True or False, got {verify!r}")
     if compute_threads is not None and (isinstance(compute_threads, bool) or not isinstance(
             compute_threads, int) or compute_threads < 1):
         raise ValueError(f"compute_threads must be a positive integer, got {compute_threads!r}")
@@ -191,12 +198,13 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
         streamed = [plans[i] for i in memory.streamed]
         try:
             digests, held = check_streamed(streamed, reader, hold=offload == "cpu",
-                                           pin=device.type == "cuda")
+                                           pin=device.type == "cuda", verify=verify)
             if offload == "cpu":
                 reader.close()  # everything is in RAM now
             stream = LayerStream(streamed, device=device, prefetch=prefetch, backend=backend,
                                  reader=reader if offload == "disk" else None, digests=digests,
-                                 held=held, metrics=metrics, decompress_threads=decompress_threads)
+                                 held=held, metrics=metrics, decompress_threads=decompress_threads,
+                                 verify=verify)
         except BaseException:
             reader.close()
             raise
@@ -206,7 +214,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     _attach_api(model, stream, store, metrics, memory, plans, reader,
                 {"path": str(ckpt.path), "weights": ckpt.weights, "device": str(device),
                  "offload": offload, "prefetch": prefetch, "backend": backend,
-                 "compute": compute, "fused_layers": sum(bool(k) for k in kept),
+                 "compute": compute, "verify": verify, "fused_layers": sum(bool(k) for k in kept),
                  "compute_threads": threads or torch.get_num_threads(),
                  "decompress_threads": decompress_threads})
     return model

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import xxhash
 
 ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the block size
 HUGE_PAGE = 2 * 2**20  # x86-64 and arm64 (4 KiB base pages) transparent huge page size
@@ -71,16 +72,33 @@ def aligned_buffer(nbytes: int, *, pin: bool = False, huge_pages: bool = True) -
     return raw[skip:skip + size]
 
 
+def digest_of(view: memoryview, nbytes: int) -> int:
+    """XXH3-64 of the first `nbytes` of `view`: the digest a shard image is checked by."""
+    return xxhash.xxh3_64_intdigest(view[:nbytes])
+
+
 class PendingRead:
     """A whole-file read in flight. result() waits for it (falling back to a buffered read if
-    O_DIRECT was refused mid-way), closes the file and returns the bytes read, or raises."""
+    O_DIRECT was refused mid-way), closes the file and returns the bytes read, or raises.
 
-    def __init__(self, reader: ShardReader, path: str, view: memoryview, nbytes: int):
+    With `digest`, the I/O thread that finishes the last request hashes the bytes (digest_of)
+    right after they land, so the check of a shard overlaps the decompression of the one before
+    instead of following it on the loader thread: `digest` and `digest_s` are set by the time
+    result() returns."""
+
+    def __init__(self, reader: ShardReader, path: str, view: memoryview, nbytes: int,
+                 digest: bool = False):
         self._reader, self.path, self._view, self.nbytes = reader, path, view, nbytes
         self._fd = None
         self._futures = []
         self._error = None
         self.started = self.finished = None  # perf_counter of the first and last request
+        self._want_digest = digest
+        self.digest: int | None = None
+        self.digest_s = 0.0
+        self._lock = threading.Lock()
+        self._remaining = 0  # requests not yet ended
+        self._failed = False
         try:
             self._fd, self._direct = reader._open(path)
             self._futures = reader._submit(self._fd, view, nbytes, self)
@@ -91,6 +109,20 @@ class PendingRead:
         # Called from I/O threads; min/max under the GIL are race-free enough for a timing.
         self.started = t0 if self.started is None else min(self.started, t0)
         self.finished = t1 if self.finished is None else max(self.finished, t1)
+
+    def _request_ended(self, ok: bool) -> None:
+        """On an I/O thread: the last request to end, all of them ok, hashes the image."""
+        with self._lock:
+            self._failed |= not ok
+            self._remaining -= 1
+            last = self._remaining == 0 and not self._failed
+        if last and self._want_digest:
+            self._hash()
+
+    def _hash(self) -> None:
+        t0 = time.perf_counter()
+        self.digest = digest_of(self._view, self.nbytes)
+        self.digest_s = time.perf_counter() - t0
 
     def result(self) -> int:
         try:
@@ -112,6 +144,8 @@ class PendingRead:
                 t0 = time.perf_counter()
                 done = _read_range(self._fd, self._view, 0, round_up(self.nbytes), self.nbytes)
                 self._mark(t0, time.perf_counter())
+                if self._want_digest:
+                    self._hash()
         finally:
             if self._fd is not None:
                 if not self._direct:
@@ -173,15 +207,17 @@ class ShardReader:
             pool = self._pool
         end = round_up(nbytes)
         starts = range(0, end, CHUNK) if nbytes else [0]
+        pending._remaining = len(starts)
         return [pool.submit(_timed_range, fd, view, s, min(s + CHUNK, end), nbytes, pending)
                 for s in starts]
 
-    def start(self, path, buf: torch.Tensor, nbytes: int) -> PendingRead:
+    def start(self, path, buf: torch.Tensor, nbytes: int, *, digest: bool = False) -> PendingRead:
         """Begin reading the first `nbytes` of `path` (its whole size) into `buf` (from
-        aligned_buffer, at least round_up(nbytes) long); errors surface in result()."""
+        aligned_buffer, at least round_up(nbytes) long); errors surface in result(). `digest`:
+        hash the bytes on the I/O thread as soon as they are in (PendingRead.digest)."""
         if buf.numel() < round_up(nbytes) or buf.data_ptr() % ALIGN:
             raise ValueError("buffer is too small or not aligned; allocate it with aligned_buffer")
-        return PendingRead(self, os.fspath(path), memoryview(buf.numpy()), nbytes)
+        return PendingRead(self, os.fspath(path), memoryview(buf.numpy()), nbytes, digest)
 
     def read_into(self, path, buf: torch.Tensor, nbytes: int) -> int:
         """start(...).result(): read the file whole, now. Returns bytes read."""
@@ -214,8 +250,13 @@ def evict_files(paths) -> bool:
 
 def _timed_range(fd, view, start, stop, nbytes, pending: PendingRead) -> int:
     t0 = time.perf_counter()
-    done = _read_range(fd, view, start, stop, nbytes)
-    pending._mark(t0, time.perf_counter())
+    ok = False
+    try:
+        done = _read_range(fd, view, start, stop, nbytes)
+        ok = done == min(stop, nbytes) - start
+    finally:
+        pending._mark(t0, time.perf_counter())
+        pending._request_ended(ok)
     return done
 
 

@@ -7,10 +7,11 @@ One load goes through these stages:
                shard's requests follow the current one's with no gap. [cpu offload] nothing:
                the shard's bytes are held in RAM.
     verify     [disk] one XXH3 of the whole image against the digest taken at load time, when
-               every Endor tensor's stored checksum (and tile index) was checked on the same
-               bytes: equal digests mean the bytes checked then, at the cost of one hash call per
-               layer instead of three per tensor, and dense shards (no stored checksum) are
-               covered too
+               every tensor's stored checksum (and an Endor tensor's tile index) was checked on
+               the same bytes: equal digests mean the bytes checked then, at the cost of one hash
+               call per layer instead of one or more per tensor. The I/O thread that ends the
+               read hashes the image at once (reader.PendingRead), beside the loader's
+               decompression of the layer before; load_model(verify=False) skips it
     transfer   [cuda] the image to the device, on a dedicated CUDA stream
     decompress every Endor tensor into a dense slot (endor.decompress with out=: nothing is
                allocated per layer per token), its few dense tensors copied beside them; a
@@ -47,7 +48,7 @@ import torch
 from ..errors import FormatError
 from ..format.tensor import EndorTensor
 from ..kernels import decompress
-from .images import image_digest, part_view, planned_tensor
+from .images import part_view, planned_tensor
 from .metrics import LoadTimes, Metrics
 from .plan import LayerPlan
 from .reader import PendingRead, ShardReader, aligned_buffer
@@ -111,7 +112,7 @@ class LayerStream:
     def __init__(self, layers: list[LayerPlan], *, device: torch.device, prefetch: int,
                  backend: str, reader: ShardReader | None, digests: dict[int, int],
                  held: dict[int, torch.Tensor] | None, metrics: Metrics,
-                 decompress_threads: int | None = None):
+                 decompress_threads: int | None = None, verify: bool = True):
         if not layers:
             raise ValueError("nothing to stream")
         self.layers = layers
@@ -120,6 +121,7 @@ class LayerStream:
         self.backend = backend
         self.reader = reader
         self.digests = digests
+        self.verify = verify  # False: reads are not checked against `digests` (load_model)
         self.held = held  # cpu offload: layer index -> shard image in host memory
         self.metrics = metrics
         self.decompress_threads = decompress_threads
@@ -215,7 +217,7 @@ class LayerStream:
             self._next_pos = (self._next_pos + 1) % len(self.layers)
             if self.held is None:
                 load.pending = self.reader.start(load.layer.file, load.read_slot.host,
-                                                 load.layer.file_size)
+                                                 load.layer.file_size, digest=self.verify)
             self._inflight.append(load)
             self._queue.put(load)
 
@@ -318,13 +320,14 @@ class LayerStream:
             if load.cancelled:
                 return
             t1 = time.perf_counter()
-            if image_digest(slot.host, plan.file_size) != self.digests[plan.index]:
-                raise FormatError("checksum mismatch: the shard changed on disk or is corrupt "
-                                  "since the model was loaded", path=plan.file)
+            if self.verify:  # hashed on the I/O thread as the read ended (reader.PendingRead)
+                if load.pending.digest != self.digests[plan.index]:
+                    raise FormatError("checksum mismatch: the shard changed on disk or is "
+                                      "corrupt since the model was loaded", path=plan.file)
+                times.verify_s = load.pending.digest_s
             # The disk's busy time for this shard: two reads overlap, count the overlap once.
             started = max(load.pending.started or t1, self._last_read_end)
             times.read_s = max(0.0, (load.pending.finished or t1) - started)
-            times.verify_s = time.perf_counter() - t1
             self._last_read_end = max(self._last_read_end, load.pending.finished or t1)
             times.bytes_read = plan.file_size
             image = slot.host

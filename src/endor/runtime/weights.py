@@ -157,12 +157,19 @@ def check_shard(plan: LayerPlan, reader: ShardReader, image: torch.Tensor) -> in
     return image_digest(image, plan.file_size)
 
 
-def check_streamed(plans: list[LayerPlan], reader: ShardReader, *, hold: bool, pin: bool):
+def check_streamed(plans: list[LayerPlan], reader: ShardReader, *, hold: bool, pin: bool,
+                   verify: bool = True):
     """check_shard over every streamed layer. Returns ({layer: digest}, {layer: image} when
-    `hold` (cpu offload keeps every shard's bytes in host memory) else None)."""
+    `hold` (cpu offload keeps every shard's bytes in host memory) else None). Not `verify`: no
+    digests, and only the shards to hold are read (unchecked)."""
     digests, held = {}, ({} if hold else None)
     scratch = None
     for plan in plans:
+        if not verify:
+            if hold:
+                held[plan.index] = aligned_buffer(plan.file_size, pin=pin)
+                reader.read_into(plan.file, held[plan.index], plan.file_size)
+            continue
         if hold:
             image = aligned_buffer(plan.file_size, pin=pin)
             held[plan.index] = image

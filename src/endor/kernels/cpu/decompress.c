@@ -16,30 +16,16 @@
  *   avx512  vpexpandw (AVX512_VBMI2) / vpexpandd (AVX512F) expand packed values under the bitmap.
  * Elements are moved as 2- or 4-byte bit patterns; the decoder never looks at float values.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "common.h"
 
-#include <pthread.h>
-#include <stdint.h>
-#include <string.h>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
-/* ENDOR_PORTABLE_ONLY builds what a non-x86 machine gets (the scalar path), to check it here. */
-#if (defined(__x86_64__) || defined(__i386__)) && !defined(ENDOR_PORTABLE_ONLY)
-#define ENDOR_X86 1
-#include <immintrin.h>
-#else
-#define ENDOR_X86 0
-#endif
-
-#define TILE 4096
 /* The SIMD loops load whole vectors from the values stream: at most this many bytes past the
  * tile's last value. Tiles closer than that to the end of `values` decode from a padded copy. */
 #define OVERREAD 64
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { OK = 0, ERR_TILE_INDEX = 1, ERR_POPCOUNT = 2, ERR_PADDING = 3, ERR_ARGUMENT = 4,
        ERR_EXP_BASE = 5, ERR_EXP_ESCIDX = 6, ERR_EXP_ESCAPES = 7, ERR_EXP_ESCAPE_VALUE = 8 };
 
@@ -326,22 +312,6 @@ static void *run_part(void *arg) {
 
 /* ---------------------------------------------------------------- entry points */
 
-static int supported_isas; /* bit i set iff ISA i runs here; computed once at import */
-
-static int detect_isas(void) {
-    int mask = 1 << ISA_SCALAR;
-#if ENDOR_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"))
-        mask |= 1 << ISA_AVX2;
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("popcnt"))
-        mask |= 1 << ISA_AVX512;
-#endif
-    return mask;
-}
-
-#define MAX_THREADS 256
 #define HUGE_PAGE ((size_t)2 << 20)
 
 /* A freshly allocated output (what endor.decompress writes into) is untouched memory: with 4 KiB
@@ -376,12 +346,8 @@ static int decode_job(const job_t *job, int threads, int huge_pages, int64_t *ba
     if (job->ntiles == 0) return OK;
     if (huge_pages) advise_huge_pages(job->out, (size_t)job->numel * job->elem_size);
 
-    if (threads > job->ntiles) threads = (int)job->ntiles;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
+    threads = clamp_threads(threads, job->ntiles);
     part_t parts[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         parts[t].job = job;
         parts[t].first = job->ntiles * t / threads;
@@ -389,14 +355,7 @@ static int decode_job(const job_t *job, int threads, int huge_pages, int64_t *ba
         parts[t].err = OK;
         parts[t].bad_tile = -1;
     }
-    /* Part 0 runs on the calling thread; a thread that fails to start runs here too. */
-    for (int t = 1; t < threads; t++)
-        started[t] = pthread_create(&ids[t], NULL, run_part, &parts[t]) == 0;
-    run_part(&parts[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else run_part(&parts[t]);
-    }
+    run_parts(run_part, parts, sizeof parts[0], threads);
     for (int t = 0; t < threads; t++) { /* the first bad tile in tensor order */
         if (parts[t].err != OK) {
             *bad_tile = parts[t].bad_tile;
@@ -467,16 +426,9 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     return Py_BuildValue("iL", err, (long long)bad_tile);
 }
 
-static PyObject *py_supported(PyObject *self, PyObject *args) {
-    (void)self;
-    (void)args;
-    return PyLong_FromLong(supported_isas);
-}
-
 static PyMethodDef methods[] = {
     {"decompress", py_decode, METH_VARARGS, decode_doc},
-    {"supported", py_supported, METH_NOARGS,
-     "supported() -> int: bit i set iff ISA i (0 scalar, 1 avx2, 2 avx512) runs on this CPU."},
+    SUPPORTED_METHOD,
     {NULL, NULL, 0, NULL},
 };
 
@@ -488,6 +440,8 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__decompress(void) {
     build_tables();
-    supported_isas = detect_isas();
+    SET_SUPPORTED_ISAS(CPU_HAS("avx2") && CPU_HAS("popcnt"),
+                       CPU_HAS("avx512f") && CPU_HAS("avx512bw") && CPU_HAS("avx512vbmi2") &&
+                           CPU_HAS("popcnt"));
     return PyModule_Create(&module);
 }

@@ -29,30 +29,16 @@
  *
  * Sum order: per output, per x row, lanes accumulate in float32 across chunks, then a horizontal
  * sum. It differs from torch's GEMV; the error bound is stated in kernels/linear.py. */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "common.h"
 
-#include <pthread.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
-#if (defined(__x86_64__) || defined(__i386__)) && !defined(ENDOR_PORTABLE_ONLY)
-#define ENDOR_X86 1
-#include <immintrin.h>
-#else
-#define ENDOR_X86 0
-#endif
-
-#define TILE 4096
 #define CHUNK 32
 #define MAX_BLOCK 8 /* x rows per pass over W: accumulators stay in registers */
-#define MAX_THREADS 256
 /* Vector loads of values (64 bytes on AVX-512, 16-32 on AVX2) read at most this many bytes past
  * the last value of a tile; tiles closer than that to the end of `values` use a padded copy. */
 #define OVERREAD 64
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 enum { OK = 0, ERR_TILE_INDEX = 1, ERR_POPCOUNT = 2, ERR_PADDING = 3, ERR_ARGUMENT = 4,
        ERR_MEMORY = 5 };
@@ -513,23 +499,6 @@ static void *run_part(void *arg) {
     return NULL;
 }
 
-static int supported_isas;
-
-static int detect_isas(void) {
-    int mask = 1 << ISA_SCALAR;
-#if ENDOR_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("popcnt"))
-        mask |= 1 << ISA_AVX2;
-    if ((mask >> ISA_AVX2 & 1) && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512vbmi2"))
-        mask |= 1 << ISA_AVX512;
-#endif
-    return mask;
-}
-
 static int linear_job(const job_t *job, int threads, int64_t *bad_tile) {
     *bad_tile = -1;
     if (job->rows == 0 || job->batch == 0) return OK;
@@ -543,12 +512,8 @@ static int linear_job(const job_t *job, int threads, int64_t *bad_tile) {
         *bad_tile = job->ntiles - 1;
         return ERR_PADDING;
     }
-    if (threads > job->rows) threads = (int)job->rows;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
+    threads = clamp_threads(threads, job->rows);
     part_t parts[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
     const size_t scratch_bytes = (size_t)TILE * 4 + OVERREAD;
     uint8_t *scratch = aligned_alloc(64, scratch_bytes * threads);
     if (!scratch) return ERR_MEMORY;
@@ -560,13 +525,7 @@ static int linear_job(const job_t *job, int threads, int64_t *bad_tile) {
         parts[t].bad_tile = -1;
         parts[t].scratch = scratch + scratch_bytes * t;
     }
-    for (int t = 1; t < threads; t++)
-        started[t] = pthread_create(&ids[t], NULL, run_part, &parts[t]) == 0;
-    run_part(&parts[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else run_part(&parts[t]);
-    }
+    run_parts(run_part, parts, sizeof parts[0], threads);
     free(scratch);
     for (int t = 0; t < threads; t++) {
         if (parts[t].err != OK) {
@@ -620,16 +579,9 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
     return Py_BuildValue("iL", err, (long long)bad_tile);
 }
 
-static PyObject *py_supported(PyObject *self, PyObject *args) {
-    (void)self;
-    (void)args;
-    return PyLong_FromLong(supported_isas);
-}
-
 static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, linear_doc},
-    {"supported", py_supported, METH_NOARGS,
-     "supported() -> int: bit i set iff ISA i (0 scalar, 1 avx2, 2 avx512) runs on this CPU."},
+    SUPPORTED_METHOD,
     {NULL, NULL, 0, NULL},
 };
 
@@ -642,6 +594,8 @@ PyMODINIT_FUNC PyInit__fused(void) {
 #if ENDOR_X86
     build_tables();
 #endif
-    supported_isas = detect_isas();
+#define FUSED_AVX2 (CPU_HAS("avx2") && CPU_HAS("fma") && CPU_HAS("popcnt"))
+    SET_SUPPORTED_ISAS(FUSED_AVX2, FUSED_AVX2 && CPU_HAS("avx512f") && CPU_HAS("avx512bw") &&
+                                       CPU_HAS("avx512vl") && CPU_HAS("avx512vbmi2"));
     return PyModule_Create(&module);
 }

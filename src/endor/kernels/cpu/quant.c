@@ -15,24 +15,10 @@
  * vcvtneps2bf16 would flush subnormals. The Python caller checks buffer sizes, that scales are
  * finite and the int4 padding nibble (rules Q2, Q3), so no NaN reaches the rounding.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "common.h"
 
-#include <pthread.h>
-#include <stdint.h>
-#include <string.h>
-
-#if (defined(__x86_64__) || defined(__i386__)) && !defined(ENDOR_PORTABLE_ONLY)
-#define ENDOR_X86 1
-#include <immintrin.h>
-#else
-#define ENDOR_X86 0
-#endif
-
-#define TILE 4096
 #define PAD 64 /* zero bytes after a tile's integers: vector loads read at most 64 past */
 
-enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 enum { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
 enum { OK = 0, ERR_TILE_INDEX = 1, ERR_POPCOUNT = 2, ERR_PADDING = 3, ERR_ARGUMENT = 4 };
 
@@ -457,24 +443,6 @@ static void *run_part(void *arg) {
 
 /* ---------------------------------------------------------------- entry points */
 
-static int supported_isas;
-
-static int detect_isas(void) {
-    int mask = 1 << ISA_SCALAR;
-#if ENDOR_X86
-    __builtin_cpu_init();
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-               __builtin_cpu_supports("popcnt");
-    if (avx2) mask |= 1 << ISA_AVX2;
-    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2"))
-        mask |= 1 << ISA_AVX512;
-#endif
-    return mask;
-}
-
-#define MAX_THREADS 256
-
 static int decode_job(const job_t *job, int threads, int64_t *bad_tile) {
     *bad_tile = -1;
     if (job->ntiles == 0) return OK;
@@ -484,22 +452,12 @@ static int decode_job(const job_t *job, int threads, int64_t *bad_tile) {
         *bad_tile = job->ntiles - 1;
         return ERR_PADDING;
     }
-    if (threads > job->ntiles) threads = (int)job->ntiles;
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
-    if (threads < 1) threads = 1;
+    threads = clamp_threads(threads, job->ntiles);
     part_t parts[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
         parts[t] = (part_t){job, job->ntiles * t / threads, job->ntiles * (t + 1) / threads, OK, -1};
     }
-    for (int t = 1; t < threads; t++)
-        started[t] = pthread_create(&ids[t], NULL, run_part, &parts[t]) == 0;
-    run_part(&parts[0]);
-    for (int t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else run_part(&parts[t]);
-    }
+    run_parts(run_part, parts, sizeof parts[0], threads);
     for (int t = 0; t < threads; t++) {
         if (parts[t].err != OK) {
             *bad_tile = parts[t].bad_tile;
@@ -550,16 +508,9 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     return Py_BuildValue("iL", err, (long long)bad_tile);
 }
 
-static PyObject *py_supported(PyObject *self, PyObject *args) {
-    (void)self;
-    (void)args;
-    return PyLong_FromLong(supported_isas);
-}
-
 static PyMethodDef methods[] = {
     {"decode", py_decode, METH_VARARGS, decode_doc},
-    {"supported", py_supported, METH_NOARGS,
-     "supported() -> int: bit i set iff ISA i (0 scalar, 1 avx2, 2 avx512) runs on this CPU."},
+    SUPPORTED_METHOD,
     {NULL, NULL, 0, NULL},
 };
 
@@ -570,6 +521,8 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__quant(void) {
     build_tables();
-    supported_isas = detect_isas();
+#define QUANT_AVX2 (CPU_HAS("avx2") && CPU_HAS("f16c") && CPU_HAS("popcnt"))
+    SET_SUPPORTED_ISAS(QUANT_AVX2, QUANT_AVX2 && CPU_HAS("avx512f") && CPU_HAS("avx512bw") &&
+                                       CPU_HAS("avx512vl") && CPU_HAS("avx512vbmi2"));
     return PyModule_Create(&module);
 }
