@@ -8,7 +8,8 @@ from setuptools import Extension, setup
 BASE_FLAGS = ["-O3", "-std=c11", "-fno-strict-aliasing"]
 SOURCES = {
     "endor.kernels.cpu._decompress": (Path("src/endor/kernels/cpu/decompress.c"), []),
-    "endor.kernels.cpu._fused": (Path("src/endor/kernels/cpu/fused.c"), []),
+    # quant_values.c (included) rounds float16 as quant.c does: no FMA contraction either
+    "endor.kernels.cpu._fused": (Path("src/endor/kernels/cpu/fused.c"), ["-ffp-contract=off"]),
     # no FMA contraction: quant.c's float16 rounding relies on separately rounded steps
     "endor.kernels.cpu._quant": (Path("src/endor/kernels/cpu/quant.c"), ["-ffp-contract=off"]),
 }
@@ -16,7 +17,9 @@ SOURCES = {
 # Included by the sources: an edit to one rebuilds the extensions that include it.
 COMMON = Path("src/endor/kernels/cpu/common.h")
 DEPENDS = {"endor.kernels.cpu._decompress": [COMMON, Path("src/endor/kernels/cpu/exp_values.c")],
-           "endor.kernels.cpu._fused": [COMMON], "endor.kernels.cpu._quant": [COMMON]}
+           "endor.kernels.cpu._fused": [COMMON, Path("src/endor/kernels/cpu/exp_values.c"),
+                                        Path("src/endor/kernels/cpu/quant_values.c")],
+           "endor.kernels.cpu._quant": [COMMON]}
 
 ext_modules = [
     Extension(

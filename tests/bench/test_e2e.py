@@ -24,31 +24,68 @@ def _args(*argv) -> dict:
 
 def test_quick_e2e_document_and_plot(tmp_path):
     args = _args("--workdir", str(tmp_path), "--systems", "endor,dense,accelerate-cold",
-                 "--new-tokens", "3", "--endor-prefetch", "2", "--prefetch", "1")
+                 "--new-tokens", "3", "--endor-prefetch", "2", "--prefetch", "1",
+                 "--values", "raw,exp", "--compute", "dense")
     doc = e2e.run(**args)
     assert doc["schema"] == "endor-bench/1" and doc["benchmark"] == "e2e"
     assert doc["params"]["device"] == "cpu" and doc["params"]["offload"] == "disk"
     rows = {r["system"]: r for r in doc["results"]}
-    assert set(rows) == {"endor", "dense", "accelerate-cold", "ideal", "disk"}
-    for name in ("endor", "dense", "accelerate-cold"):
+    assert set(rows) == {"endor-raw-dense", "endor-exp-dense", "dense", "accelerate-cold",
+                         "ideal-raw", "ideal-exp", "disk"}
+    for name in ("endor-raw-dense", "endor-exp-dense", "dense", "accelerate-cold"):
         assert rows[name]["tokens_match"] and rows[name]["decode_tokens_per_s"] > 0
         assert rows[name]["streamed_layers"] == 4 and rows[name]["resident_layers"] == 0
-    assert rows["endor"]["mb_read_per_token"] < rows["dense"]["mb_read_per_token"]
+    raw, exp = rows["endor-raw-dense"], rows["endor-exp-dense"]
+    assert (raw["values"], exp["values"], raw["compute"]) == ("raw", "exp", "dense")
+    assert exp["mb_read_per_token"] < raw["mb_read_per_token"] < rows["dense"][
+        "mb_read_per_token"]
     # --endor-prefetch 2: three read slots of an Endor shard; dense, prefetch 1: two
-    (endor_dir,) = tmp_path.glob("llama-*/endor")
+    endor_dir = next(tmp_path.glob("llama-*/endor-raw"))
     endor_shard = max(p.stat().st_size for p in e2e._shards(endor_dir)[0])
-    assert rows["endor"]["buffer_bytes"] >= 3 * endor_shard
+    assert raw["buffer_bytes"] >= 3 * endor_shard
     assert doc["params"]["endor_prefetch"] == 2 and doc["params"]["prefetch"] == 1
-    assert rows["endor"]["decompress_ms"] > 0 and "decompress_ms" not in rows["accelerate-cold"]
-    assert rows["ideal"]["s_per_token"] == rows["dense"]["s_per_token"] * \
-        rows["endor"]["mb_read_per_token"] / rows["dense"]["mb_read_per_token"]
-    assert set(doc["ratios"]) >= {"endor_vs_dense", "endor_vs_ideal_time",
-                                  "endor_vs_accelerate_cold"}
-    assert "endor_vs_accelerate" in doc["met"]
+    assert raw["decompress_ms"] > 0 and "decompress_ms" not in rows["accelerate-cold"]
+    assert rows["ideal-exp"]["s_per_token"] == rows["dense"]["s_per_token"] * \
+        exp["mb_read_per_token"] / rows["dense"]["mb_read_per_token"]
+    ratios = doc["ratios"]
+    assert ratios["exp_vs_raw"] == raw["s_per_token"] / exp["s_per_token"]
+    assert ratios["exp_vs_dense"] == rows["dense"]["s_per_token"] / exp["s_per_token"]
+    assert ratios["exp_vs_raw_dense"] == ratios["exp_vs_raw"]
+    assert {"endor-raw-dense_time_vs_read", "endor-exp-dense_vs_ideal_time",
+            "exp_vs_accelerate_cold"} <= set(ratios)
+    assert {"exp_vs_raw", "exp_vs_dense", "exp_vs_accelerate_cold"} <= set(doc["met"])
     assert doc["params"]["budget_bytes"] <= 0.1 * doc["params"]["model_bytes"]
     png = plot.draw("e2e", doc, tmp_path / "e2e.png")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_quick_e2e_int4_fused_batches_and_in_ram_rows(tmp_path):
+    args = _args("--workdir", str(tmp_path), "--systems", "endor,ram-dense,ram-endor",
+                 "--new-tokens", "3", "--batch", "1,2", "--values", "int4,raw",
+                 "--compute", "fused,auto")
+    doc = e2e.run(**args)
+    rows = {(r["system"], r.get("batch")): r for r in doc["results"]}
+    systems = ("endor-int4-fused", "endor-int4-auto", "endor-raw-fused", "endor-raw-auto",
+               "ram-dense", "ram-endor-int4", "ram-endor-raw")
+    for system in systems:
+        for b in (1, 2):
+            row = rows[(system, b)]
+            assert row["decode_tokens_per_s"] > 0
+            # tokens/s counts every prompt of the batch
+            assert row["decode_tokens_per_s"] == pytest.approx(b / row["s_per_token"])
+    # lossy int4: compared with the int4 model held in memory (dense compute); the fused
+    # compute may differ from it only where two logits are within the kernel's bound
+    assert rows[("ram-dense", 1)]["tokens_match"]
+    assert rows[("ram-endor-int4", 1)]["streamed_layers"] == 0
+    assert rows[("ram-endor-int4", 1)]["compute"] == "fused"
+    assert rows[("ram-dense", 1)]["mb_read_per_token"] == 0
+    assert rows[("endor-int4-fused", 1)]["mb_read_per_token"] < \
+        rows[("endor-raw-fused", 1)]["mb_read_per_token"]
+    assert {"endor-int4-fused_batch2_vs_batch1", "ram-endor-int4_vs_ram_dense"} <= \
+        set(doc["ratios"])
+    assert doc["params"]["batch"] == [1, 2] and doc["params"]["values"] == ["int4", "raw"]
+    assert "dense" in doc["params"]["checkpoint_bytes"]
 
 
 def test_conversions_in_parallel_processes_match_sequential_ones(tmp_path):
@@ -59,7 +96,8 @@ def test_conversions_in_parallel_processes_match_sequential_ones(tmp_path):
     outs = {f"{w}-{mode}": tmp_path / f"{w}-{mode}"
             for w in ("endor", "dense") for mode in ("seq", "par")}
     e2e._convert_all(hf, {w: outs[w + "-seq"] for w in ("endor", "dense")}, 0.5, parallel=False)
-    e2e._convert_all(hf, {w: outs[w + "-par"] for w in ("endor", "dense")}, 0.5, parallel=True)
+    e2e._convert_all(hf, {w: (outs[w + "-par"], w, "exp") for w in ("endor", "dense")}, 0.5,
+                     parallel=True)
     for w in ("endor", "dense"):
         seq, par = (sorted(p.relative_to(outs[f"{w}-{m}"]) for p in outs[f"{w}-{m}"].rglob(
             "*.safetensors")) for m in ("seq", "par"))
@@ -78,10 +116,11 @@ def test_embeddings_above_the_budget_stream_every_layer(tmp_path):
     """The device check's shape (a large vocabulary on 4 layers): the non-layer weights exceed
     10% of the model, so the budget becomes the least possible instead of an error."""
     args = _args("--workdir", str(tmp_path), "--systems", "endor", "--vocab", "16384",
-                 "--new-tokens", "2", "--max-seconds", "1e-9")
+                 "--new-tokens", "2", "--max-seconds", "1e-9", "--values", "exp",
+                 "--compute", "dense")
     doc = e2e.run(**args | {"repeat": 3})
     assert doc["params"]["budget_least"] and doc["params"]["budget_bytes"] == 0
-    (endor,) = [r for r in doc["results"] if r["system"] == "endor"]
+    (endor,) = [r for r in doc["results"] if r["system"] == "endor-exp-dense"]
     assert endor["streamed_layers"] == 4 and endor["decode_tokens_per_s"] > 0
     assert endor["n"] == 1  # --max-seconds: one timed round of the three asked for
 
@@ -90,6 +129,9 @@ def test_embeddings_above_the_budget_stream_every_layer(tmp_path):
     (("--offload", "cpu"), "needs --device cuda"),
     (("--systems", "endor,accelerate"), "unknown systems"),  # "accelerate" is the cpu-offload one
     (("--new-tokens", "1"), "--new-tokens"),
+    (("--batch", "0"), "--batch"),
+    (("--values", "exp,zstd"), "--values"),
+    (("--compute", "sparse"), "--compute"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):

@@ -31,14 +31,19 @@ def test_cost_is_the_paired_ratio():
 
 def test_quick_document_times_checks_on_and_off(tmp_path):
     doc = e2e.run(**_args("--workdir", str(tmp_path), "--systems", "endor,dense",
-                          "--checks", "on,off", "--new-tokens", "3"))
+                          "--checks", "on,off", "--new-tokens", "3", "--values", "exp",
+                          "--compute", "dense"))
     rows = {r["system"]: r for r in doc["results"]}
-    assert {"endor", "endor-unchecked", "dense", "dense-unchecked"} <= set(rows)
-    for name in ("endor", "endor-unchecked", "dense", "dense-unchecked"):
+    endor = "endor-exp-dense"
+    names = (endor, endor + "-unchecked", "dense", "dense-unchecked")
+    assert set(names) <= set(rows)
+    for name in names:
         assert rows[name]["tokens_match"], name
     # unchecked: the loader hashes nothing per token
-    assert rows["endor"]["verify_ms"] > 0 and rows["endor-unchecked"]["verify_ms"] == 0
-    assert set(doc["ratios"]) >= {"endor_checks_cost", "dense_checks_cost",
-                                  "endor_checked_vs_unchecked_paired"}
-    assert set(doc["met"]) >= {"endor_checks_cost", "dense_checks_cost"}
+    assert rows[endor]["verify_ms"] > 0 and rows[endor + "-unchecked"]["verify_ms"] == 0
+    assert set(doc["ratios"]) >= {f"{endor}_checks_cost", "dense_checks_cost",
+                                  f"{endor}_checked_vs_unchecked_paired"}
+    assert set(doc["met"]) >= {f"{endor}_checks_cost", "dense_checks_cost"}
     assert doc["params"]["checks"] == "on,off"
+    # the headline ratios use the checked rows
+    assert doc["ratios"]["exp_best"] == endor

@@ -49,7 +49,7 @@ def test_text_is_streamed_then_the_report(checkpoint, capsys):
 
 def test_errors_before_generation(checkpoint, tmp_path, capsys):
     path, _, _ = checkpoint
-    assert main(["generate", str(path), "--prompt", "x", "--max-memory", "1KB"]) == 1
+    assert main(["generate", str(path), "--prompt", "x", "--max-memory", "100B"]) == 1
     assert "smaller than the weights outside the decoder layers" in capsys.readouterr().err
     no_tokenizer = tmp_path / "no-tokenizer"
     shutil.copytree(path, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))

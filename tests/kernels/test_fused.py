@@ -152,15 +152,3 @@ def test_triton_on_the_gpu_within_bound(shape, dtype):
     device = torch.device("cuda")
     y = linear(x.to(device), et.to(device), bias.to(device), backend="triton").cpu()
     assert_within_bound(y, x, weight, bias)
-
-
-def test_a_value_codec_goes_through_decompression():
-    """exp-coded values: the kernels refuse them, linear() decompresses (until a codec plugs into
-    the kernels' tile_values step)."""
-    weight, _, x, bias = case((33, 129), torch.bfloat16, 0.5, 2)
-    et = endor.compress(weight, values="exp")
-    assert et.values_codec == "exp"
-    assert_within_bound(linear(x, et, bias), x, weight, bias)
-    if cpu_fused.available():
-        with pytest.raises(ValueError, match="raw values"):
-            cpu_fused.matmul(x.float(), et)

@@ -65,7 +65,7 @@ def _layer_prefix(model) -> str:
     raise AssertionError("no decoder layer list")
 
 
-def write_checkpoint(model, out_dir, *, weights: str = "endor"):
+def write_checkpoint(model, out_dir, *, weights: str = "endor", values: str = "exp"):
     """The layout of docs/FORMAT.md section 2: one shard per decoder layer plus 'rest'."""
     prefix = _layer_prefix(model)
     n = model.config.num_hidden_layers
@@ -79,7 +79,8 @@ def write_checkpoint(model, out_dir, *, weights: str = "endor"):
         if name.startswith(prefix):
             i = int(name[len(prefix):].split(".")[0])
             compress = weights == "endor" and name.endswith(".weight") and t.dim() == 2
-            per_group[f"layers.{i}"][name] = endor.compress(t) if compress else t.clone()
+            per_group[f"layers.{i}"][name] = endor.compress(t, values=values) if compress \
+                else t.clone()
         else:
             per_group["rest"][name] = t.clone()
     writer = CheckpointWriter(out_dir, groups, weights=weights)

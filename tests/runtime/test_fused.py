@@ -66,6 +66,7 @@ def test_compute_option():
     cpu = torch.device("cpu")
     assert resolve_compute("dense", cpu, "endor") == "dense"
     assert resolve_compute("auto", cpu, "dense") == "dense"
+    assert resolve_compute("auto", cpu, "endor") == "auto"
     with pytest.raises(ValueError, match="compute must be one of"):
         resolve_compute("sparse", cpu, "endor")
 
@@ -75,3 +76,18 @@ def test_dense_checkpoint_with_fused_compute_runs_dense(tiny):
     with open_model(path, max_memory=0, compute="fused") as model:
         assert greedy(model, PROMPT, NEW_TOKENS) == want
         assert model.endor_stats()["fused_layers"] == 0
+
+
+@pytest.mark.parametrize("values, fused", [("raw", True), ("exp", False)])
+def test_auto_fuses_the_layers_whose_codec_the_kernel_reads(tmp_path, values, fused):
+    from tests.runtime.checkpoints import pruned_model, write_checkpoint
+    model = pruned_model("llama")
+    path = write_checkpoint(model, tmp_path / values, weights="endor", values=values)
+    want = greedy(model, PROMPT, NEW_TOKENS)
+    with open_model(path, max_memory=0, compute="auto") as m:
+        assert greedy(m, PROMPT, NEW_TOKENS) == want
+        stats = m.endor_stats()
+    assert stats["compute"] == "auto"
+    assert stats["fused_layers"] == (model.config.num_hidden_layers if fused else 0)
+    # streamed, fused or not: one core stays with the loader on this 2-core machine
+    assert stats["compute_threads"] <= max(1, torch.get_num_threads())

@@ -16,6 +16,13 @@ each after evicting the checkpoint from the page cache:
   disk             O_DIRECT read of the dense shards alone: the link's limit
   h2d              (--device cuda) pinned host-to-device copy of the dense shards: the link's
                    limit when the weights are held in host RAM
+  ram-dense        the dense checkpoint wholly in RAM through plain transformers (no offload)
+  ram-endor-V      the Endor checkpoint (codec V) wholly in RAM, held compressed, fused compute
+
+"endor" is one system per value codec (--values raw,exp,int4: one checkpoint each, the same
+mask) and compute (--compute dense,fused): endor-<values>-<compute> (bench/e2e_variants.py,
+which also defines the ratios). --batch 1,2,4,... times every system at each batch size (one
+generate call of that many prompts; tokens/s counts every prompt).
 
 --device cuda computes on the GPU (random weights, pruning and conversion still on the CPU);
 --offload cpu holds the streamed layers in host RAM instead of reading them from disk (our
@@ -25,19 +32,18 @@ Accelerate baseline is one system, "accelerate" (nothing to evict).
 Runs are interleaved (one of each system per round). Each row reports the median seconds per
 decode token over --repeat runs (after --warmup), the bytes read per token and the GB/s that
 makes, and (ours) the busy time of each pipeline stage.
-All systems must generate the same greedy tokens. Done when endor/dense >= 1.5, endor/
-accelerate-cold >= 2.0 and endor time <= 1.15 x ideal."""
+Every row's tokens are compared with the same weights held in memory (dense compute): the
+dense checkpoint for dense rows, the codec's checkpoint for Endor rows (int4 is lossy: its
+reference is the int4 model). Fused compute sums in another order than torch (the bound is in
+kernels/fused.py), so its tokens may differ where two logits are that close. Done when:
+e2e_variants.DONE_WHEN."""
 
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -46,23 +52,29 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint
-from ..convert import convert
-from ..convert.synthetic import write_synthetic_checkpoint
 from ..runtime import load_model
+from ..runtime.fused import fused_codecs
 from ..runtime.model import thread_split
-from ..runtime.reader import ShardReader, aligned_buffer
 from ..runtime.weights import layer_files
+from . import e2e_variants as variants
 from . import harness
 from .baseline import evict_on_read, load_accelerate
-from .e2e_checks import (COST_MAX, base_system, checks_met, checks_ratios, parse_checks,
-                         with_checks)
+from .e2e_limits import disk_row, h2d_row
+from .e2e_prepare import convert_all as _convert_all  # noqa: F401  (e2e_moe, tests)
+from .e2e_prepare import prepare
+from .e2e_variants import Variant
+from .e2e_checks import COST_MAX, base_system, checks_met, checks_ratios, parse_checks
 
 NAME = "e2e"
-DONE_WHEN = {"endor_vs_dense_min": 1.5, "endor_vs_accelerate_min": 2.0,
-             "endor_vs_ideal_time_max": 1.15}
+DONE_WHEN = variants.DONE_WHEN
 DISK_SYSTEMS = ("endor", "dense", "accelerate-cold", "accelerate-warm")
 CPU_SYSTEMS = ("endor", "dense", "accelerate")
-TABLE_COLUMNS = ["system", "decode_tokens_per_s", "s_per_token", "min_s", "max_s", "n",
+RAM_SYSTEMS = ("ram-dense", "ram-endor")  # everything resident: what compute alone costs
+# Timed unless --systems says otherwise: with the default codecs and computes, 8 systems a round,
+# about 6 minutes in all on our 2-core machine (accelerate-warm and the in-RAM rows took the
+# run past 12 minutes at load 10).
+DEFAULT_DISK_SYSTEMS = ("endor", "dense", "accelerate-cold")
+TABLE_COLUMNS = ["system", "batch", "decode_tokens_per_s", "s_per_token", "min_s", "max_s", "n",
                  "mb_read_per_token", "gbps", "read_ms", "verify_ms", "transfer_ms",
                  "decompress_ms", "compute_ms", "stall_ms", "tokens_match"]
 DEFAULT_SHAPE = dict(hidden=2048, intermediate=5632, layers=12, heads=16, kv_heads=4,
@@ -96,6 +108,10 @@ class Options:
     quick: bool
     warmup: int
     repeat: int
+    values: str = "raw,exp,int4"
+    compute: str = "dense,fused"
+    batch: list[int] | str = "1"
+    checks: str = "on"  # bench/e2e_checks.py
     # --moe (bench/e2e_moe.py): a mixture-of-experts model with routed expert reads
     moe: bool = False
     expert_intermediate: int | None = None
@@ -104,7 +120,6 @@ class Options:
     zipf: float = 1.0
     routers: str = "uniform,zipf"
     moe_systems: str | None = None
-    checks: str = "on"  # bench/e2e_checks.py
 
 
 def add_arguments(parser) -> None:
@@ -127,6 +142,16 @@ def add_arguments(parser) -> None:
                              "shard reads in flight, which this virtual disk rewards)")
     parser.add_argument("--endor-prefetch", type=int, default=None,
                         help="prefetch of the Endor pipeline alone (default: --prefetch)")
+    parser.add_argument("--values", default="raw,exp,int4",
+                        help="value codecs of the Endor checkpoints, comma-separated (one "
+                             f"conversion each; {','.join(variants.VALUES)}; default "
+                             "raw,exp,int4; int4/int8 by round-to-nearest, lossy)")
+    parser.add_argument("--compute", default="dense,fused",
+                        help="compute of the Endor systems, comma-separated (dense, fused, "
+                             "auto; default dense,fused)")
+    parser.add_argument("--batch", type=harness.int_list, default=[1],
+                        help="prompts per generate call, comma-separated: one row per system "
+                             "and batch size, tokens/s counting every prompt (default 1)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the model computes (default cpu)")
     parser.add_argument("--offload", choices=("disk", "cpu"), default="disk",
@@ -134,7 +159,9 @@ def add_arguments(parser) -> None:
                              "token) or cpu (host RAM; needs --device cuda). Default disk")
     parser.add_argument("--systems", default=None,
                         help="comma-separated subset to time (default, --offload disk: "
-                             f"{','.join(DISK_SYSTEMS)}; --offload cpu: {','.join(CPU_SYSTEMS)})")
+                             f"{','.join(DEFAULT_DISK_SYSTEMS)}; --offload cpu: "
+                             f"{','.join(CPU_SYSTEMS)}); also accelerate-warm, "
+                             f"{','.join(RAM_SYSTEMS)}")
     parser.add_argument("--max-seconds", type=float, default=None,
                         help="stop timing rounds once the next would end past this many seconds "
                              "(at least one timed round; the rows' n says how many ran)")
@@ -163,73 +190,19 @@ def _config(opts: Options):
                        architectures=["LlamaForCausalLM"]), shape
 
 
-def _prepare(config, opts: Options, workdir: Path) -> dict:
-    """Synthetic HF checkpoint -> converted "endor" and "dense" checkpoints (cached by shape)."""
-    key = hashlib.sha256(json.dumps([config.to_dict(), opts.dtype, opts.sparsity],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:12]
-    root = workdir / f"llama-{key}"
-    hf = root / "hf"
-    if not (hf / "config.json").is_file():
-        write_synthetic_checkpoint(hf, config, dtype=getattr(torch, opts.dtype))
-    out = {weights: root / weights for weights in ("endor", "dense")}
-    _convert_all(hf, {w: o for w, o in out.items() if not (o / "endor.json").is_file()},
-                 opts.sparsity)
-    return out
-
-
-_CONVERT_CHILD = ("import sys; from endor.convert import convert; convert(sys.argv[1], "
-                  "sys.argv[2], method='magnitude', sparsity=float(sys.argv[3]), "
-                  "weights=sys.argv[4], progress=False)")
-
-
-def _convert_all(hf: Path, outs: dict, sparsity: float, *, parallel: bool | None = None) -> None:
-    """Prune and convert `hf` to each {weights: out dir}. convert runs on one thread, so on a
-    machine with cores to spare (default: 8 or more; the GPU host) the conversions run at once,
-    in child processes: the device check's first run builds its checkpoints in half the time."""
-    if parallel is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-            else os.cpu_count() or 1
-        parallel = cores >= 8
-    if not parallel or len(outs) < 2:
-        for weights, out in outs.items():
-            convert(hf, out, method="magnitude", sparsity=sparsity, weights=weights,
-                    progress=False)
-        return
-
-    env = dict(os.environ)  # the children import this very endor, installed or not
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[2]),
-                                                      env.get("PYTHONPATH")]))
-    children = [subprocess.Popen([sys.executable, "-c", _CONVERT_CHILD, str(hf), str(out),
-                                  repr(float(sparsity)), weights], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                for weights, out in outs.items()]
-    errors = []
-    try:
-        for child, weights in zip(children, outs):
-            _, err = child.communicate()
-            if child.returncode:
-                errors.append(f"converting to {weights} weights failed "
-                              f"(exit {child.returncode}):\n{err[-3000:]}")
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-    if errors:
-        raise RuntimeError("\n".join(errors))
-
-
 def _shards(path) -> tuple[list[Path], Path]:
     """(the decoder layers' shards, in order; the "rest" shard)."""
     layers, rest = layer_files(Checkpoint(path))
     return [Path(f.path) for f in layers], Path(rest.path)
 
 
-def _generate(model, prompt, new_tokens: int) -> list[int]:
+def _generate(model, prompt, new_tokens: int) -> list[list[int]]:
+    """Greedy tokens of every prompt of the batch (all of one length: no padding)."""
     with torch.no_grad():
         out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)
-    return out[0, prompt.shape[1]:].tolist()
+                             do_sample=False, pad_token_id=0,
+                             attention_mask=torch.ones_like(prompt))
+    return out[:, prompt.shape[1]:].tolist()
 
 
 def _time(models: dict, prompt, opts: Options) -> dict:
@@ -264,9 +237,18 @@ def _time(models: dict, prompt, opts: Options) -> dict:
     return out
 
 
-def _row(system: str, t: harness.Stats, stats: dict, tokens, reference, cold: bool) -> dict:
-    row = {"system": system, "decode_tokens_per_s": 1.0 / t.median_s, "s_per_token": t.median_s,
+def _row(system, t: harness.Stats, stats: dict, tokens, reference, cold: bool,
+         batch: int = 1) -> dict:
+    """One system at one batch size; tokens/s counts every prompt (s_per_token is per step)."""
+    row = {"system": variants.name_of(system), "batch": batch,
+           "decode_tokens_per_s": batch / t.median_s, "s_per_token": t.median_s,
            "min_s": t.min_s, "max_s": t.max_s, "n": t.n}
+    if isinstance(system, Variant):
+        # whether the fused kernel read these values (else: decompressed per matrix, then GEMV)
+        row.update(values=system.values, compute=stats.get("compute", system.compute),
+                   ram=system.ram, fused_layers=stats.get("fused_layers", 0),
+                   fused_reads_values=system.values in fused_codecs(torch.device(
+                       stats.get("device", "cpu"))))
     nbytes = stats.get("bytes_read_per_token") or stats.get("streamed_shard_bytes", 0)
     row["mb_read_per_token"] = nbytes / 1e6
     row["gbps"] = t.gbps(int(nbytes))
@@ -283,63 +265,32 @@ def _row(system: str, t: harness.Stats, stats: dict, tokens, reference, cold: bo
     return row
 
 
-def _disk_row(files, opts: Options) -> dict:
-    reader = ShardReader()
-    buf = aligned_buffer(max(f.stat().st_size for f in files))
-    total = sum(f.stat().st_size for f in files)
-
-    def read_all():
-        for f in files:
-            reader.read_into(f, buf, f.stat().st_size)
-
-    try:
-        t = harness.measure(read_all, warmup=opts.warmup, repeat=opts.repeat,
-                            setup=lambda: harness.evict_files(files))
-    finally:
-        reader.close()
-    return {"system": "disk", "s_per_token": t.median_s, "min_s": t.min_s, "max_s": t.max_s,
-            "n": t.n, "mb_read_per_token": total / 1e6, "gbps": t.gbps(total),
-            "direct_io": reader.direct}
-
-
-def _h2d_row(files, opts: Options) -> dict:
-    """Every dense shard copied from pinned host memory to the GPU, one after the other: what a
-    token costs when only the link moves bytes."""
-    sizes = [f.stat().st_size for f in files]
-    host = [torch.empty(n, dtype=torch.uint8, pin_memory=True) for n in sizes]
-    for f, h in zip(files, host):
-        h.copy_(torch.frombuffer(bytearray(f.read_bytes()), dtype=torch.uint8))
-    device = torch.device(opts.device)
-    target = torch.empty(max(sizes), dtype=torch.uint8, device=device)
-
-    def copy_all():
-        for h, n in zip(host, sizes):
-            target[:n].copy_(h, non_blocking=True)
-
-    t = harness.measure(copy_all, warmup=opts.warmup, repeat=opts.repeat, device=device)
-    return {"system": "h2d", "s_per_token": t.median_s, "min_s": t.min_s, "max_s": t.max_s,
-            "n": t.n, "mb_read_per_token": sum(sizes) / 1e6, "gbps": t.gbps(sum(sizes))}
-
-
-def _check_args(opts: Options) -> list[str]:
-    """Fail on bad options before the (slow) checkpoint preparation. Returns the systems."""
+def _check_args(opts: Options) -> tuple[list, list[str]]:
+    """Fail on bad options before the (slow) checkpoint preparation. Returns (the systems,
+    endor expanded into its variants; the value codecs)."""
     if opts.new_tokens < 2 or not 0 < opts.budget_fraction <= 1 or opts.prefetch < 0 or \
             (opts.endor_prefetch or 0) < 0:
         raise ValueError("--new-tokens must be >= 2, --budget-fraction in (0, 1], "
                          "--prefetch and --endor-prefetch >= 0")
+    if any(b < 1 for b in opts.batch):
+        raise ValueError(f"--batch sizes must be >= 1, got {opts.batch}")
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but torch sees no CUDA device (torch "
                          f"{torch.__version__}, CUDA {torch.version.cuda}); use --device cpu")
     if opts.offload == "cpu" and opts.device == "cpu":
         raise ValueError("--offload cpu needs --device cuda: computing on the CPU, weights "
                          "held in RAM are not offloaded (Accelerate refuses it too)")
-    allowed = DISK_SYSTEMS if opts.offload == "disk" else CPU_SYSTEMS
-    systems = [s.strip() for s in (opts.systems or ",".join(allowed)).split(",") if s.strip()]
+    allowed = (DISK_SYSTEMS if opts.offload == "disk" else CPU_SYSTEMS) + RAM_SYSTEMS
+    default = DEFAULT_DISK_SYSTEMS if opts.offload == "disk" else CPU_SYSTEMS
+    systems = [s.strip() for s in (opts.systems or ",".join(default)).split(",") if s.strip()]
     unknown = set(systems) - set(allowed)
     if unknown or not systems:
         raise ValueError(f"unknown systems {sorted(unknown)} for --offload {opts.offload}; "
                          f"choose from {','.join(allowed)}")
-    return with_checks(systems, parse_checks(opts.checks))
+    values = variants.parse_names(opts.values, variants.VALUES, "--values")
+    computes = variants.parse_names(opts.compute, variants.COMPUTES, "--compute")
+    return variants.with_checks(variants.expand(systems, values, computes),
+                                parse_checks(opts.checks)), values
 
 
 def _workdir(opts: Options) -> tuple[Path, Path | None]:
@@ -352,27 +303,45 @@ def _workdir(opts: Options) -> tuple[Path, Path | None]:
         "bench-e2e", None
 
 
-def _ratios(by: dict, rounds: dict) -> dict:
-    ratios = {}
-    if "dense" in by and "endor" in by:
-        ideal_s = by["dense"]["s_per_token"] * by["endor"]["mb_read_per_token"] / \
-            by["dense"]["mb_read_per_token"]
-        ratios["ideal_s"] = ideal_s
-        ratios["endor_vs_dense"] = by["dense"]["s_per_token"] / by["endor"]["s_per_token"]
-        ratios["endor_vs_ideal_time"] = by["endor"]["s_per_token"] / ideal_s
-        ratios["bytes_dense_vs_endor"] = by["dense"]["mb_read_per_token"] / \
-            by["endor"]["mb_read_per_token"]
-    for acc in ("accelerate", "accelerate-cold", "accelerate-warm"):
-        if acc in by and "endor" in by:
-            ratios[f"endor_vs_{acc.replace('-', '_')}"] = \
-                by[acc]["s_per_token"] / by["endor"]["s_per_token"]
-    # The same ratios within each round (runs of one round are back to back), median over
-    # rounds: robust to the shared disk getting slower or faster between rounds.
-    for other in ("dense", "accelerate", "accelerate-cold", "accelerate-warm"):
-        if other in rounds and "endor" in rounds:
-            ratios[f"endor_vs_{other.replace('-', '_')}_paired"] = statistics.median(
-                o / e for o, e in zip(rounds[other], rounds["endor"]))
-    return ratios
+def _load(system, paths: dict, budget: int, threads, opts: Options):
+    """(the model of `system`, the shards it reads per token)."""
+    device = torch.device(opts.device)
+    if isinstance(system, Variant):
+        path = paths[system.values]
+        if system.ram:  # nothing streams, nothing is read per token
+            return load_model(path, device=device, max_memory=None, compute="fused"), []
+        prefetch = opts.prefetch if opts.endor_prefetch is None else opts.endor_prefetch
+        model = load_model(path, device=device, max_memory=budget, offload=opts.offload,
+                           prefetch=prefetch, direct_io=opts.io == "direct",
+                           compute=system.compute, verify=system.verify)
+        return model, _shards(path)[0]
+    if base_system(system)[0] == "dense":
+        return load_model(paths["dense"], device=device, max_memory=budget, offload=opts.offload,
+                          prefetch=opts.prefetch, direct_io=opts.io == "direct",
+                          verify=base_system(system)[1]), _shards(paths["dense"])[0]
+    if system == "ram-dense":  # plain transformers, every weight in RAM, all cores
+        return load_accelerate(paths["dense"], device=device, max_memory=None), []
+    model = load_accelerate(paths["dense"], device=device, max_memory=budget,
+                            offload=opts.offload, compute_threads=threads)
+    if system == "accelerate-cold":
+        evict_on_read(model)
+    return model, _shards(paths["dense"])[0]
+
+
+def _references(systems, paths: dict, prompts: dict, opts: Options) -> dict:
+    """Greedy tokens of each checkpoint's weights held in memory (dense compute), per batch size:
+    what every row of those weights must generate."""
+    needed = {"dense"} | {s.values for s in systems if isinstance(s, Variant)}
+    out = {}
+    for key in sorted(needed):
+        model = load_model(paths[key], device=opts.device, max_memory=None, compute="dense")
+        try:
+            out[key] = {b: _generate(model, p, opts.new_tokens) for b, p in prompts.items()}
+        finally:
+            model.endor_close()
+            del model
+            gc.collect()
+    return out
 
 
 def run(**options) -> dict:
@@ -383,24 +352,28 @@ def run(**options) -> dict:
         return run_moe(opts)
     if opts.new_tokens is None:
         opts = replace(opts, new_tokens=4 if opts.quick else 8)
-    systems = _check_args(opts)
+    if isinstance(opts.batch, str):
+        opts = replace(opts, batch=harness.int_list(opts.batch))
+    systems, values = _check_args(opts)
+    load_at_start = harness.system_load()
     device = torch.device(opts.device)
     config, shape = _config(opts)
     workdir, temp = _workdir(opts)
     try:
         t0 = time.perf_counter()
-        paths = _prepare(config, opts, workdir)
+        paths = prepare(config, opts, workdir, values)
         prepare_s = time.perf_counter() - t0
-        (dense_files, dense_rest), (endor_files, _) = _shards(paths["dense"]), \
-            _shards(paths["endor"])
+        dense_files, dense_rest = _shards(paths["dense"])
         model_bytes = sum(f.stat().st_size for f in (*dense_files, dense_rest))
         budget = int(opts.budget_fraction * model_bytes)
         # A large vocabulary on few layers (the device check's 4-layer 7B shape) puts the
         # embeddings above the fraction: then the least possible, every decoder layer streamed.
         least = budget < dense_rest.stat().st_size
         budget = 0 if least else budget
-        prompt = torch.randint(config.vocab_size, (1, opts.prompt_len),
-                               generator=torch.Generator().manual_seed(0)).to(device)
+        prompts = {b: torch.randint(config.vocab_size, (b, opts.prompt_len),
+                                    generator=torch.Generator().manual_seed(0)).to(device)
+                   for b in opts.batch}
+        references = _references(systems, paths, prompts, opts)
         # The compute threads our pipeline uses are given to Accelerate too, so only the
         # loading strategy differs (and one thread computes faster than two on a busy 2-core
         # machine). None on the GPU.
@@ -410,22 +383,9 @@ def run(**options) -> dict:
         models = {}
         try:
             for system in systems:
-                pipeline, verify = base_system(system)
-                if pipeline in ("endor", "dense"):
-                    prefetch = opts.prefetch if pipeline == "dense" or \
-                        opts.endor_prefetch is None else opts.endor_prefetch
-                    model = load_model(paths[pipeline], device=device, max_memory=budget,
-                                       offload=opts.offload, prefetch=prefetch,
-                                       direct_io=opts.io == "direct", verify=verify)
-                    files = endor_files if pipeline == "endor" else dense_files
-                else:
-                    model = load_accelerate(paths["dense"], device=device, max_memory=budget,
-                                            offload=opts.offload, compute_threads=threads)
-                    files = dense_files
-                    if system == "accelerate-cold":
-                        evict_on_read(model)
-                models[system] = (model, files if disk else [])
-            timed = _time(models, prompt, opts)
+                model, files = _load(system, paths, budget, threads, opts)
+                models[variants.name_of(system)] = (model, files if disk else [])
+            timed = {b: _time(models, prompts[b], opts) for b in opts.batch}
         finally:
             for model, _ in models.values():
                 model.endor_close()
@@ -433,44 +393,57 @@ def run(**options) -> dict:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        rows, reference = [], None
-        for system in systems:
-            t, stats, tokens, cold = timed[system]
-            reference = reference if reference is not None else tokens
-            rows.append(_row(system, t, stats, tokens, reference, cold and disk))
-        by = {r["system"]: r for r in rows}
-        ratios = {**_ratios(by, timed["_rounds"]), **checks_ratios(by, timed["_rounds"])}
-        if "ideal_s" in ratios:
-            ideal_s = ratios.pop("ideal_s")
-            rows.append({"system": "ideal", "decode_tokens_per_s": 1.0 / ideal_s,
-                         "s_per_token": ideal_s,
-                         "mb_read_per_token": by["endor"]["mb_read_per_token"]})
+        rows = []
+        for b in opts.batch:
+            for system in systems:
+                t, stats, tokens, cold = timed[b][variants.name_of(system)]
+                weights = system.values if isinstance(system, Variant) else "dense"
+                rows.append(_row(system, t, stats, tokens, references[weights][b],
+                                 cold and disk and files_read(system), b))
+        first = opts.batch[0]
+        by = {r["system"]: r for r in rows if r["batch"] == first}
+        ratios = {**variants.ratios(by, timed[first]["_rounds"]),
+                  **checks_ratios(by, timed[first]["_rounds"])}
+        ratios.update(variants.batch_ratios(rows))
+        if "dense" in by:
+            for v in values:
+                best = by.get(ratios.get(f"{v}_best"))
+                if best:
+                    ideal_s = by["dense"]["s_per_token"] * best["mb_read_per_token"] / \
+                        by["dense"]["mb_read_per_token"]
+                    rows.append({"system": f"ideal-{v}", "batch": first, "values": v,
+                                 "decode_tokens_per_s": first / ideal_s, "s_per_token": ideal_s,
+                                 "mb_read_per_token": best["mb_read_per_token"]})
         if disk:
-            rows.append(_disk_row(dense_files, opts))
+            rows.append(disk_row(dense_files, opts))
         if device.type == "cuda":
-            rows.append(_h2d_row(dense_files, opts))
-        met = checks_met(ratios)
-        if "endor_vs_dense" in ratios:
-            met["endor_vs_dense"] = ratios["endor_vs_dense"] >= DONE_WHEN["endor_vs_dense_min"]
-            met["endor_vs_ideal"] = ratios["endor_vs_ideal_time"] <= \
-                DONE_WHEN["endor_vs_ideal_time_max"]
-        baseline = "endor_vs_accelerate_cold" if disk else "endor_vs_accelerate"
-        if baseline in ratios:
-            met["endor_vs_accelerate"] = ratios[baseline] >= DONE_WHEN["endor_vs_accelerate_min"]
+            rows.append(h2d_row(dense_files, opts))
         params = {"shape": shape, "dtype": opts.dtype, "sparsity": opts.sparsity,
                   "device": str(device), "offload": opts.offload,
                   "model_bytes": model_bytes, "budget_bytes": budget, "budget_least": least,
                   "budget_fraction": opts.budget_fraction, "new_tokens": opts.new_tokens,
                   "prompt_len": opts.prompt_len, "prefetch": opts.prefetch,
-                  "endor_prefetch": opts.endor_prefetch, "io": opts.io,
-                  "repeat": opts.repeat, "warmup": opts.warmup, "quick": opts.quick,
-                  "max_seconds": opts.max_seconds, "checks": opts.checks,
-                  "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s}
+                  "endor_prefetch": opts.endor_prefetch, "io": opts.io, "values": values,
+                  "compute": variants.parse_names(opts.compute, variants.COMPUTES, "--compute"),
+                  "batch": list(opts.batch), "repeat": opts.repeat, "warmup": opts.warmup,
+                  "quick": opts.quick, "max_seconds": opts.max_seconds, "checks": opts.checks,
+                  "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s,
+                  "load_avg_at_start": load_at_start,
+                  "checkpoint_bytes": {k: _checkpoint_bytes(p) for k, p in paths.items()}}
         return harness.envelope(NAME, params, rows, ratios=ratios,
                                 done_when={**DONE_WHEN, "checks_cost_max": COST_MAX},
-                                met=met, rounds_s_per_token=timed["_rounds"],
+                                met={**variants.met(ratios), **checks_met(ratios)},
+                                rounds_s_per_token={b: timed[b]["_rounds"] for b in opts.batch},
                                 table_columns=TABLE_COLUMNS)
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
 
+
+def files_read(system) -> bool:
+    """Whether the system reads shards per token (whose page-cache eviction then matters)."""
+    return not (getattr(system, "ram", False) or system == "ram-dense")
+
+
+def _checkpoint_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))

@@ -267,6 +267,30 @@ def _draw_generic(doc: dict):
 E2E_STAGES = ("read", "verify", "transfer", "decompress", "compute", "stall")
 
 
+def _e2e_color(system: str, k: int = 0):
+    if system == "dense":
+        return "C0"
+    if system.startswith("ideal"):
+        return "0.75"
+    if system.startswith(("endor", "ram-endor")):
+        return f"C{2 + k % 8}" if k else "C2"
+    return "C1"  # Accelerate, ram-dense
+
+
+def _draw_batch_curve(ax, rows: list[dict]) -> None:
+    """Tokens/s (every prompt counted) against the batch size, one line per system."""
+    systems = list(dict.fromkeys(r["system"] for r in rows if "batch" in r and
+                                 r.get("decode_tokens_per_s")))
+    for k, system in enumerate(systems):
+        points = sorted((r["batch"], r["decode_tokens_per_s"]) for r in rows
+                        if r["system"] == system and "batch" in r)
+        ax.plot(*zip(*points), marker="o", label=system, color=_e2e_color(system, k))
+    ax.set(xscale="log", yscale="log", xlabel="batch (prompts per step)",
+           ylabel="decode tokens/s", title="batch curve")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+
+
 def _draw_e2e(doc: dict):
     """e2e: decode tokens/s per system (Endor, dense, Accelerate, ideal), and per-stage busy time
     per token of our two pipelines (stages overlap: bars add up to more than the wall time when
@@ -274,32 +298,35 @@ def _draw_e2e(doc: dict):
     rows = [r for r in doc.get("results", []) if isinstance(r, dict) and "system" in r]
     if not rows:
         return _draw_generic(doc)
-    fig, axes = _figure(2, width=5.5)
-    speed_ax, stage_ax = axes[0]
+    batches = sorted({r["batch"] for r in rows if "batch" in r})
+    fig, axes = _figure(3 if len(batches) > 1 else 2, width=5.5)
+    speed_ax, stage_ax = axes[0][:2]
+    if len(batches) > 1:
+        _draw_batch_curve(axes[0][2], rows)
+    first = batches[0] if batches else None
+    rows = [r for r in rows if r.get("batch", first) == first]  # batch curves: the first size
     shown = [r for r in rows if r.get("decode_tokens_per_s")]
-    palette = {"endor": "C2", "dense": "C0", "ideal": "0.75"}
-    colors = [palette.get(r["system"], "C1") for r in shown]  # Accelerate: C1
     bars = speed_ax.bar(range(len(shown)), [r["decode_tokens_per_s"] for r in shown],
-                        color=colors)
-    speed_ax.bar_label(bars, fmt="%.3g", fontsize=7)
-    speed_ax.set_xticks(range(len(shown)), [r["system"] for r in shown], rotation=20,
-                        fontsize=8)
+                        color=[_e2e_color(r["system"]) for r in shown])
+    speed_ax.bar_label(bars, fmt="%.3g", fontsize=6)
+    speed_ax.set_xticks(range(len(shown)), [r["system"] for r in shown], rotation=35,
+                        ha="right", fontsize=6)
     speed_ax.set(ylabel="decode tokens/s (median)", title="throughput")
     speed_ax.grid(alpha=0.3, axis="y")
-    ours = [r for r in rows if r["system"] in ("endor", "dense")]
+    ours = [r for r in rows if r["system"] == "dense" or r["system"].startswith("endor")]
     stages = [s for s in E2E_STAGES if any(r.get(f"{s}_ms") for r in ours)]
     width = 0.8 / max(len(ours), 1)
     for k, r in enumerate(ours):
         xs = [i + (k - (len(ours) - 1) / 2) * width for i in range(len(stages))]
-        stage_ax.bar(xs, [r.get(f"{s}_ms", 0.0) for s in stages], width,
-                     label=r["system"], color="C2" if r["system"] == "endor" else "C0")
-        stage_ax.axhline(r["s_per_token"] * 1e3, color="C2" if r["system"] == "endor" else "C0",
-                         linestyle="--", linewidth=1)
+        color = _e2e_color(r["system"], k)
+        stage_ax.bar(xs, [r.get(f"{s}_ms", 0.0) for s in stages], width, label=r["system"],
+                     color=color)
+        stage_ax.axhline(r["s_per_token"] * 1e3, color=color, linestyle="--", linewidth=1)
     stage_ax.set_xticks(range(len(stages)), stages, fontsize=8)
     stage_ax.set(ylabel="busy ms per token (dashed: wall)", title="pipeline stages")
     stage_ax.grid(alpha=0.3, axis="y")
     if ours:
-        stage_ax.legend(fontsize=8)
+        stage_ax.legend(fontsize=6)
     params = doc.get("params", {})
     _title(fig, doc, f"{params.get('device', 'cpu')} compute, {params.get('offload', 'disk')} "
            f"offload, {params.get('model_bytes', 0) / 1e9:.2f} GB {params.get('dtype', '')}")
@@ -312,6 +339,7 @@ DRAWERS: dict[str, Callable[[dict], object]] = {
     # Benchmarks that draw their own figure, imported only when drawn.
     "quality": lambda doc: importlib.import_module("endor.bench.quality").draw(doc),
     "e2e": _draw_e2e,
+    "gemv": lambda doc: importlib.import_module("endor.bench.gemv").draw(doc),
 }
 
 

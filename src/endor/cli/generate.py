@@ -31,8 +31,9 @@ def add_parser(sub):
     p.add_argument("--backend", default="auto", help="decompressor backend (default auto)")
     p.add_argument("--compute", choices=("auto", "fused", "dense"), default="auto",
                    help="fused: decoder weights stay compressed and decode steps compute from "
-                        "them; dense: decompress every layer; auto: dense for now "
-                        "(fused is opt-in: runtime/fused.py says why) (default auto)")
+                        "them; dense: decompress every layer; auto: fused where the fused kernel "
+                        "reads the layer's value codec, dense elsewhere (runtime/fused.py says "
+                        "why) (default auto)")
     p.add_argument("--expert-cache", choices=("lfu", "lru"), default="lfu",
                    help="mixture-of-experts models: which experts the cache keeps, the most used "
                         "(lfu, default) or the most recent (lru)")

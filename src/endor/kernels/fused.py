@@ -10,7 +10,17 @@ roundoff of the output dtype (2**-8 bfloat16, 2**-11 float16, 2**-24 float32), f
 
 where `exact` is the real-number result and K the number of columns (the classic bound for a
 recursive or blocked float32 sum, plus one rounding). torch's dense GEMV obeys the same bound,
-so the two may differ by up to twice it; they are not bit-identical in general."""
+so the two may differ by up to twice it; they are not bit-identical in general.
+
+One more term where float32 subnormals meet: the CPU kernel's bfloat16 path for an x that is
+exactly bfloat16 (vdpbf16ps, AVX512_BF16) treats subnormal inputs and results as zero, so the
+bound adds sum |x_k w_k| over the terms with a subnormal factor (|.| < 2**-126) and K * 2**-126
+for flushed partial sums; both are zero unless such tiny values occur.
+
+W's values are the decoded ones for every codec: `exp` decodes exactly; `int8`/`int4` weights
+are round_D(scale * q) (FORMAT.md 1.3), and the kernels multiply exactly those values, so the
+bound holds against the dequantized weight (the quantization error is the codec's, not this
+kernel's)."""
 
 from __future__ import annotations
 
@@ -34,6 +44,7 @@ class LinearBackend:
     # (x2d float32 [M, K] contiguous, et) -> float32 [M, N]
     matmul: Callable[[torch.Tensor, EndorTensor], torch.Tensor]
     available: Callable[[], bool]
+    codecs: tuple[str, ...] = ("raw",)  # value codecs it reads; linear() decompresses others
 
 
 _BACKENDS: dict[str, LinearBackend] = {}
@@ -76,7 +87,12 @@ def error_bound(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if bias is not None:
         magnitude = magnitude + bias.double().abs()
     u = UNIT_ROUNDOFF[out_dtype]
-    return (k + 1) * 2.0**-24 * magnitude * (1 + u) + u * exact.abs()
+    tiny = 2.0**-126
+    xd, wd = x.double(), weight.double()
+    x_sub = torch.where(xd.abs() < tiny, xd.abs(), 0.0)
+    w_sub = torch.where(wd.abs() < tiny, wd.abs(), 0.0)
+    flushed = x_sub @ wd.abs().T + xd.abs() @ w_sub.T + k * tiny
+    return (k + 1) * 2.0**-24 * magnitude * (1 + u) + u * exact.abs() + flushed
 
 
 def _check(x: torch.Tensor, et: EndorTensor, bias: torch.Tensor | None) -> None:
@@ -106,9 +122,8 @@ def linear(x: torch.Tensor, et: EndorTensor, bias: torch.Tensor | None = None, *
     chosen = choose_linear(backend, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-    if et.values_codec != "raw":
-        # The kernels read raw values; a codec's tile decoder plugs into their one "packed
-        # values of tile k" step (tile_values in cpu/fused.c) later. Until then: decompress.
+    if et.values_codec not in chosen.codecs:
+        # A backend without a tile decoder for this codec: decompress, then a GEMM.
         y = x2 @ decompress(et).view(et.shape).float().T
     else:
         y = chosen.matmul(x2, et)
@@ -123,4 +138,5 @@ def reference_matmul(x: torch.Tensor, et: EndorTensor) -> torch.Tensor:
     return x @ dense.view(et.shape).float().T
 
 
-register_linear(LinearBackend("reference", ("cpu", "cuda"), reference_matmul, lambda: True))
+register_linear(LinearBackend("reference", ("cpu", "cuda"), reference_matmul, lambda: True,
+                              codecs=("raw", "exp", "int8", "int4")))

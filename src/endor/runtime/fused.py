@@ -10,6 +10,8 @@ models (tests/runtime/test_fused.py); they may differ where two logits are withi
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import nn
 
@@ -27,17 +29,59 @@ FUSED_MAX_ROWS = 16
 
 
 def resolve_compute(compute: str, device: torch.device, weights: str) -> str:
-    """"auto" is "dense" for now. Measured on the 2-core CPU (load 15-19, docs/benchmarks/fused):
-    fused GEMV is 1.1-1.2x torch's dense GEMV at batch 1 and the in-RAM model 1.5x at batch 1,
-    but streamed layers computed fused ran at 0.23x the dense pipeline, and the fused kernels read
-    raw values only (exp-coded weights, the default codec, are decompressed per call). "fused"
-    stays available, opt-in, until it wins where auto would pick it."""
+    """"fused", "dense", or "auto": fused for each decoder layer whose compressed Linear weights
+    are all in a codec the fused kernel reads straight from the compressed bytes (fused_codecs),
+    dense for the others (layer_names decides). Why, measured on the e2e model (1.15 GB bf16,
+    50%, disk, cold, 10% budget; 2 shared cores, docs/benchmarks/e2e-values): streamed raw
+    values computed fused ran faster than decompressed (the fused kernel reads 0.61 GB per token
+    where decompress + GEMV writes and reads 1.08 GB more), while a codec the kernel cannot read
+    (exp, int4 until their kernels land) would be decompressed per matrix on the compute
+    thread, which the dense pipeline does on the loader thread beside the reads. On CUDA
+    nothing is measured yet: auto is dense there."""
     if compute not in COMPUTE:
         raise ValueError(f"compute must be one of {COMPUTE}, got {compute!r}")
     if compute == "fused":
         choose_linear("auto", device)
         return "fused"
+    if compute == "auto" and weights == "endor" and device.type == "cpu" and \
+            choose_linear("auto", device).name != "reference":
+        return "auto"
     return "dense"
+
+
+def layer_names(layer: nn.Module, plan: LayerPlan, compute: str,
+                device: torch.device) -> frozenset[str]:
+    """The weights of `layer` to keep compressed under `compute` (resolve_compute's answer):
+    every fusable one with "fused"; with "auto" the same if the kernel reads all their codecs,
+    none otherwise."""
+    if compute == "dense":
+        return frozenset()
+    names = fusable(layer, plan)
+    if compute == "auto":
+        codecs = {tp.entry.codec for tp in plan.tensors if tp.name in names}
+        if not codecs <= set(fused_codecs(device)):
+            return frozenset()
+    return names
+
+
+def fused_codecs(device: torch.device) -> tuple[str, ...]:
+    """The value codecs the chosen fused kernel reads straight from the compressed bytes;
+    others are decompressed (into a reused scratch) and multiplied dense."""
+    return tuple(getattr(choose_linear("auto", device), "codecs", ("raw",)))
+
+
+_scratch = threading.local()  # per thread: (device, dtype) -> the largest dense weight so far
+
+
+def dense_scratch(et: EndorTensor) -> torch.Tensor:
+    """A dense buffer for `et`, reused across layers and tokens (compute runs one Linear at a
+    time per thread): no allocation per call, and the pages stay warm in the cache."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    key = (et.device, et.dtype)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < et.numel:
+        buf = buffers[key] = torch.empty(et.numel, dtype=et.dtype, device=et.device)
+    return buf[:et.numel]
 
 
 class EndorLinear(nn.Module):
@@ -59,10 +103,10 @@ class EndorLinear(nn.Module):
             raise RuntimeError("EndorLinear has no weight (a streamed layer outside its forward)")
         rows = x.numel() // max(x.shape[-1], 1)
         bias = self.bias
-        if rows <= self.max_fused_rows:
+        if rows <= self.max_fused_rows and et.values_codec in fused_codecs(x.device):
             return linear(x, et, bias)
-        weight = decompress(et, backend=self.backend)
-        return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias)
+        weight = decompress(et, out=dense_scratch(et), backend=self.backend).view(et.shape)
+        return nn.functional.linear(x, weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

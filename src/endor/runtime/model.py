@@ -21,6 +21,7 @@ from . import fused
 from .metrics import Metrics
 from .plan import parse_size, plan_layer, plan_memory
 from .reader import ShardReader
+from .rest import StreamedHead, offload_rest, rest_size
 from .stream import LayerStream
 from .experts import POLICIES, ExpertStore, RoutedExperts, layer_views_source, plan_experts
 from .moe_layers import (load_resident_experts, moe_layers, plan_moe_layer, replace_experts,
@@ -64,8 +65,8 @@ def _empty_model(path, dtype: torch.dtype):
     return model.eval()
 
 
-def thread_split(device: torch.device, streaming: bool,
-                 compute_threads: int | None = None) -> tuple[int | None, int | None]:
+def thread_split(device: torch.device, streaming: bool, compute_threads: int | None = None,
+                 decompress_threads: int | None = None) -> tuple[int | None, int | None]:
     """(compute, decompress) CPU threads. Computing on the CPU while streaming, the decompressor
     gets a core of its own (two on larger machines) and the model's forward the others: with every
     core given to torch's OpenMP compute, the decompressor thread preempts it in the middle of
@@ -74,14 +75,15 @@ def thread_split(device: torch.device, streaming: bool,
     if device.type != "cpu" or not streaming:
         return compute_threads, None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    decompress = 1 if cores <= 4 else 2
+    decompress = decompress_threads or (1 if cores <= 4 else 2)
     return compute_threads or max(1, cores - decompress), decompress
 
 
 def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, prefetch: int = 1,
                backend: str = "auto", compute_threads: int | None = None,
                direct_io: bool = True, expert_reads: bool = True, expert_cache: str = "lfu",
-               model: nn.Module | None = None, compute: str = "auto", verify: bool = True):
+               model: nn.Module | None = None, compute: str = "auto", verify: bool = True,
+               decompress_threads: int | None = None):
     """Load a converted checkpoint (weights "endor" or "dense") for offloaded inference.
 
     device: where it computes ("cpu", "cuda"). offload: where streamed layers live between
@@ -94,6 +96,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     compressed shards as fit in the memory of prefetch+1 dense layers (stream.read_slot_count).
     backend: decompressor (see endor.decompress).
     compute_threads: torch threads during the model's forward (default: see thread_split).
+    decompress_threads: threads of the streamed layers' decompressor (default: thread_split).
     direct_io: read shards with O_DIRECT (default); False reads them buffered and evicts them
     from the page cache right after (cold reads either way; faster on some virtual disks where
     transparent huge pages are off: see reader.py).
@@ -107,8 +110,8 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     compute: "fused" keeps decoder Linear weights compressed, resident ones counted in the budget
     at their compressed size, streamed ones used straight from their read buffer, and computes
     from the compressed form for a few tokens (decode), decompress + GEMM for many (prefill);
-    "dense" decompresses every layer; "auto" (default) is "dense" for now: see runtime/fused.py
-    resolve_compute for the measured reason.
+    "dense" decompresses every layer; "auto" (default) is fused for the layers whose codec the
+    fused kernel reads, dense for the others (runtime/fused.py resolve_compute says why).
     verify: True (default) checks every streamed shard's stored checksums at load and every
     later read of it against the digest taken then (docs/FORMAT.md, "What is checked when").
     False skips both, so a shard corrupted or changed on disk reaches the model unnoticed: it
@@ -126,9 +129,11 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
         raise ValueError(f"expert_cache must be one of {POLICIES}, got {expert_cache!r}")
     if not isinstance(verify, bool):
         raise ValueError(f"verify must be True or False, got {verify!r}")
-    if compute_threads is not None and (isinstance(compute_threads, bool) or not isinstance(
-            compute_threads, int) or compute_threads < 1):
-        raise ValueError(f"compute_threads must be a positive integer, got {compute_threads!r}")
+    for name, value in (("compute_threads", compute_threads),
+                        ("decompress_threads", decompress_threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or
+                                  value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     budget = parse_size(max_memory, device=str(device))
     choose(backend, device)  # an unknown or unavailable backend fails now, not mid-generation
 
@@ -145,7 +150,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     plans, kept = [], []
     for i, (layer, f) in enumerate(zip(layers, files)):
         plan = plan_moe_layer(i, f, prefixes[i], layer, moe.get(i), routed)
-        names = fused.fusable(layer, plan) if compute == "fused" and i not in moe \
+        names = fused.layer_names(layer, plan, compute, device) if i not in moe \
             else frozenset()
         if names:
             expected = {n: (t.shape, t.dtype) for n, t in layer.state_dict(keep_vars=True).items()}
@@ -154,7 +159,11 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
         plans.append(plan)
         kept.append(names)
 
-    rest_bytes = load_rest(model, rest_file, f"{layer_path}.", device=device, backend=backend)
+    skip, floor = frozenset(), 0
+    if budget and budget < rest_size(rest_file):  # no fixed floor: see runtime/rest.py
+        skip, floor = offload_rest(model, rest_file, device=device, budget=budget)
+    rest_bytes = floor + load_rest(model, rest_file, f"{layer_path}.", device=device,
+                                   backend=backend, skip=skip)
     memory = plan_memory(budget, rest_bytes,
                          [fused.resident_bytes(p, names) for p, names in zip(plans, kept)])
     for i in memory.resident:
@@ -169,6 +178,9 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                                   backend=backend)
 
     metrics = Metrics()
+    head = model.get_output_embeddings()
+    if isinstance(head, StreamedHead):
+        head.metrics = metrics
     store = None
     if routed and moe:
         cache = max(0, (memory.budget or 0) - memory.resident_bytes)
@@ -189,11 +201,14 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                 layer_views_source(moe, expert_views)))
     reader = ShardReader(direct=direct_io)
     stream = None
-    # Fused streamed layers leave the loader nothing to decompress (compute keeps every core);
-    # routed experts read and decompress beside the compute, as streamed layers do.
+    # Streamed layers, fused or not, and routed experts keep a core away from the compute: the
+    # loader verifies each shard (and decompresses, dense compute) and the reads complete there.
+    # Fused streamed layers on both cores ran 0.77 s/token against 0.47 on one (raw values, the
+    # e2e model, 2 shared cores at load 12): every OpenMP barrier and kernel join waits for a
+    # time slice whenever anything else runs.
     threads, decompress_threads = thread_split(
-        device, (bool(memory.streamed) and not any(kept)) or bool(routed and moe),
-        compute_threads)
+        device, bool(memory.streamed) or bool(routed and moe), compute_threads,
+        decompress_threads)
     if memory.streamed:
         streamed = [plans[i] for i in memory.streamed]
         try:

@@ -204,14 +204,16 @@ def plan_memory(budget: int | None, rest_bytes: int, layer_bytes: list[int]) -> 
     keeps the cyclic prefetch simple: while the resident layers and the LM head compute, the
     first streamed layers of the next token are already loading.
 
-    A budget of 0 means "the least possible": the non-layer weights, every decoder layer
-    streamed. Any other budget below the non-layer weights is an error."""
+    A budget of 0 means "the least possible" with the non-layer weights resident: every decoder
+    layer streamed. A budget below the non-layer weights reaches here with the embeddings and
+    LM head already out of them (runtime/rest.py); below what is left it is an error."""
     if budget == 0:
         budget = rest_bytes
     if budget is not None and budget < rest_bytes:
         raise ValueError(f"max_memory of {budget:,} bytes is smaller than the weights outside the "
-                         f"decoder layers (embeddings, final norm, LM head: {rest_bytes:,} bytes), "
-                         f"which always stay resident; raise it to at least {rest_bytes:,}")
+                         f"decoder layers that stay resident ({rest_bytes:,} bytes: the final "
+                         "norm and such, with the embeddings and LM head, or, below those, the "
+                         f"streamed head's buffer); raise it to at least {rest_bytes:,}")
     left = math.inf if budget is None else budget - rest_bytes
     resident = []
     for i, nbytes in enumerate(layer_bytes):

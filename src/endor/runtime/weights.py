@@ -97,9 +97,11 @@ def load_dense(f: EndorFile, name: str, dtype: torch.dtype, *, device, backend) 
     return t
 
 
-def load_rest(model: nn.Module, f: EndorFile, layer_prefix: str, *, device, backend) -> int:
-    """Load every non-layer tensor, tie what the model ties, check nothing outside the layers is
-    left on the meta device. Returns the bytes now resident."""
+def load_rest(model: nn.Module, f: EndorFile, layer_prefix: str, *, device, backend,
+              skip: frozenset[str] = frozenset()) -> int:
+    """Load every non-layer tensor but `skip` (read on demand: runtime/rest.py), tie what the
+    model ties, check nothing outside the layers is left on the meta device. Returns the bytes
+    now resident."""
     expected = {n: t for n, t in model.state_dict(keep_vars=True).items()
                 if not n.startswith(layer_prefix)}
     ignore = [re.compile(p) for p in
@@ -108,6 +110,8 @@ def load_rest(model: nn.Module, f: EndorFile, layer_prefix: str, *, device, back
     loaded = set()
     nbytes = 0
     for name in f.keys():
+        if name in skip:
+            continue
         if name not in expected:
             if any(p.search(name) for p in ignore):
                 continue

@@ -1,0 +1,199 @@
+"""No fixed floor: the embeddings and the LM head kept out of memory when the budget is small.
+
+A token needs one row of the embedding table, and the head is just another matrix. When the
+budget is below the non-layer weights (on a Qwen2.5-0.5B-shaped model, untied head and a 152k
+vocabulary, they are 545 MB, 43% of it), load_model replaces
+
+    the input embedding  by OnDemandEmbedding: the rows of the token ids in use, read from the
+                         rest shard with positioned reads (one row = hidden x dtype bytes),
+    the LM head          by StreamedHead: its rows read in chunks of HEAD_CHUNK_BYTES into one
+                         reused buffer, each chunk's logits computed as it arrives,
+
+and only the other non-layer tensors (the final norm...) stay resident. Both read the dense
+tensors of the rest shard (the converter stores them dense), whose bytes were checked against
+their stored checksum when the model was loaded; like a streamed layer's shard, a file changed
+afterwards is read as it is now (a truncated one is a clean FormatError). Reads are buffered and
+the pages dropped from the page cache after each head pass, so every token reads the head cold,
+as the decoder layers are read."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import FormatError
+from ..format import EndorFile
+from ..format.header import StoredTensor
+from ..format.spec import SAFETENSORS_DTYPES
+from .plan import stored_nbytes
+
+# Rows of the head read and multiplied at a time: the only buffer the streamed head holds.
+HEAD_CHUNK_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """A dense 2-D tensor of a shard, read by rows."""
+    path: str
+    name: str
+    stored: StoredTensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.stored.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.stored.dtype]
+
+    @property
+    def row_bytes(self) -> int:
+        return (self.stored.end - self.stored.start) // self.shape[0]
+
+    def read_into(self, fd: int, start: int, out: torch.Tensor) -> None:
+        """Rows [start, start + out.shape[0]) into `out` (contiguous, this dtype)."""
+        view = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+        offset, size, done = self.stored.start + start * self.row_bytes, len(view), 0
+        try:
+            while done < size:
+                n = os.preadv(fd, [view[done:]], offset + done)
+                if n <= 0:
+                    raise FormatError(f"the file ended after {done} of {size} bytes of rows "
+                                      f"from {start} (truncated since it was loaded)",
+                                      path=self.path, tensor=self.name)
+                done += n
+        except OSError as e:
+            raise FormatError(f"cannot read: {e.strerror or e}", path=self.path,
+                              tensor=self.name) from e
+
+    def open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise FormatError(f"cannot read: {e.strerror or e}", path=self.path,
+                              tensor=self.name) from e
+
+
+def row_source(f: EndorFile, name: str) -> RowSource | None:
+    """The tensor as a RowSource, or None when it cannot be read by rows (compressed, not 2-D)."""
+    if f.is_compressed(name):
+        return None
+    stored = f.header.tensors[name]
+    if len(stored.shape) != 2 or stored.shape[0] == 0:
+        return None
+    return RowSource(str(f.path), name, stored)
+
+
+class OnDemandEmbedding(nn.Module):
+    """nn.Embedding whose table stays on disk: forward reads the rows of the ids it is given."""
+
+    def __init__(self, source: RowSource, *, device, padding_idx=None):
+        super().__init__()
+        self.source = source
+        self.num_embeddings, self.embedding_dim = source.shape
+        self.padding_idx = padding_idx
+        self.device = torch.device(device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise IndexError(f"token id out of range [0, {self.num_embeddings})")
+        unique, inverse = torch.unique(ids.cpu(), return_inverse=True)
+        rows = torch.empty(len(unique), self.embedding_dim, dtype=self.source.dtype)
+        fd = self.source.open()
+        try:
+            for k, i in enumerate(unique.tolist()):
+                self.source.read_into(fd, i, rows[k:k + 1])
+        finally:
+            os.close(fd)
+        return rows.to(self.device)[inverse.to(self.device)]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows read on demand"
+
+
+class StreamedHead(nn.Module):
+    """nn.Linear (no bias) whose weight is read from disk in row chunks for every forward."""
+
+    def __init__(self, source: RowSource, *, device, chunk_bytes: int = HEAD_CHUNK_BYTES):
+        super().__init__()
+        self.source = source
+        self.out_features, self.in_features = source.shape
+        self.device = torch.device(device)
+        self.chunk_rows = max(1, min(self.out_features, chunk_bytes // source.row_bytes))
+        self.buffer = torch.empty(self.chunk_rows, self.in_features, dtype=source.dtype)
+        self.bytes_read = 0
+        self.metrics = None  # runtime.metrics.Metrics: the head's reads count toward the token
+
+    @property
+    def buffer_bytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype, device=x.device)
+        fd = self.source.open()
+        read_s = 0.0
+        try:
+            for start in range(0, self.out_features, self.chunk_rows):
+                stop = min(start + self.chunk_rows, self.out_features)
+                chunk = self.buffer[:stop - start]
+                t0 = time.perf_counter()
+                self.source.read_into(fd, start, chunk)
+                read_s += time.perf_counter() - t0
+                w = chunk.to(self.device, non_blocking=False)
+                y[..., start:stop] = nn.functional.linear(x, w.to(x.dtype))
+            nbytes = self.out_features * self.source.row_bytes
+            self.bytes_read += nbytes
+            if self.metrics is not None:  # read in line with compute: its wait is a stall
+                self.metrics.add_expert(nbytes, nbytes, read_s, 0.0)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"streamed in chunks of {self.chunk_rows} rows")
+
+
+def offload_rest(model: nn.Module, f: EndorFile, *, device,
+                 budget: int) -> tuple[frozenset[str], int]:
+    """Put OnDemandEmbedding / StreamedHead in place of the model's input embedding and LM head
+    (tied or not) when their weights are dense 2-D tensors of the rest shard `f`. Returns (the
+    state-dict names no longer to load, the bytes they keep resident: the head's buffer, at most
+    an eighth of `budget` and HEAD_CHUNK_BYTES)."""
+    names = {n for n in f.keys()}
+    skipped, resident = set(), 0
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    params = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    emb_name = params.get(id(embedding.weight)) if isinstance(embedding, nn.Embedding) else None
+    head_name = params.get(id(head.weight)) if isinstance(head, nn.Linear) and \
+        head.bias is None else None
+    tied = head is not None and embedding is not None and \
+        getattr(head, "weight", None) is getattr(embedding, "weight", None)
+    # A tied pair is stored once, under either name.
+    stored = {n: n if n in names else (emb_name if n == head_name else head_name)
+              for n in (emb_name, head_name) if n} if tied else \
+        {n: n for n in (emb_name, head_name) if n}
+    sources = {n: row_source(f, s) if s in names else None for n, s in stored.items()}
+    if emb_name and sources.get(emb_name) is not None:
+        model.set_input_embeddings(OnDemandEmbedding(
+            sources[emb_name], device=device, padding_idx=embedding.padding_idx))
+        skipped.add(emb_name)
+    if head_name and sources.get(head_name) is not None:
+        streamed = StreamedHead(sources[head_name], device=device,
+                                chunk_bytes=min(HEAD_CHUNK_BYTES, budget // 8))
+        model.set_output_embeddings(streamed)
+        skipped.add(head_name)
+        resident += streamed.buffer_bytes
+    if tied and len(skipped) == 2:
+        skipped |= set(stored.values())
+    return frozenset(skipped), resident
+
+
+def rest_size(f: EndorFile) -> int:
+    """Dense bytes of every tensor of the rest shard: what it holds resident in full."""
+    return sum(stored_nbytes(f, n) for n in f.keys())
