@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import endor
-from endor.format.codecs.quant import (DEFAULT_GROUP_SIZE, pack_int4, quantize, unpack_int4,
-                                       group_index)
+from endor.format.codecs.quant import (DEFAULT_GROUP_SIZE, dequantize, group_index,
+                                       mse_scales, pack_int4, quantize, symmetric_scales,
+                                       unpack_int4)
 from endor.format.equal import bit_equal
 from tests.helpers import DTYPES, INT_VIEW, sparse_tensor
 
@@ -167,3 +168,30 @@ def test_extreme_scales_decode_as_defined():
         assert out[0, 0] != 0 and float(out[1, 0]) == 1.5
         if dtype == torch.float16:  # 65504 / 26192 = 2.5009 -> 3 -> 78576: infinity
             assert bool(torch.isinf(out[2, 0]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qmax", [7, 127])
+def test_mse_scales_never_lose_to_absmax(dtype, qmax):
+    """The search starts from absmax / qmax and keeps a scale only when it rounds the group
+    with less squared error; heavy-tailed groups (one large weight) gain by clipping it."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(40, 3, 64, generator=g)
+    w[:, :, 0] *= 8  # an outlier per group
+    w[5, 1] = 0  # an all-zero group keeps scale 0
+    w = w.to(dtype).to(torch.float32)
+
+    def group_error(scales):
+        s32 = scales.to(torch.float32).unsqueeze(-1)
+        safe = torch.where(s32 == 0, torch.ones_like(s32), s32)
+        q = torch.where(s32 == 0, 0.0, torch.round(w / safe)).clamp(-qmax - 1, qmax)
+        return (dequantize(q, s32, dtype).to(torch.float32) - w).square().sum(-1)
+
+    absmax = symmetric_scales(w, qmax, dtype)
+    searched = mse_scales(w, qmax, dtype)
+    assert searched.dtype == dtype and searched.shape == absmax.shape
+    assert bool((group_error(searched) <= group_error(absmax)).all())
+    assert float(searched[5, 1]) == 0.0
+    assert bool((searched.float() <= absmax.float()).all())
+    if qmax == 7:  # coarse grid, outliers: clipping pays in most groups
+        assert float(group_error(searched).sum()) < 0.9 * float(group_error(absmax).sum())

@@ -1,14 +1,16 @@
 """SparseGPT's joint pruning + quantization (prune/sparsegpt.py JointGrid): the result is on the
 int grid the codec stores (so compressing it is exact), it is as sparse as asked, and its
 output error is lower than pruning with SparseGPT and then rounding to nearest. Measured on these
-inputs (output error added to SparseGPT's without quantization): int4 joint +60% to +109%,
-round-to-nearest +132% to +306%; int8 joint -0.1% to +0.6%, round-to-nearest +0.3% to +1.2%."""
+inputs (output error over SparseGPT's without quantization, natural column order): int4 joint
+0.81-0.89 (act-order helps the pruning itself here), round-to-nearest 2.3-4.1; int8 joint
+0.73-0.76, round-to-nearest 1.003-1.012."""
 
 import pytest
 import torch
 
 import endor
 from endor.prune import CalibrationStats, prune_weight
+from endor.prune.sparsegpt import act_order
 from endor.format.equal import bit_equal
 from tests.helpers import DTYPES
 from tests.prune.inputs import correlated_inputs, random_weight
@@ -41,7 +43,7 @@ def test_joint_beats_prune_then_round(bits, nm, group_size):
     errors = {"joint": output_error(weight, joint, x), "rtn": output_error(weight, rtn, x),
               "raw": output_error(weight, pruned, x)}
     if bits == 4:  # int4 rounding errors are large: compensating them pays
-        assert errors["joint"] < 0.7 * errors["rtn"], errors
+        assert errors["joint"] < 0.5 * errors["rtn"], errors
     else:  # int8 rounding costs ~1% of the pruning error: joint stays that close to raw
         assert errors["joint"] < 1.02 * errors["raw"], errors
     assert 0 < rel < (0.02 if bits == 8 else 0.15)
@@ -63,3 +65,21 @@ def test_joint_is_sparsegpt_only():
     weight = random_weight((8, 32), seed=5)
     with pytest.raises(ValueError, match="SparseGPT"):
         prune_weight(weight, method="magnitude", sparsity=0.5, quantize=(4, 128))
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_act_order(nm):
+    h = torch.diag(torch.tensor([1.0, 5.0, 3.0, 3.0, 0.0, 9.0, 2.0, 4.0]))
+    order = act_order(h, nm)
+    if nm is None:  # decreasing diagonal, ties in column order
+        assert order.tolist() == [5, 1, 7, 2, 3, 6, 0, 4]
+    else:  # groups of 4 whole, by summed diagonal: 15 vs 12
+        assert order.tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
+
+
+def test_joint_keeps_n_of_m_in_the_original_columns():
+    weight = random_weight((32, 256), seed=6)
+    stats = stats_of(correlated_inputs(1024, 256, seed=7))
+    joint, _, _ = prune_weight(weight, method="sparsegpt", sparsity=0.5, nm=(2, 4),
+                               stats=stats, quantize=(4, 64))
+    assert int((joint.view(32, 64, 4) != 0).sum(-1).max()) <= 2

@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from ..format.codecs.quant import dequantize, groups_per_row, symmetric_scales
+from ..format.codecs.quant import dequantize, groups_per_row, mse_scales
 from .masks import canonical_zeros, lowest_in_block, lowest_per_group, pruned_count
 
 BLOCK_SIZE = 128
@@ -53,7 +53,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damping: float = DAMPING) -> t
                     warnings.warn(f"SparseGPT: the calibration Hessian is not positive definite "
                                   f"with dampening {damping:g} of its mean diagonal; used "
                                   f"{fraction:g} instead (more calibration tokens help)",
-                                  RuntimeWarning, stacklevel=4)  # the caller of prune_weight
+                                  RuntimeWarning, stacklevel=5)  # the caller of prune_weight
                 return upper
     raise ValueError(f"SparseGPT: the calibration Hessian is not positive definite even with "
                      f"dampening {fraction:g} of its mean diagonal; collect more calibration "
@@ -79,28 +79,32 @@ class JointGrid:
     grid of its group of `group_size` columns as the loop reaches its column, and the rounding
     error is compensated on the columns after it exactly as a pruned weight's is.
 
-    The scales (symmetric, absmax / qmax per group, in the weight's dtype) come from a first
-    SparseGPT pass without quantization: GPTQ's rule, a group's scale chosen from the current
-    weights when the loop reaches its first column, clamps too often here, because pruning's
-    compensating updates (far larger than rounding's) grow the group's later weights past it.
-    Measured on correlated test inputs (64 x 384, tests/prune/test_joint_quantization.py):
-    int8's relative rounding error 1.9-3.1% with GPTQ's rule, 0.6-1.4% with these scales
-    (round-to-nearest alone: 0.4-0.5%); the output error then ends 0.5% above SparseGPT's
-    without quantization at most (int4: 60-109% above, round-to-nearest 132-306%)."""
+    The scales (symmetric, in the weight's dtype) come from a first SparseGPT pass without
+    quantization: GPTQ's rule, a group's scale chosen from the current weights when the loop
+    reaches its first column, clamps too often here, because pruning's compensating updates
+    (far larger than rounding's) grow the group's later weights past it. Each group's scale is
+    the one of absmax/qmax x (1 ... 0.4) with the least squared rounding error on those weights
+    (format.codecs.quant.mse_scales). `columns` (act-order) maps the loop's column positions to
+    the weight's columns, whose groups the scales belong to."""
 
-    def __init__(self, scales: torch.Tensor, bits: int, group_size: int):
+    def __init__(self, scales: torch.Tensor, bits: int, group_size: int,
+                 columns: torch.Tensor | None = None):
         self.scales, self.group_size, self.dtype = scales, group_size, scales.dtype
         self.qmax = (1 << (bits - 1)) - 1
+        cols = scales.shape[1] * group_size if columns is None else columns.numel()
+        positions = torch.arange(cols) if columns is None else columns.cpu()
+        self.groups = (positions // group_size).tolist()  # the scale column of each position
         self.error_sq = self.kept_sq = 0.0  # the rounding steps' squared error and weights
 
     @classmethod
-    def from_weights(cls, w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype):
+    def from_weights(cls, w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype,
+                     columns: torch.Tensor | None = None):
         rows, cols = w.shape
         per_row = groups_per_row(cols, group_size)
         padded = torch.nn.functional.pad(w.to(torch.float32), (0, per_row * group_size - cols))
-        scales = symmetric_scales(padded.view(rows, per_row, group_size),
-                                  (1 << (bits - 1)) - 1, dtype)
-        return cls(scales, bits, group_size)
+        scales = mse_scales(padded.view(rows, per_row, group_size), (1 << (bits - 1)) - 1,
+                            dtype)
+        return cls(scales, bits, group_size, columns)
 
     @property
     def relative_error(self) -> float:
@@ -109,9 +113,9 @@ class JointGrid:
         return (self.error_sq / self.kept_sq) ** 0.5 if self.kept_sq else 0.0
 
     def round(self, column: int, kept: torch.Tensor) -> torch.Tensor:
-        """Column `column` with its pruned weights zeroed -> on the grid, as the float32 values
-        the decoder will return."""
-        group = column // self.group_size
+        """The loop's column `column` with its pruned weights zeroed -> on the grid, as the
+        float32 values the decoder will return."""
+        group = self.groups[column]
         scale = self.scales[:, group].to(torch.float32)
         safe = torch.where(scale == 0, torch.ones_like(scale), scale)
         q = torch.where(scale == 0, 0.0, torch.round(kept / safe)).clamp_(-self.qmax - 1,
@@ -120,6 +124,20 @@ class JointGrid:
         self.error_sq += float((kept - rounded).square().sum())
         self.kept_sq += float(kept.square().sum())
         return rounded
+
+
+def act_order(hessian: torch.Tensor, nm=None) -> torch.Tensor:
+    """GPTQ's act-order: columns by decreasing Hessian diagonal (the inputs with the most
+    energy first, while many columns remain to absorb their rounding error). With nm=(N, M)
+    whole groups of M columns move, by their summed diagonal, so N:M groups stay intact.
+    Returns the permutation (int64 [in], on the Hessian's device); ties keep column order."""
+    diagonal = hessian.diagonal().to(torch.float32)
+    if nm is None:
+        return torch.argsort(diagonal, descending=True, stable=True)
+    group = nm[1]
+    groups = torch.argsort(diagonal.view(-1, group).sum(dim=1), descending=True, stable=True)
+    return (groups.unsqueeze(1) * group
+            + torch.arange(group, device=groups.device)).reshape(-1)
 
 
 def prune_block(block: torch.Tensor, u_block: torch.Tensor, prune: torch.Tensor,
@@ -170,17 +188,28 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     that underflows to zero in that cast becomes +0.0 as well (it is a zero to the bitmap
     format), so the result can be marginally sparser than asked.
 
-    quantize=(bits, group_size): joint pruning and quantization (JointGrid); returns
-    (weight on the grid, scales [out, ceil(in / group_size)] in weight's dtype, the relative
-    error of the rounding steps), ready for
-    endor.compress(weight, values=f"int{bits}", group_size=group_size, scales=scales). A kept
-    weight that rounds to 0 is pruned too."""
-    grid = None
-    if quantize is not None:
-        pruned = sparsegpt_prune(weight, hessian, sparsity=sparsity, nm=nm,
-                                 block_size=block_size, damping=damping)
-        grid = JointGrid.from_weights(pruned, *quantize, weight.dtype)
-        del pruned
+    quantize=(bits, group_size): joint pruning and quantization (JointGrid), visiting the
+    columns in act-order (act_order; both passes); returns (weight on the grid, scales [out,
+    ceil(in / group_size)] in weight's dtype, the relative error of the rounding steps), ready
+    for endor.compress(weight, values=f"int{bits}", group_size=group_size, scales=scales). A
+    kept weight that rounds to 0 is pruned too."""
+    options = {"sparsity": sparsity, "nm": nm, "block_size": block_size, "damping": damping}
+    if quantize is None:
+        return _sparsegpt(weight, hessian, grid=None, **options)
+    order = act_order(hessian, nm)
+    w = weight[:, order.to(weight.device)]
+    h = hessian[order][:, order]
+    unpermute = torch.argsort(order).to(weight.device)
+    first = _sparsegpt(w, h, grid=None, **options)
+    grid = JointGrid.from_weights(first[:, unpermute], *quantize, weight.dtype, columns=order)
+    del first
+    out = _sparsegpt(w, h, grid=grid, **options)[:, unpermute]
+    return out, grid.scales, grid.relative_error
+
+
+def _sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, nm,
+               block_size: int | None, damping: float, grid: JointGrid | None) -> torch.Tensor:
+    """One SparseGPT pass over the columns in their order, rounding onto `grid` if given."""
     w = weight.detach().to(torch.float32, copy=True)
     cols = w.shape[1]
     h = prepare_hessian(hessian, w)
@@ -205,4 +234,4 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
         raise ValueError(f"SparseGPT produced non-finite weights in {weight.dtype} (the "
                          "compensating updates overflowed); collect more calibration tokens or "
                          "prune this layer with wanda")
-    return out if grid is None else (out, grid.scales, grid.relative_error)
+    return out

@@ -23,6 +23,7 @@ class ExpertCache:
         self.capacity, self.policy = max(int(capacity), 0), policy
         self.items: OrderedDict = OrderedDict()
         self.uses: dict = {}
+        self._sizes: dict = {}
         self.nbytes = 0
 
     def get(self, key):
@@ -32,7 +33,9 @@ class ExpertCache:
             self.items.move_to_end(key)
         return image
 
-    def put(self, key, image: torch.Tensor) -> None:
+    def put(self, key, image: torch.Tensor, prepare=None) -> None:
+        """Keep a copy of `image` (uint8) if the policy admits it; get() then returns
+        prepare(copy) (default: the copy), computed once here."""
         size = image.numel()
         if size > self.capacity or key in self.items:
             return
@@ -44,8 +47,11 @@ class ExpertCache:
                 # token's cyclic sweep over more experts than fit thrashes to 0 hits: measured,
                 # dense experts of the bench model, 58 fit, 96 per token.)
                 return
-            self.nbytes -= self.items.pop(victim).numel()
-        self.items[key] = image.clone()
+            self.nbytes -= self._sizes.pop(victim)
+            del self.items[victim]
+        copy = image.clone()
+        self.items[key] = copy if prepare is None else prepare(copy)
+        self._sizes[key] = size
         self.nbytes += size
 
     def _victim(self):

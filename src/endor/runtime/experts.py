@@ -4,14 +4,9 @@ A decoder layer's attention, norms and router stream (or stay resident) like any
 (stream.py), from the prefix of its shard; its experts sit after that prefix, one contiguous
 byte range each (docs/FORMAT.md section 2). The model's fused experts module is replaced by
 RoutedExperts, which computes exactly as transformers' reference ("eager") experts do, expert
-after expert in increasing order, and asks an ExpertStore for each chosen expert's dense
-weights:
-
-    union of the batch's choices -> cache hits: the compressed bytes held in RAM
-                                 -> misses: O_DIRECT reads of their byte ranges, all issued at
-                                    once (8 in flight; the disk queues them), taken in order
-    each expert: verify (XXH3 of its bytes vs the digest taken at load), decompress gate and up
-    into one [2I, H] buffer and down into [H, I], compute, reuse the buffers for the next.
+after expert in increasing order, taking each chosen expert's dense weights from an ExpertStore
+(expert_store.py): cache hits or O_DIRECT reads of the misses' byte ranges, all issued at once,
+verified and decompressed on a decode thread while the previous expert computes.
 
 When the layers' attention and router stream too (a budget below them), the layer stream keeps
 reading the next layers' prefixes on its own threads while this layer's experts are read.
@@ -20,26 +15,19 @@ weights, evicting by LRU or by use count (LFU); its hits and misses go to endor_
 
 from __future__ import annotations
 
-import os
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+import itertools
 from dataclasses import dataclass
 
 import torch
-import xxhash
 from torch import nn
 
 from ..errors import FormatError
-from ..format import EndorFile, spec
-from ..format.io import check_compressed, endor_tensor
+from ..format import EndorFile, EndorTensor, spec
+from ..format.io import endor_tensor
 from ..format.spec import SAFETENSORS_DTYPES
-from ..kernels import decompress
+from ..kernels import choose
 from ..moe import ExpertNames
 from .expert_cache import POLICIES, ExpertCache
-from .reader import ALIGN, aligned_buffer, round_up
-
-READ_THREADS = 8  # expert reads in flight: top-k of a layer at once (threads wait in the kernel)
 
 
 @dataclass(frozen=True)
@@ -140,182 +128,51 @@ def _typed(image: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> tor
     return raw.view(dtype)
 
 
-def decompress_expert(layer: ExpertLayer, expert: Expert, image: torch.Tensor, gate_up: torch.Tensor,
-                  down: torch.Tensor, backend: str) -> None:
-    """Decompress one expert from `image` (its byte range) into gate_up [2I, H] (gate rows, then
-    up rows: transformers' concatenation) and down [H, I]."""
+def expert_tensors(expert: Expert, image: torch.Tensor) -> tuple:
+    """The expert's gate, up and down as views of `image` (its byte range): EndorTensors, or
+    dense typed views. Built once per cached image, not per use."""
+    out = []
+    for t in expert.tensors:
+        parts = [_typed(image, s, e, d) for s, e, d in t.parts]
+        out.append(endor_tensor(t.entry, dict(zip(t.suffixes, parts)), t.version)
+                   if t.compressed else parts[0])
+    return tuple(out)
+
+
+class Decoders:
+    """The decompressor backend per values codec, chosen once (endor.decompress chooses per
+    call: a tenth of an expert's decompression time, measured)."""
+
+    def __init__(self, backend: str, device: torch.device):
+        self.backend, self.device, self._chosen = backend, torch.device(device), {}
+
+    def __call__(self, codec: str):
+        if codec not in self._chosen:
+            self._chosen[codec] = choose(self.backend, self.device, codec)
+        return self._chosen[codec]
+
+
+def decompress_tensors(layer: ExpertLayer, tensors: tuple, gate_up: torch.Tensor,
+                       down: torch.Tensor, decoders: Decoders) -> None:
+    """Decompress an expert's expert_tensors into gate_up [2I, H] (gate rows, then up rows:
+    transformers' concatenation) and down [H, I]."""
     n = layer.intermediate * layer.hidden
     flat = gate_up.view(-1)
-    for t, out in zip(expert.tensors, (flat[:n], flat[n:], down.view(-1))):
-        parts = [_typed(image, s, e, d) for s, e, d in t.parts]
-        if t.compressed:
-            et = endor_tensor(t.entry, dict(zip(t.suffixes, parts)), t.version)
+    for t, out in zip(tensors, (flat[:n], flat[n:], down.view(-1))):
+        if not isinstance(t, EndorTensor):
+            out.copy_(t.view(-1))
+        elif n:
             try:
-                decompress(et, out=out.view(t.shape), backend=backend)
+                decoders(t.values_codec).decompress(t, out)
             except FormatError as e:
                 raise e.at(path=layer.file) from None
-        else:
-            out.copy_(parts[0].view(-1))
 
 
-class ExpertStore:
-    """Dense weights of chosen experts, from the cache, RAM (cpu offload) or disk."""
-
-    def __init__(self, layers: list[ExpertLayer], *, held: bool, cache_bytes: int,
-                 policy: str, backend: str, direct: bool, metrics, device=None):
-        self.layers = {x.index: x for x in layers}
-        self.backend, self.metrics = backend, metrics
-        self.cache = ExpertCache(0 if held else cache_bytes, policy)
-        self.hits = self.misses = self.bytes_read = 0
-        self.digests: dict = {}
-        self.held: dict | None = {} if held else None
-        self._direct = direct and hasattr(os, "O_DIRECT")
-        self._fds: dict = {}
-        self._pool = None
-        self._lock = threading.Lock()
-        span = max(x.nbytes for layer in layers for x in layer.experts)
-        self._span = round_up(span) + ALIGN
-        self._buffers = [aligned_buffer(self._span) for _ in range(READ_THREADS)]
-        biggest = max(layers, key=lambda x: x.intermediate * x.hidden)
-        # Compressed bytes stay in host memory; a GPU gets them right before decompressing there.
-        self.device = torch.device(device or "cpu")
-        self._gate_up = torch.empty(2 * biggest.intermediate * biggest.hidden,
-                                    dtype=biggest.dtype, device=self.device)
-        self._down = torch.empty(biggest.intermediate * biggest.hidden, dtype=biggest.dtype,
-                                 device=self.device)
-        self._check_all()
-
-    # ---- load time ------------------------------------------------------------------------
-    def _check_all(self) -> None:
-        """Read every expert once: rules 5 and 7 of each Endor tensor, and the digest each later
-        read must match (cpu offload: keep the bytes)."""
-        for layer in self.layers.values():
-            for e, expert in enumerate(layer.experts):
-                image = self._read(layer, expert, self._buffers[0])
-                for t in expert.tensors:
-                    if t.compressed:
-                        parts = [_typed(image, s, x, d) for s, x, d in t.parts]
-                        check_compressed(endor_tensor(t.entry, dict(zip(t.suffixes, parts)),
-                                                      t.version), path=layer.file,
-                                         name=f"layer {layer.index} expert {e}")
-                self.digests[(layer.index, e)] = xxhash.xxh3_64_intdigest(
-                    memoryview(image.numpy()))
-                if self.held is not None:
-                    self.held[(layer.index, e)] = image.clone()
-        self.bytes_read = 0
-
-    # ---- reads ----------------------------------------------------------------------------
-    def _fd(self, path: str) -> tuple[int, bool]:
-        with self._lock:
-            if path not in self._fds:
-                fd, direct = None, False
-                if self._direct:
-                    try:
-                        fd, direct = os.open(path, os.O_RDONLY | os.O_DIRECT), True
-                    except OSError:
-                        pass
-                if fd is None:
-                    fd = os.open(path, os.O_RDONLY)
-                self._fds[path] = (fd, direct)
-            return self._fds[path]
-
-    def _read(self, layer: ExpertLayer, expert: Expert, buf: torch.Tensor) -> torch.Tensor:
-        """Expert bytes from disk into `buf` (aligned), returned as a view of exactly them."""
-        fd, direct = self._fd(layer.file)
-        lo = expert.start - expert.start % ALIGN
-        hi = round_up(expert.end)
-        view = memoryview(buf.numpy())
-        pos = lo
-        while pos < expert.end:
-            try:
-                got = os.preadv(fd, [view[pos - lo:hi - lo]], pos)
-            except OSError as e:
-                raise FormatError(f"cannot read expert bytes: {e.strerror or e}",
-                                  path=layer.file) from None
-            if got <= 0:
-                raise FormatError("the file ended inside an expert (truncated since it was "
-                                  "opened)", path=layer.file)
-            pos += got
-        if not direct and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)  # stay cold
-        with self._lock:
-            self.bytes_read += expert.nbytes
-        return buf[expert.start - lo:expert.end - lo]
-
-    def weights(self, index: int, chosen: list[int]):
-        """Yield (expert, gate_up [2I, H], down [H, I]) for `chosen` (increasing) of decoder
-        layer `index`; the two buffers are reused by the next expert."""
-        layer = self.layers[index]
-        images, pending = {}, {}
-        for e in chosen:
-            key = (index, e)
-            image = self.held[key] if self.held is not None else self.cache.get(key)
-            if image is not None:
-                images[e] = image
-                self.hits += self.held is None
-            else:
-                self.misses += 1
-                pending[e] = None
-        if pending:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="endor-experts")
-            # more misses than buffers: the later ones wait for a buffer the first ones free
-            for slot, e in enumerate(list(pending)[:len(self._buffers)]):
-                pending[e] = self._pool.submit(self._read, layer, layer.experts[e],
-                                               self._buffers[slot])
-        gate_up = self._gate_up[:2 * layer.intermediate * layer.hidden].view(
-            2 * layer.intermediate, layer.hidden)
-        down = self._down[:layer.intermediate * layer.hidden].view(layer.hidden,
-                                                                   layer.intermediate)
-        order = list(pending)
-        for e in chosen:
-            t0 = time.perf_counter()
-            image = images.get(e)
-            stall = read = 0.0
-            if image is None:
-                k = order.index(e)
-                image = pending[e].result()
-                stall = time.perf_counter() - t0
-                if xxhash.xxh3_64_intdigest(memoryview(image.numpy())) != \
-                        self.digests[(index, e)]:
-                    raise FormatError(f"checksum mismatch in expert {e} of decoder layer "
-                                      f"{index}: the file changed on disk or is corrupt",
-                                      path=layer.file)
-                self.cache.put((index, e), image)
-                read = layer.experts[e].nbytes
-            t1 = time.perf_counter()
-            if self.device.type != "cpu":
-                image = image.to(self.device)
-            decompress_expert(layer, layer.experts[e], image, gate_up, down, self.backend)
-            if read and k + len(self._buffers) < len(order):  # its buffer is free: next read
-                later = order[k + len(self._buffers)]
-                pending[later] = self._pool.submit(self._read, layer, layer.experts[later],
-                                                   self._buffers[k % len(self._buffers)])
-            if self.metrics is not None:
-                self.metrics.add_expert(read, layer.experts[e].nbytes, stall,
-                                        time.perf_counter() - t1)
-            yield e, gate_up, down
-
-    def stats(self) -> dict:
-        lookups = self.hits + self.misses
-        return {"expert_cache_policy": self.cache.policy,
-                "expert_cache_capacity_bytes": self.cache.capacity,
-                "expert_cache_bytes": self.cache.nbytes,
-                "expert_cache_entries": len(self.cache.items),
-                "expert_hits": self.hits, "expert_misses": self.misses,
-                "expert_hit_rate": self.hits / lookups if lookups else 0.0,
-                "expert_bytes_read": self.bytes_read,
-                "expert_held_bytes": sum(t.numel() for t in self.held.values())
-                if self.held else 0}
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        with self._lock:
-            for fd, _ in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+def decompress_expert(layer: ExpertLayer, expert: Expert, image: torch.Tensor,
+                      gate_up: torch.Tensor, down: torch.Tensor, backend: str) -> None:
+    """Decompress one expert from `image` (its byte range) into gate_up and down."""
+    decompress_tensors(layer, expert_tensors(expert, image), gate_up, down,
+                       Decoders(backend, gate_up.device))
 
 
 class RoutedExperts(nn.Module):
@@ -336,21 +193,24 @@ class RoutedExperts(nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         final_hidden_states = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = torch.nn.functional.one_hot(top_k_index,
-                                                      num_classes=self.num_experts + 1)
-            expert_mask = expert_mask.permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        chosen = [int(e) for e in expert_hit[:, 0].tolist() if e != self.num_experts]
+        tokens = top_k_index.shape[0]
+        # The eager loop's torch.where(one_hot mask[e]) gives each expert's (top-k slot, token)
+        # pairs in slot-major order. A stable sort of the slot-major choices groups them so,
+        # and the rows, slots and routing weights are gathered once per layer, not per expert.
+        flat = top_k_index.t().reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts + 1).tolist()
+        chosen = [e for e in range(self.num_experts) if counts[e]]
+        ends = list(itertools.accumulate(counts))
+        slots, rows = order // tokens, order % tokens
+        states, weights = hidden_states[rows], top_k_weights[rows, slots, None]
         for e, gate_up, down in self.source(self.index, chosen):
-            top_k_pos, token_idx = torch.where(expert_mask[e])
-            current_state = hidden_states[token_idx]
-            gate, up = nn.functional.linear(current_state, gate_up).chunk(2, dim=-1)
+            lo, hi = ends[e] - counts[e], ends[e]
+            gate, up = nn.functional.linear(states[lo:hi], gate_up).chunk(2, dim=-1)
             current_hidden_states = self.act_fn(gate) * up
             current_hidden_states = nn.functional.linear(current_hidden_states, down)
-            current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos,
-                                                                          None]
-            final_hidden_states.index_add_(0, token_idx,
+            current_hidden_states = current_hidden_states * weights[lo:hi]
+            final_hidden_states.index_add_(0, rows[lo:hi],
                                            current_hidden_states.to(final_hidden_states.dtype))
         return final_hidden_states
 
@@ -370,5 +230,6 @@ def expert_dense_bytes(layers: list[ExpertLayer]) -> int:
     return sum(x.dense_bytes for x in layers)
 
 
-__all__ = ["ExpertCache", "ExpertLayer", "ExpertStore", "POLICIES", "RoutedExperts",
-           "decompress_expert", "layer_views_source", "plan_experts"]
+__all__ = ["Decoders", "ExpertCache", "ExpertLayer", "POLICIES", "RoutedExperts",
+           "decompress_expert", "decompress_tensors", "expert_tensors", "layer_views_source",
+           "plan_experts"]

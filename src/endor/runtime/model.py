@@ -23,7 +23,8 @@ from .plan import parse_size, plan_layer, plan_memory
 from .reader import ShardReader
 from .rest import StreamedHead, offload_rest, rest_size
 from .stream import LayerStream
-from .experts import POLICIES, ExpertStore, RoutedExperts, layer_views_source, plan_experts
+from .expert_store import ExpertStore
+from .experts import POLICIES, RoutedExperts, layer_views_source, plan_experts
 from .moe_layers import (load_resident_experts, moe_layers, plan_moe_layer, replace_experts,
                          use_eager_experts, without_experts)
 from .weights import (check_streamed, find_layer_list, layer_files, load_resident_layer,
@@ -181,6 +182,14 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     head = model.get_output_embeddings()
     if isinstance(head, StreamedHead):
         head.metrics = metrics
+    # Streamed layers, fused or not, and routed experts keep a core away from the compute: the
+    # loader verifies each shard (and decompresses, dense compute) and the reads complete there.
+    # Fused streamed layers on both cores ran 0.77 s/token against 0.47 on one (raw values, the
+    # e2e model, 2 shared cores at load 12): every OpenMP barrier and kernel join waits for a
+    # time slice whenever anything else runs. Routed experts: their decode thread (expert_store).
+    threads, decompress_threads = thread_split(
+        device, bool(memory.streamed) or bool(routed and moe), compute_threads,
+        decompress_threads)
     store = None
     if routed and moe:
         cache = max(0, (memory.budget or 0) - memory.resident_bytes)
@@ -188,7 +197,7 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                                           .get_submodule(moe[i].module).gate_up_proj.dtype)
                              for i in sorted(moe)], held=offload == "cpu", cache_bytes=cache,
                             policy=expert_cache, backend=backend, direct=direct_io,
-                            metrics=metrics, device=device)
+                            metrics=metrics, device=device, decode_threads=decompress_threads)
         for i, names in moe.items():
             replace_experts(layers[i], names, RoutedExperts(
                 layers[i].get_submodule(names.module), i, store.weights))
@@ -201,14 +210,6 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                 layer_views_source(moe, expert_views)))
     reader = ShardReader(direct=direct_io)
     stream = None
-    # Streamed layers, fused or not, and routed experts keep a core away from the compute: the
-    # loader verifies each shard (and decompresses, dense compute) and the reads complete there.
-    # Fused streamed layers on both cores ran 0.77 s/token against 0.47 on one (raw values, the
-    # e2e model, 2 shared cores at load 12): every OpenMP barrier and kernel join waits for a
-    # time slice whenever anything else runs.
-    threads, decompress_threads = thread_split(
-        device, bool(memory.streamed) or bool(routed and moe), compute_threads,
-        decompress_threads)
     if memory.streamed:
         streamed = [plans[i] for i in memory.streamed]
         try:

@@ -97,6 +97,31 @@ def symmetric_scales(w: torch.Tensor, qmax: int, dtype: torch.dtype) -> torch.Te
     return torch.where((scales == 0) & (absmax > 0), absmax.to(dtype), scales)
 
 
+def mse_scales(w: torch.Tensor, qmax: int, dtype: torch.dtype, *, steps: int = 25,
+               min_fraction: float = 0.4) -> torch.Tensor:
+    """Per group, the scale among absmax/qmax x (1, ..., min_fraction) (`steps` + 1 candidates,
+    each rounded to `dtype`) whose round-to-nearest grid gives the group the least squared error:
+    clipping the largest weights a little buys every other weight a finer grid (GPTQ's `mse`
+    option). w: [..., G] float32 (zeros padded; a zero costs nothing on any grid)."""
+    absmax = symmetric_scales(w, qmax, dtype)
+    best, best_error = absmax, None
+    for k in range(steps + 1):
+        fraction = 1.0 - (1.0 - min_fraction) * k / steps
+        scales = (absmax.to(torch.float32) * fraction).to(dtype)
+        scales = torch.where((scales == 0) & (absmax != 0), absmax, scales)
+        s32 = scales.to(torch.float32).unsqueeze(-1)
+        safe = torch.where(s32 == 0, torch.ones_like(s32), s32)
+        q = torch.where(s32 == 0, 0.0, torch.round(w / safe)).clamp_(-qmax - 1, qmax)
+        error = (dequantize(q, s32, dtype).to(torch.float32) - w).square_().sum(dim=-1)
+        if best_error is None:
+            best_error = error
+            continue
+        better = error < best_error
+        best = torch.where(better, scales, best)
+        best_error = torch.where(better, error, best_error)
+    return best
+
+
 def quantize(tensor: torch.Tensor, bits: int, group_size: int = DEFAULT_GROUP_SIZE,
              scales: torch.Tensor | None = None) -> Quantized:
     """Round-to-nearest (ties to even) onto the int`bits` grid of groups of `group_size` input
