@@ -39,3 +39,29 @@ def test_accelerate_needs_dense_weights(tiny):
         load_accelerate(path, max_memory=0)
     with pytest.raises(ValueError, match="offloads nothing"):
         load_accelerate(path, offload="cpu")
+
+
+def test_accelerate_moe_experts_offloaded_at_load_are_evicted_and_removed(tmp_path, monkeypatch):
+    """transformers fuses an MoE checkpoint's per-expert tensors while loading and writes the
+    fused ones into offload_folder: Accelerate reads them there, so a cold run evicts them too."""
+    from pathlib import Path
+
+    from endor.bench import baseline
+    from endor.convert import convert
+    from tests.moe_models import save_moe
+
+    save_moe("qwen3_moe", tmp_path / "hf")
+    convert(tmp_path / "hf", tmp_path / "dense", method="magnitude", sparsity=0.5,
+            weights="dense", progress=False)
+    evicted = []
+    monkeypatch.setattr(baseline, "evict_page_cache", lambda p: evicted.append(p) or True)
+    model = load_accelerate(tmp_path / "dense", max_memory=0)
+    offloaded = model.endor_offloaded
+    assert sorted(offloaded) == model.endor_stats()["streamed_layers"]
+    assert all(any("experts.gate_up_proj" in p for p in ps) for ps in offloaded.values())
+    evict_on_read(model)
+    greedy(model, PROMPT, 2)
+    assert {p for ps in offloaded.values() for p in ps} <= set(evicted)
+    folder = Path(offloaded[0][0]).parent
+    model.endor_close()
+    assert not folder.exists()

@@ -61,3 +61,29 @@ def test_bad_moe_options():
         e2e.run(**_args("--moe-systems", "nope"))
     with pytest.raises(ValueError, match="--moe runs with"):
         e2e.run(**_args("--offload", "cpu", "--device", "cuda"))
+
+
+def test_random_router_draws_uniformly_and_repeatably():
+    from transformers import AutoModelForCausalLM
+
+    config, _ = e2e_moe._config(e2e.Options(**_args()))
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(config).eval()
+    e2e_moe.randomize_routers(lm)
+    seen, _ = e2e_moe.record_choices(lm)
+    token = torch.tensor([[7]])
+    with torch.no_grad():
+        for _ in range(2):  # the same input twice: the same draw
+            lm(token)
+        first = [idx for _, idx in seen]
+        seen.clear()
+        for _ in range(2):
+            lm(token)
+        assert all(torch.equal(a, b) for a, b in zip(first, (idx for _, idx in seen)))
+        seen.clear()
+        for t in range(40):
+            lm(torch.tensor([[t]]))
+    counts = torch.zeros(config.num_experts)
+    for _, idx in seen:
+        counts += torch.bincount(idx.flatten(), minlength=config.num_experts)
+    assert (counts > 0).all() and e2e_moe.top_decile_share(seen, config.num_experts) < 0.3

@@ -13,9 +13,12 @@ run, batch 1. Systems, interleaved per round:
   endor-whole-layers   our pipeline streaming MoE layers whole (every expert, every token)
   accelerate-cold      HF Accelerate disk offload of the dense checkpoint, evicted per layer
 
-Each under two routers: "uniform" (a random router: every expert equally likely, the worst case
-for a cache) and "zipf" (a fixed per-expert bias -zipf*ln(rank) added to the router's logits, a
-random ranking per layer: popularity skewed as real routers' are). Done when, uniform router:
+Each under two routers by default: "uniform" (the random model's own router: no expert favoured
+by its weights, though a random model's decode tokens repeat, so its choices do too: see the
+rows' top_decile_share) and "zipf" (a fixed per-expert bias -zipf*ln(rank) added to the router's
+logits, a random ranking per layer: popularity skewed as real routers' are); "random" on request
+(every call's top-k drawn uniformly at random, seeded by the router's input bytes so every
+system draws the same: the worst case for a cache). Done when, uniform router:
 endor-experts >= 4x endor-whole-layers and >= 15x accelerate-cold, and no-cache bytes per token
 <= 1.1x the ideal."""
 
@@ -31,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import xxhash
 
 from ..checkpoint import Checkpoint
 from ..convert.synthetic import write_synthetic_checkpoint
@@ -47,7 +51,8 @@ DONE_WHEN = {"experts_vs_whole_layers_min": 4.0, "experts_vs_accelerate_min": 15
              "nocache_bytes_vs_ideal_max": 1.1}
 SYSTEMS = ("endor-experts", "endor-experts-lru", "endor-experts-nocache", "dense-experts",
            "endor-whole-layers", "accelerate-cold")
-ROUTERS = ("uniform", "zipf")
+ROUTERS = ("uniform", "zipf", "random")
+DEFAULT_ROUTERS = ("uniform", "zipf")
 DEFAULT_MOE_SHAPE = dict(hidden=1024, expert_intermediate=768, experts=64, top_k=8, layers=12,
                          heads=16, kv_heads=4, vocab=16384)
 QUICK_MOE_SHAPE = dict(hidden=128, expert_intermediate=96, experts=16, top_k=4, layers=3,
@@ -68,8 +73,9 @@ def add_moe_arguments(parser) -> None:
                            help=f"MoE shape (default {value}; --quick {QUICK_MOE_SHAPE[key]})")
     group.add_argument("--zipf", type=float, default=1.0,
                        help="skew of the zipf router: logit bias -zipf*ln(rank) (default 1.0)")
-    group.add_argument("--routers", default=",".join(ROUTERS),
-                       help=f"routers to run (default {','.join(ROUTERS)})")
+    group.add_argument("--routers", default=",".join(DEFAULT_ROUTERS),
+                       help=f"routers to run, from {','.join(ROUTERS)} (default "
+                            f"{','.join(DEFAULT_ROUTERS)})")
     group.add_argument("--moe-systems", default=None,
                        help=f"subset of {','.join(SYSTEMS)} (default all)")
 
@@ -120,6 +126,33 @@ def skew_routers(model, zipf: float, seed: int = 0) -> list:
             logits = out[0] + bias.to(out[0].dtype)
             probs = torch.softmax(logits, dtype=torch.float, dim=-1)
             top, index = torch.topk(probs, mod.top_k, dim=-1)
+            if getattr(mod, "norm_topk_prob", True):
+                top /= top.sum(dim=-1, keepdim=True)
+            return logits, top.to(logits.dtype), index
+
+        handles.append(module.register_forward_hook(hook))
+    return handles
+
+
+def randomize_routers(model) -> list:
+    """Replace every router's choice by top_k experts drawn uniformly at random, seeded by the
+    router's input bytes (identical across systems computing identical hidden states), with
+    the router's own softmax weights of the drawn experts. A forward hook, as skew_routers."""
+    handles = []
+    for name, module in model.named_modules():
+        if not (hasattr(module, "top_k") and hasattr(module, "num_experts")
+                and name.endswith(".gate")):
+            continue
+
+        def hook(mod, args, out):
+            logits = out[0]
+            x = args[0].detach().contiguous().view(torch.uint8).cpu()
+            seed = xxhash.xxh3_64_intdigest(memoryview(x.numpy()))
+            g = torch.Generator().manual_seed(seed & (2**63 - 1))
+            draws = torch.rand(logits.shape, generator=g)
+            index = torch.topk(draws, mod.top_k, dim=-1).indices.to(logits.device)
+            probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+            top = probs.gather(-1, index)
             if getattr(mod, "norm_topk_prob", True):
                 top /= top.sum(dim=-1, keepdim=True)
             return logits, top.to(logits.dtype), index
@@ -254,8 +287,13 @@ def run_moe(opts: Options) -> dict:
                     model = _load(system, paths, budget, opts, threads)
                     if router == "zipf":
                         skew_routers(model, opts.zipf)
+                    elif router == "random":
+                        randomize_routers(model)
                     choices, _ = record_choices(model)
                     files = endor_files if system.startswith("endor") else dense_files
+                    if system == "accelerate-cold":  # the fused experts it wrote at load too
+                        files = [*files, *(p for ps in model.endor_offloaded.values()
+                                           for p in ps)]
                     models[system] = (model, files, choices)
                 timed = _time(models, prompt, opts, shape["experts"])
             finally:

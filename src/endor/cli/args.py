@@ -39,6 +39,13 @@ MEMORY_HELP = ("bytes for resident weights, e.g. 500MB or 2GiB; 0 streams every 
                "(default: no limit, nothing streams)")
 
 
-def add_max_memory(parser) -> None:
+def add_placement(parser) -> None:
+    """Where a loaded model computes and keeps its weights: --device, --offload, --max-memory
+    (the commands that load a checkpoint for offloaded inference: generate, serve)."""
+    parser.add_argument("--device", default="cpu",
+                        help="where it computes: cpu or cuda (default cpu)")
+    parser.add_argument("--offload", choices=("disk", "cpu"), default="disk",
+                        help="where streamed layers live: disk (O_DIRECT reads) or cpu "
+                             "(compressed, in RAM) (default disk)")
     parser.add_argument("--max-memory", type=memory_size, default=None, metavar="SIZE",
                         help=MEMORY_HELP)

@@ -10,7 +10,7 @@ import torch
 from ..checkpoint import require_checkpoint
 from ..reference_loader import load_tokenizer
 from ..runtime import load_model
-from .args import add_max_memory, at_least, non_empty
+from .args import add_placement, at_least, non_empty
 
 
 def add_parser(sub):
@@ -20,11 +20,7 @@ def add_parser(sub):
     p.add_argument("--prompt", required=True, type=non_empty, help="the text to continue")
     p.add_argument("--max-new-tokens", type=at_least(1), default=32, metavar="N",
                    help="tokens to generate (default 32)")
-    p.add_argument("--device", default="cpu", help="where it computes: cpu or cuda (default cpu)")
-    p.add_argument("--offload", choices=("disk", "cpu"), default="disk",
-                   help="where streamed layers live: disk (O_DIRECT reads) or cpu (compressed, "
-                        "in RAM) (default disk)")
-    add_max_memory(p)
+    add_placement(p)
     p.add_argument("--buffered-io", action="store_true",
                    help="read shards buffered and evict them right after, instead of O_DIRECT "
                         "(cold reads either way; faster on some virtual disks where "

@@ -1,7 +1,7 @@
 """`endor serve MODEL`: an OpenAI-compatible HTTP server (/v1/models, /v1/completions,
 /v1/chat/completions, streaming as server-sent events, /health) over the offloaded runtime."""
 
-from .args import add_max_memory, at_least
+from .args import add_placement, at_least
 
 
 def add_parser(sub):
@@ -13,11 +13,7 @@ def add_parser(sub):
     p.add_argument("--port", type=at_least(1), default=8000, help="port (default 8000)")
     p.add_argument("--name", default=None,
                    help="the model id clients send (default: the directory's name)")
-    p.add_argument("--device", default="cpu", help="where it computes: cpu or cuda (default cpu)")
-    p.add_argument("--offload", choices=("disk", "cpu"), default="disk",
-                   help="where streamed layers live: disk (O_DIRECT reads) or cpu (compressed, "
-                        "in RAM) (default disk)")
-    add_max_memory(p)
+    add_placement(p)
     p.add_argument("--prefetch", type=at_least(0), default=1, metavar="N",
                    help="layers loading ahead of the one computing (default 1)")
     p.add_argument("--buffered-io", action="store_true",

@@ -16,8 +16,11 @@
  * 6), so a corrupt file reads nothing outside its tile's values.
  *
  * Getting a tile's packed values is one function, `tile_values`: the stored values as they are
- * (codec "raw"). A value codec decodes the tile into the thread's scratch there and nothing else
- * changes.
+ * (codec "raw"); for "exp" (exp_values.c) and "int8"/"int4" (quant_values.c) the tile decoded
+ * into the thread's scratch (at most 16 KB: it stays in cache, no dense W, no memory traffic
+ * beyond the compressed bytes), read by the same loops. int4 with groups of whole chunks on
+ * AVX-512 skips the decoded scratch: its integers are table indices into 16 decoded values per
+ * group, looked up in registers (INT4_ROWS).
  *
  * Paths chosen at run time (`supported()` says which this CPU runs):
  *   scalar  portable C;
@@ -26,9 +29,12 @@
  *           present values, never past them). bf16 widens without shuffles: a 32-bit lane
  *           holding bf16 pair (2j, 2j+1) gives element 2j+1 as `lane & 0xffff0000` and element 2j
  *           as `lane << 16`, multiplied with x's odd and even columns (x is split once per call).
+ *           bf16 weights with an x that is exactly bf16 use vdpbf16ps (AVX512_BF16: `bf16_dot`),
+ *           one instruction per chunk, x passed as bf16; it flushes subnormals (the bound in
+ *           kernels/fused.py says by how much). Software prefetch ahead of the values and bitmap.
  *
  * Sum order: per output, per x row, lanes accumulate in float32 across chunks, then a horizontal
- * sum. It differs from torch's GEMV; the error bound is stated in kernels/linear.py. */
+ * sum. It differs from torch's GEMV; the error bound is stated in kernels/fused.py. */
 #include "common.h"
 
 #include <stdlib.h>
@@ -95,6 +101,10 @@ struct job {
     int64_t group_size, groups_per_row;
     int qbits;
     quant_fn quant_values;
+    /* int4 on avx512 with G a multiple of 32: the cursor walks the tile's 4-bit integers
+     * (unpacked to bytes q + 8) and each chunk looks its 32 weights up in a 16-entry table of
+     * the group's decoded values, in registers. vbytes: bytes per value in the cursor's stream. */
+    int int4_direct, vbytes;
 };
 
 struct part {
@@ -105,6 +115,8 @@ struct part {
     uint8_t *scratch; /* a tile's values, padded: OVERREAD-safe copy, or decoded by a codec */
     int8_t *qscratch; /* int8/int4: the tile's integers */
 };
+
+static void int4_indices(const job_t *job, part_t *part, int64_t begin, int64_t end);
 
 /* Where the walk is: the tile it is in and the next value to read of that tile. */
 typedef struct {
@@ -170,6 +182,9 @@ static inline __attribute__((always_inline)) int tile_values(const job_t *job, p
         if (err != OK) { part->bad_tile = k; return err; }
         memset(part->scratch + (end - begin) * es, 0, OVERREAD);
         src = part->scratch;
+    } else if (job->int4_direct) {
+        int4_indices(job, part, begin, end);
+        src = (const uint8_t *)part->qscratch;
     } else if (job->codec != CODEC_RAW) {
         const int err = job->quant_values(job, part, k, begin, end);
         if (err != OK) { part->bad_tile = k; return err; }
@@ -185,7 +200,7 @@ static inline __attribute__((always_inline)) int tile_values(const job_t *job, p
     c->tile = k;
     c->tile_end = start + len;
     c->v = src;
-    c->v_end = src + (end - begin) * es;
+    c->v_end = src + (end - begin) * job->vbytes;
     c->v_safe = c->v_end + OVERREAD;
     return OK;
 }
@@ -195,7 +210,7 @@ static inline __attribute__((always_inline)) int seek(const job_t *job, part_t *
                                                       cursor_t *c) {
     int err = tile_values(job, part, p / TILE, c);
     if (err) return err;
-    c->v += count_bits(job->bitmap + (p / TILE) * (TILE / 8), p % TILE) * elem_size(job->dtype);
+    c->v += count_bits(job->bitmap + (p / TILE) * (TILE / 8), p % TILE) * job->vbytes;
     return OK;
 }
 
@@ -615,6 +630,103 @@ rows_bf16_dot_nb(const job_t *job, part_t *part, int64_t x0, const int nb) {
     return OK;
 }
 
+/* int4_direct: one row walk for both the vdpbf16ps path (DOT: bf16 weights, x exactly bf16 in
+ * job->xh) and the float32 FMA path (x float32 in natural order). Each group of G columns (a
+ * multiple of 32: groups start on chunk starts) gets a 16-entry table of its decoded values
+ * round_D(scale * q), q = -8..7, built once per group; a chunk expands its integers' table
+ * indices under the bitmap mask (vpexpandb) and looks its 32 weights up (vpermw / vpermps),
+ * lanes of zero weights zeroed by the mask. */
+#define INT4_ROWS(NAME, TARGET, DOT)                                                             \
+    __attribute__((target(TARGET))) static inline __attribute__((always_inline)) int NAME(       \
+        const job_t *job, part_t *part, int64_t x0, const int nb) {                             \
+        const int64_t K = job->cols, G = job->group_size;                                       \
+        const __m512 qgrid = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5,   \
+                                            6, 7);                                               \
+        const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);             \
+        cursor_t c;                                                                              \
+        int err = seek(job, part, part->first * K, &c);                                          \
+        if (err) return err;                                                                     \
+        for (int64_t r = part->first; r < part->last; r++) {                                     \
+            __m512 acc[MAX_BLOCK], acc2[MAX_BLOCK];                                              \
+            for (int b = 0; b < nb; b++) acc[b] = acc2[b] = _mm512_setzero_ps();                 \
+            __m512 tablef = _mm512_setzero_ps();                                                 \
+            __m512i table16 = _mm512_setzero_si512();                                            \
+            int64_t group = r * job->groups_per_row, next_group_col = 0;                         \
+            for (int64_t col = 0; col < K; col += CHUNK) {                                       \
+                if (col == next_group_col) {                                                     \
+                    const __m512 v = _mm512_mul_ps(_mm512_set1_ps(q_scale(job, group)), qgrid);  \
+                    group++;                                                                     \
+                    next_group_col += G;                                                         \
+                    if (job->dtype == DT_BF16) {                                                 \
+                        const __m512i u = _mm512_castps_si512(v);                                \
+                        const __m512i rounded = _mm512_srli_epi32(                               \
+                            _mm512_add_epi32(_mm512_add_epi32(u, half),                          \
+                                             _mm512_and_si512(_mm512_srli_epi32(u, 16), one)),   \
+                            16);                                                                 \
+                        if (DOT)                                                                 \
+                            table16 = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(rounded));    \
+                        else                                                                     \
+                            tablef = _mm512_castsi512_ps(_mm512_slli_epi32(rounded, 16));        \
+                    } else if (job->dtype == DT_F16) {                                           \
+                        tablef = _mm512_cvtph_ps(                                                \
+                            _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));  \
+                    } else {                                                                     \
+                        tablef = v;                                                              \
+                    }                                                                            \
+                }                                                                                \
+                const int64_t p = r * K + col;                                                   \
+                if (p >= c.tile_end && (err = tile_values(job, part, c.tile + 1, &c)))           \
+                    return err;                                                                  \
+                const int len = K - col < CHUNK ? (int)(K - col) : CHUNK;                        \
+                const uint32_t mask = bits_at(job, p, len);                                      \
+                __m256i idx;                                                                     \
+                if (p + len <= c.tile_end) {                                                     \
+                    _mm_prefetch((const char *)job->bitmap + (p >> 3) + PREFETCH_BITS,           \
+                                 _MM_HINT_T0);                                                   \
+                    idx = _mm256_maskz_expand_epi8(mask, _mm256_loadu_si256((const void *)c.v)); \
+                    c.v += __builtin_popcount(mask);                                             \
+                } else { /* low lanes from this tile, high lanes from the next */                \
+                    const uint32_t low = mask & ((1u << (c.tile_end - p)) - 1), high = mask & ~low;\
+                    idx = _mm256_maskz_expand_epi8(low, _mm256_loadu_si256((const void *)c.v));  \
+                    if ((err = tile_values(job, part, c.tile + 1, &c))) return err;              \
+                    idx = _mm256_mask_expand_epi8(idx, high,                                     \
+                                                  _mm256_loadu_si256((const void *)c.v));        \
+                    c.v += __builtin_popcount(high);                                             \
+                }                                                                                \
+                if (DOT) {                                                                       \
+                    const __m512i w = _mm512_maskz_permutexvar_epi16(                            \
+                        mask, _mm512_cvtepu8_epi16(idx), table16);                               \
+                    /* even and odd chunks on two accumulator chains (latency) */             \
+                    __m512 *chain = (col >> 5) & 1 ? acc2 : acc;                                 \
+                    for (int b = 0; b < nb; b++)                                                 \
+                        chain[b] = _mm512_dpbf16_ps(                                             \
+                            chain[b], (__m512bh)w,                                               \
+                            (__m512bh)_mm512_loadu_si512(                                        \
+                                (const void *)(job->xh + (x0 + b) * job->x_stride + col)));      \
+                } else {                                                                         \
+                    const __m512 lo = _mm512_maskz_permutexvar_ps(                               \
+                        (__mmask16)mask, _mm512_cvtepu8_epi32(_mm256_castsi256_si128(idx)),      \
+                        tablef);                                                                 \
+                    const __m512 hi = _mm512_maskz_permutexvar_ps(                               \
+                        (__mmask16)(mask >> 16),                                                 \
+                        _mm512_cvtepu8_epi32(_mm256_extracti128_si256(idx, 1)), tablef);         \
+                    for (int b = 0; b < nb; b++) {                                               \
+                        const float *xb = job->x + (x0 + b) * job->x_stride + col;               \
+                        acc[b] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[b]);               \
+                        acc2[b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc2[b]);        \
+                    }                                                                            \
+                }                                                                                \
+            }                                                                                    \
+            for (int b = 0; b < nb; b++)                                                         \
+                job->y[(x0 + b) * job->rows + r] =                                               \
+                    _mm512_reduce_add_ps(_mm512_add_ps(acc[b], acc2[b]));                        \
+        }                                                                                        \
+        return OK;                                                                               \
+    }
+
+INT4_ROWS(rows_int4_dot_nb, AVX512_BF16_TARGET, 1)
+INT4_ROWS(rows_int4_float_nb, AVX512_TARGET, 0)
+
 #define DISPATCH_NB(FN, ...)                                                                     \
     switch (nb) {                                                                                \
     case 1: return FN(job, part, x0, 1 __VA_ARGS__);                                             \
@@ -648,7 +760,17 @@ __attribute__((target(AVX512_BF16_TARGET))) static int rows_avx512_bf16_dot(
         const job_t *job, part_t *part, int64_t x0, int nb) {
     DISPATCH_NB(rows_bf16_dot_nb)
 }
+__attribute__((target(AVX512_BF16_TARGET))) static int rows_int4_dot(
+        const job_t *job, part_t *part, int64_t x0, int nb) {
+    DISPATCH_NB(rows_int4_dot_nb)
+}
+__attribute__((target(AVX512_TARGET))) static int rows_int4_float(
+        const job_t *job, part_t *part, int64_t x0, int nb) {
+    DISPATCH_NB(rows_int4_float_nb)
+}
 static int rows_avx512(const job_t *job, part_t *part, int64_t x0, int nb) {
+    if (job->int4_direct)
+        return job->bf16_dot ? rows_int4_dot(job, part, x0, nb) : rows_int4_float(job, part, x0, nb);
     if (job->dtype == DT_BF16 && job->bf16_dot) return rows_avx512_bf16_dot(job, part, x0, nb);
     if (job->dtype == DT_BF16) return rows_avx512_bf16(job, part, x0, nb);
     if (job->dtype == DT_F16) return rows_avx512_f16(job, part, x0, nb);
@@ -765,6 +887,7 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
         .bitmap_bytes = (numel + 7) / 8,
         .dtype = dtype, .isa = isa, .codec = codec, .bf16_dot = bf16_dot,
     };
+    job.vbytes = dtype == DT_F32 ? 4 : 2;
     if (codec == CODEC_EXP) {
         unsigned long long signmant, codes, bases, escidx, escapes;
         long long n_escapes;
@@ -800,6 +923,9 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
         job.groups_per_row = groups_per_row;
         job.qbits = codec == CODEC_INT8 ? 8 : 4;
         job.quant_values = choose_quant(isa);
+        /* fused.py's prepare_x keeps x in natural order for exactly this case */
+        job.int4_direct = codec == CODEC_INT4 && isa == ISA_AVX512 && group_size % CHUNK == 0;
+        if (job.int4_direct) job.vbytes = 1;
     } else if (PyTuple_GET_SIZE(codec_parts) != 0) {
         return Py_BuildValue("iL", ERR_ARGUMENT, -1LL);
     }

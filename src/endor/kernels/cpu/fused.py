@@ -108,17 +108,17 @@ def _codec_args(et: EndorTensor) -> tuple[int, tuple, list[torch.Tensor]]:
     return _CODEC_CODE[et.values_codec], args, keep
 
 
-def prepare_x(x: torch.Tensor, dtype: torch.dtype, isa: int, bf16_dot: bool = False
-              ) -> torch.Tensor:
+def prepare_x(x: torch.Tensor, dtype: torch.dtype, isa: int, bf16_dot: bool = False,
+              natural: bool = False) -> torch.Tensor:
     """x [M, K] float32 -> the layout fused.c reads: rows padded with zeros to a multiple of 32
     columns; with bf16_dot, bfloat16 in natural order; else for bfloat16 on AVX-512 each
     32-column chunk holds its even columns, then its odd ones (the kernel widens bf16 pairs
-    without shuffles)."""
+    without shuffles), unless `natural` (the int4 table-lookup path)."""
     m, k = x.shape
     kp = -(-k // CHUNK) * CHUNK
     padded = torch.zeros(m, kp, dtype=torch.bfloat16 if bf16_dot else torch.float32)
     padded[:, :k] = x
-    if dtype == torch.bfloat16 and ISAS[isa] == "avx512" and not bf16_dot:
+    if dtype == torch.bfloat16 and ISAS[isa] == "avx512" and not bf16_dot and not natural:
         chunks = padded.view(m, kp // CHUNK, CHUNK // 2, 2)
         padded = chunks.transpose(2, 3).contiguous().view(m, kp)
     return padded
@@ -153,7 +153,10 @@ def matmul(x: torch.Tensor, et: EndorTensor, *, isa: str | None = None,
         bf16_dot = can_dot and _exactly_bf16(x)
     elif bf16_dot and not _exactly_bf16(x):
         raise ValueError("bf16_dot=True needs an x whose values are exactly bfloat16")
-    xp = prepare_x(x, et.dtype, code, bf16_dot)
+    # fused.c's int4_direct: int4 with groups of whole 32-column chunks on avx512
+    int4_direct = et.values_codec == "int4" and ISAS[code] == "avx512" and \
+        et.codec_params["group_size"] % CHUNK == 0
+    xp = prepare_x(x, et.dtype, code, bf16_dot, natural=int4_direct)
     y = torch.empty(x.shape[0], n, dtype=torch.float32)
     bitmap, tiles = et.bitmap.contiguous(), et.tiles.contiguous()
     values = et.values.contiguous() if et.values_codec == "raw" else None
