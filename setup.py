@@ -16,9 +16,9 @@ SOURCES = {
 
 # Included by the sources: an edit to one rebuilds the extensions that include it.
 COMMON = Path("src/endor/kernels/cpu/common.h")
-DEPENDS = {"endor.kernels.cpu._decompress": [COMMON, Path("src/endor/kernels/cpu/exp_values.c")],
-           "endor.kernels.cpu._fused": [COMMON, Path("src/endor/kernels/cpu/exp_values.c"),
-                                        Path("src/endor/kernels/cpu/quant_values.c")],
+EXP = [Path("src/endor/kernels/cpu/exp_parts.h"), Path("src/endor/kernels/cpu/exp_values.c")]
+DEPENDS = {"endor.kernels.cpu._decompress": [COMMON, *EXP],
+           "endor.kernels.cpu._fused": [COMMON, *EXP, Path("src/endor/kernels/cpu/quant_values.c")],
            "endor.kernels.cpu._quant": [COMMON]}
 
 ext_modules = [

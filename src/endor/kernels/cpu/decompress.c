@@ -29,16 +29,8 @@
 enum { OK = 0, ERR_TILE_INDEX = 1, ERR_POPCOUNT = 2, ERR_PADDING = 3, ERR_ARGUMENT = 4,
        ERR_EXP_BASE = 5, ERR_EXP_ESCIDX = 6, ERR_EXP_ESCAPES = 7, ERR_EXP_ESCAPE_VALUE = 8 };
 
-/* The `exp` value codec's parts (docs/FORMAT.md 1.1): NULL signmant means the raw codec. */
-typedef struct {
-    const uint8_t *signmant; /* nnz * n_bytes: sign and mantissa, little-endian */
-    const uint8_t *codes;    /* ceil(nnz / 64) groups of `planes` 64-bit bit planes */
-    const uint8_t *bases;    /* one per tile */
-    const int64_t *escidx;   /* ntiles + 1 */
-    const uint8_t *escapes;  /* n_escapes whole exponents */
-    int64_t n_escapes;
-    int planes, e_bits, m_bits, n_bytes, max_base;
-} exp_t;
+/* The `exp` value codec's parts; a NULL signmant means the raw codec. */
+#include "exp_parts.h"
 
 typedef void (*span_fn)(const uint8_t *bits, const uint8_t *src, uint8_t *dst, int64_t n);
 

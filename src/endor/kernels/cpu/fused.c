@@ -65,16 +65,7 @@ enum { CODEC_RAW = 0, CODEC_EXP = 1, CODEC_INT8 = 2, CODEC_INT4 = 3 };
 /* bfloat16 weights with bfloat16 activations: vdpbf16ps (AVX512_BF16) multiplies bf16 pairs. */
 #define AVX512_BF16_TARGET AVX512_TARGET ",avx512bf16"
 
-/* The `exp` value codec's parts (docs/FORMAT.md 1.1), as decompress.c. */
-typedef struct {
-    const uint8_t *signmant; /* nnz * n_bytes: sign and mantissa, little-endian */
-    const uint8_t *codes;    /* ceil(nnz / 64) groups of `planes` 64-bit bit planes */
-    const uint8_t *bases;    /* one per tile */
-    const int64_t *escidx;   /* ntiles + 1 */
-    const uint8_t *escapes;  /* n_escapes whole exponents */
-    int64_t n_escapes;
-    int planes, e_bits, m_bits, n_bytes, max_base;
-} exp_t;
+#include "exp_parts.h"
 
 static inline uint64_t load_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
