@@ -18,8 +18,9 @@ SOURCES = {
 COMMON = Path("src/endor/kernels/cpu/common.h")
 EXP = [Path("src/endor/kernels/cpu/exp_parts.h"), Path("src/endor/kernels/cpu/exp_values.c")]
 DEPENDS = {"endor.kernels.cpu._decompress": [COMMON, *EXP],
-           "endor.kernels.cpu._fused": [COMMON, *EXP, Path("src/endor/kernels/cpu/quant_values.c")],
-           "endor.kernels.cpu._quant": [COMMON]}
+           "endor.kernels.cpu._fused": [COMMON, *EXP, Path("src/endor/kernels/cpu/quant_values.c"),
+                                        Path("src/endor/kernels/cpu/float_bits.h")],
+           "endor.kernels.cpu._quant": [COMMON, Path("src/endor/kernels/cpu/float_bits.h")]}
 
 ext_modules = [
     Extension(

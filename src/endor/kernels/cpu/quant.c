@@ -40,8 +40,7 @@ typedef struct {
 } part_t;
 
 static inline uint64_t load_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+#include "float_bits.h"
 
 /* Up to 57 bits of the bitmap starting at bit i, never reading past its last byte. */
 static inline uint64_t bits_at(const job_t *job, int64_t i) {
@@ -79,23 +78,6 @@ static inline float scale_at(const job_t *job, int64_t g) {
     return bits_f32(sign | (exp == 31 ? 0x7f800000u : (exp + 112) << 23) | (man << 13));
 }
 
-static inline uint16_t bf16_round(float f) { /* nearest even; f is never NaN here */
-    uint32_t u = f32_bits(f);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-
-/* float32 -> float16, nearest even, overflow to infinity, subnormals kept (the FP16 library's
- * branch-free method: the additions below round exactly once, at float16's precision). */
-static inline uint16_t f16_round(float f) {
-    float base = (bits_f32(f32_bits(f) & 0x7fffffffu) * 0x1p+112f) * 0x1p-110f;
-    const uint32_t w = f32_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xff000000u;
-    if (bias < 0x71000000u) bias = 0x71000000u;
-    base = bits_f32((bias >> 1) + 0x07800000u) + base;
-    const uint32_t bits = f32_bits(base);
-    const uint32_t nonsign = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
-}
 
 static inline void store_scalar(uint8_t *out, int64_t i, int dtype, float v) {
     if (dtype == DT_F32) { memcpy(out + 4 * i, &v, 4); return; }

@@ -11,38 +11,20 @@
  *
  * The Python caller checks rules Q2 and Q3 (padding nibble, finite scales) and every part's
  * size; the group index is computed from the element index only, bounded by rows * gpr. The
- * float16 / bfloat16 roundings are quant.c's (same formulas, kept bit-identical by the tests). */
+ * float16 / bfloat16 roundings are quant.c's own (float_bits.h). */
 
 typedef int (*quant_fn)(const job_t *job, part_t *part, int64_t k, int64_t begin, int64_t end);
 
-static inline uint32_t q_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
-static inline float q_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+#include "float_bits.h"
 
 static inline float q_scale(const job_t *job, int64_t g) {
     if (job->dtype == DT_F32) { float f; memcpy(&f, job->scales + 4 * g, 4); return f; }
     uint16_t h;
     memcpy(&h, job->scales + 2 * g, 2);
-    if (job->dtype == DT_BF16) return q_bits_f32((uint32_t)h << 16);
+    if (job->dtype == DT_BF16) return bits_f32((uint32_t)h << 16);
     return f16_to_f32(h);
 }
 
-static inline uint16_t q_bf16_round(float f) { /* nearest even; f is never NaN here */
-    uint32_t u = q_f32_bits(f);
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
-}
-
-/* float32 -> float16, nearest even, overflow to infinity, subnormals kept (quant.c's f16_round;
- * built without FMA contraction: -std=c11). */
-static inline uint16_t q_f16_round(float f) {
-    float base = (q_bits_f32(q_f32_bits(f) & 0x7fffffffu) * 0x1p+112f) * 0x1p-110f;
-    const uint32_t w = q_f32_bits(f), shl1_w = w + w, sign = w & 0x80000000u;
-    uint32_t bias = shl1_w & 0xff000000u;
-    if (bias < 0x71000000u) bias = 0x71000000u;
-    base = q_bits_f32((bias >> 1) + 0x07800000u) + base;
-    const uint32_t bits = q_f32_bits(base);
-    const uint32_t nonsign = ((bits >> 13) & 0x7c00u) + (bits & 0x0fffu);
-    return (uint16_t)((sign >> 16) | (shl1_w > 0xff000000u ? 0x7e00u : nonsign));
-}
 
 /* Number of set bitmap bits in elements [p, p + n). */
 static inline int64_t count_range(const job_t *job, int64_t p, int64_t n) {
@@ -100,7 +82,7 @@ static inline void run_scalar(const job_t *job, float s, const int8_t *q, int64_
         if (job->dtype == DT_F32) {
             memcpy(dst + 4 * i, &v, 4);
         } else {
-            const uint16_t h = job->dtype == DT_BF16 ? q_bf16_round(v) : q_f16_round(v);
+            const uint16_t h = job->dtype == DT_BF16 ? bf16_round(v) : f16_round(v);
             memcpy(dst + 2 * i, &h, 2);
         }
     }
