@@ -210,6 +210,13 @@ def _loaded(pid: int, library: str) -> bool:
         return False
 
 
+def _sigint_as_at_a_terminal():
+    """The child starts with SIGINT's default action, as under a terminal. A job started in the
+    background by a non-interactive shell (how CI may run us) inherits SIGINT ignored, and Python,
+    as Unix convention asks, then leaves it ignored: Ctrl-C could not reach such a process."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("when", ["during-imports", "while-generating"])
 def test_ctrl_c_exits_130_without_a_traceback(pristine, when):
     """SIGINT while torch is being imported (the CLI's first seconds: its shared library is
@@ -218,7 +225,8 @@ def test_ctrl_c_exits_130_without_a_traceback(pristine, when):
     child = subprocess.Popen(
         [sys.executable, "-m", "endor.cli", "generate", str(ckpt_dir), "--prompt", "Hi",
          "--max-new-tokens", "60", "--max-memory", "0"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_sigint_as_at_a_terminal)
     if when == "during-imports":
         deadline = time.monotonic() + 60
         while not _loaded(child.pid, "libtorch") and time.monotonic() < deadline:
@@ -257,7 +265,8 @@ def test_the_entry_module_handles_ctrl_c_from_its_first_line():
             "assert 'endor' not in sys.modules; os.kill(os.getpid(), signal.SIGINT); "
             "time.sleep(30)")
     child = subprocess.run([sys.executable, "-c", code, str(REPO / "src")],
-                           capture_output=True, text=True, timeout=60)
+                           capture_output=True, text=True, timeout=60,
+                           preexec_fn=_sigint_as_at_a_terminal)
     assert child.returncode == 130, (child.returncode, child.stderr)
     assert child.stderr == "endor: interrupted\n"
 
@@ -273,7 +282,8 @@ def test_ctrl_c_at_the_first_instants_exits_130(pristine, delay_ms):
     child = subprocess.Popen(
         [*_console_script(), "generate", str(pristine[0]), "--prompt", "Hi",
          "--max-new-tokens", "60", "--max-memory", "0"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_sigint_as_at_a_terminal)
     time.sleep(delay_ms / 1000)
     assert child.poll() is None, "exited before the signal"
     child.send_signal(signal.SIGINT)
