@@ -25,8 +25,6 @@ endor-experts >= 4x endor-whole-layers and >= 15x accelerate-cold, and no-cache 
 from __future__ import annotations
 
 import gc
-import hashlib
-import json
 import shutil
 import statistics
 import time
@@ -37,7 +35,6 @@ import torch
 import xxhash
 
 from ..checkpoint import Checkpoint
-from ..convert.synthetic import write_synthetic_checkpoint
 from ..moe import parse_expert_name, use_eager_experts
 from ..runtime import load_model
 from ..runtime.model import thread_split
@@ -45,6 +42,7 @@ from ..runtime.weights import layer_files
 from . import harness
 from .baseline import evict_on_read, load_accelerate
 from .e2e import Options, _convert_all, _generate, _row, _shards, _workdir
+from .e2e_prepare import synthetic_source
 
 NAME = "e2e"
 DONE_WHEN = {"experts_vs_whole_layers_min": 4.0, "experts_vs_accelerate_min": 15.0,
@@ -97,12 +95,7 @@ def _config(opts: Options):
 
 
 def _prepare(config, opts: Options, workdir: Path) -> dict:
-    key = hashlib.sha256(json.dumps([config.to_dict(), opts.dtype, opts.sparsity],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:12]
-    root = workdir / f"qwen3moe-{key}"
-    hf = root / "hf"
-    if not (hf / "config.json").is_file():
-        write_synthetic_checkpoint(hf, config, dtype=getattr(torch, opts.dtype))
+    root, hf = synthetic_source(config, opts, workdir, "qwen3moe")
     out = {weights: root / weights for weights in ("endor", "dense")}
     _convert_all(hf, {w: o for w, o in out.items() if not (o / "endor.json").is_file()},
                  opts.sparsity)

@@ -17,15 +17,22 @@ from ..convert.pipeline import DEFAULT_VALUES
 from ..convert.synthetic import write_synthetic_checkpoint
 
 
-def prepare(config, opts, workdir: Path, values: list[str]) -> dict:
-    """Synthetic HF checkpoint -> converted "dense" and one "endor-<codec>" checkpoint per value
-    codec (cached by shape)."""
+def synthetic_source(config, opts, workdir: Path, family: str) -> tuple[Path, Path]:
+    """The cache folder of one model shape, dtype and sparsity (`workdir/<family>-<key>`) and
+    its random-weight HF checkpoint inside, written on first use."""
     key = hashlib.sha256(json.dumps([config.to_dict(), opts.dtype, opts.sparsity],
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
-    root = workdir / f"llama-{key}"
+    root = workdir / f"{family}-{key}"
     hf = root / "hf"
     if not (hf / "config.json").is_file():
         write_synthetic_checkpoint(hf, config, dtype=getattr(torch, opts.dtype))
+    return root, hf
+
+
+def prepare(config, opts, workdir: Path, values: list[str]) -> dict:
+    """Synthetic HF checkpoint -> converted "dense" and one "endor-<codec>" checkpoint per value
+    codec (cached by shape)."""
+    root, hf = synthetic_source(config, opts, workdir, "llama")
     out = {"dense": (root / "dense", "dense", "raw")}
     out.update({v: (root / f"endor-{v}", "endor", v) for v in values})
     convert_all(hf, {k: o for k, o in out.items() if not (o[0] / "endor.json").is_file()},
