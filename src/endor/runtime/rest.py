@@ -115,6 +115,16 @@ class OnDemandEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, rows read on demand"
 
 
+def chunk_rows(source: RowSource, chunk_bytes: int) -> int:
+    """Rows of the head read at a time into a buffer of at most `chunk_bytes` (at least one)."""
+    return max(1, min(source.shape[0], chunk_bytes // source.row_bytes))
+
+
+def head_chunk_bytes(budget: int) -> int:
+    """The streamed head's buffer size for a budget: at most an eighth of it."""
+    return min(HEAD_CHUNK_BYTES, budget // 8)
+
+
 class StreamedHead(nn.Module):
     """nn.Linear (no bias) whose weight is read from disk in row chunks for every forward."""
 
@@ -123,7 +133,7 @@ class StreamedHead(nn.Module):
         self.source = source
         self.out_features, self.in_features = source.shape
         self.device = torch.device(device)
-        self.chunk_rows = max(1, min(self.out_features, chunk_bytes // source.row_bytes))
+        self.chunk_rows = chunk_rows(source, chunk_bytes)
         self.buffer = torch.empty(self.chunk_rows, self.in_features, dtype=source.dtype)
         self.bytes_read = 0
         self.metrics = None  # runtime.metrics.Metrics: the head's reads count toward the token
@@ -172,8 +182,13 @@ def offload_rest(model: nn.Module, f: EndorFile, *, device,
     emb_name = params.get(id(embedding.weight)) if isinstance(embedding, nn.Embedding) else None
     head_name = params.get(id(head.weight)) if isinstance(head, nn.Linear) and \
         head.bias is None else None
-    tied = head is not None and embedding is not None and \
-        getattr(head, "weight", None) is getattr(embedding, "weight", None)
+    # On the meta device transformers has not tied the pair yet (two parameters): its list of
+    # tied keys says so. Missing that, the embedding left alone and the head, absent from the
+    # shard, stayed on the meta device.
+    ties = getattr(model, "all_tied_weights_keys", None) or {}
+    tied = head is not None and embedding is not None and (
+        getattr(head, "weight", None) is getattr(embedding, "weight", None) or
+        ties.get(head_name) == emb_name or ties.get(emb_name) == head_name)
     # A tied pair is stored once, under either name.
     stored = {n: n if n in names else (emb_name if n == head_name else head_name)
               for n in (emb_name, head_name) if n} if tied else \
@@ -185,7 +200,7 @@ def offload_rest(model: nn.Module, f: EndorFile, *, device,
         skipped.add(emb_name)
     if head_name and sources.get(head_name) is not None:
         streamed = StreamedHead(sources[head_name], device=device,
-                                chunk_bytes=min(HEAD_CHUNK_BYTES, budget // 8))
+                                chunk_bytes=head_chunk_bytes(budget))
         model.set_output_embeddings(streamed)
         skipped.add(head_name)
         resident += streamed.buffer_bytes
