@@ -2,6 +2,8 @@
 compressed, resident or streamed, and greedy generation matches the in-memory dense model on the
 test models (the fused sum order is not torch's, so this is checked, not assumed)."""
 
+import math
+
 import pytest
 import torch
 
@@ -60,6 +62,37 @@ def test_budget_counts_compressed_bytes(tiny):
     assert dense_resident == 2
     assert len(stats["resident_layers"]) > dense_resident
     assert stats["resident_bytes"] <= budget
+
+
+def test_plan_counts_resident_fused_layers_at_their_stored_size(tiny):
+    """The budget pays for a resident fused layer what its shard stores (bitmap, tile index,
+    values of each Linear weight; the dense norms), not the dense size; the plan adds up to
+    exactly that, read here from the shard headers."""
+    from endor.checkpoint import Checkpoint
+    from endor.format import EndorFile
+    path, _, _ = tiny("llama", "endor")
+    stored, dense = [], []
+    for shard in Checkpoint(path).shards:
+        if shard.group == "rest":
+            continue
+        with EndorFile(path / shard.file) as f:
+            stored.append(sum(end - start for n in f.keys() for start, end in f.byte_ranges(n)))
+            dense.append(sum(math.prod(f.entry(n).shape) * f.entry(n).dtype.itemsize
+                             if f.is_compressed(n) else
+                             f.header.tensors[n].end - f.header.tensors[n].start
+                             for n in f.keys()))
+    with open_model(path, max_memory=0, compute="fused") as probe:
+        rest = probe.endor_memory_plan.rest_bytes
+    budget = rest + stored[0] + stored[1] + stored[2] // 2  # two fused layers and a half
+    with open_model(path, max_memory=budget, compute="fused") as model:
+        plan = model.endor_memory_plan
+        held = [m.et is not None for m in endor_linears(model)]
+    assert list(plan.layer_bytes) == stored and all(s < d for s, d in zip(stored, dense))
+    assert plan.resident == (0, 1) and held.count(True) == 2 * 7  # 7 Linears per layer
+    assert plan.resident_bytes == rest + stored[0] + stored[1] <= budget
+    with open_model(path, max_memory=budget, compute="dense") as model:
+        assert list(model.endor_memory_plan.layer_bytes) == dense
+        assert model.endor_memory_plan.resident == (0,)  # 2.5 fused layers < 2 dense ones
 
 
 def test_compute_option():
