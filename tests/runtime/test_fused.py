@@ -127,3 +127,45 @@ def test_auto_fuses_the_layers_whose_codec_the_kernel_reads(tmp_path, values):
     assert stats["fused_layers"] == (model.config.num_hidden_layers if fused else 0)
     # streamed, fused or not: one core stays with the loader on this 2-core machine
     assert stats["compute_threads"] <= max(1, torch.get_num_threads())
+
+
+def test_the_switch_table_covers_every_codec_and_dtype_the_kernel_reads():
+    from endor.kernels.cpu.fused import CODECS
+    from endor.runtime.fused import FUSED_MAX_ROWS
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for codec in CODECS:
+            assert FUSED_MAX_ROWS[(dtype, codec)] >= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("codec", ["raw", "exp", "int4"])
+def test_endor_linear_switches_at_its_dtype_and_codec_limit(monkeypatch, dtype, codec):
+    """Up to max_fused_rows(dtype, codec) rows of x the fused kernel runs, one more row
+    decompresses and runs a GEMM; both give what the dense weight gives, within the bound."""
+    import endor
+    from endor.kernels.fused import error_bound
+    from endor.runtime import fused
+    from tests.helpers import sparse_tensor
+    weight = sparse_tensor((7, 45), dtype, 0.5)
+    options = {"group_size": 16} if codec == "int4" else {}
+    et = endor.compress(weight, values=codec, **options)
+    dense = endor.decompress(et).view(7, 45)
+    module = EndorLinear(torch.nn.Linear(45, 7, bias=False, dtype=dtype))
+    module.et = et
+    limit = fused.max_fused_rows(dtype, codec)
+    assert module.max_fused_rows is None and limit == fused.FUSED_MAX_ROWS[(dtype, codec)]
+    calls = []
+    real = fused.linear
+    monkeypatch.setattr(fused, "linear", lambda *a: calls.append("fused") or real(*a))
+    for rows, path in ((limit, "fused"), (limit + 1, "gemm")):
+        calls.clear()
+        x = torch.randn(1, rows, 45).to(dtype)
+        y = module(x)
+        assert calls == ([path] if path == "fused" else [])
+        want = torch.nn.functional.linear(x.double(), dense.double())
+        assert ((y.double() - want).abs() <=
+                2 * error_bound(x[0], dense, None, want[0], dtype)).all()
+    module.max_fused_rows = 2  # an explicit limit still wins over the table
+    calls.clear()
+    module(torch.randn(3, 45).to(dtype))
+    assert calls == []
