@@ -20,6 +20,7 @@ def test_least_budget_is_what_load_model_needs(tiny, arch):
         assert greedy(model, PROMPT, NEW_TOKENS) == want
         stats = model.endor_stats()
         assert stats["resident_layers"] == [] and stats["resident_bytes"] <= least.bytes
+        assert model.get_output_embeddings().buffer_bytes == least.head_buffer_bytes
     with pytest.raises(ValueError, match="max_memory"):
         open_model(path, max_memory=least.bytes - 1).__enter__()
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checkpoint import Checkpoint
-from .rest import chunk_rows, head_chunk_bytes, offload_rest, rest_size, StreamedHead
+from .rest import (digest_block_rows, head_block_bytes, head_chunk_bytes, head_chunk_rows,
+                   offload_rest, rest_size, StreamedHead)
 from .weights import find_layer_list, layer_files, load_rest, model_dtype
 
 
@@ -24,7 +25,8 @@ class LeastBudget:
 
 
 def least_budget(path) -> LeastBudget:
-    """Reads the non-layer tensors that stay resident (small: norms), nothing else."""
+    """Reads the rest shard once (the embeddings and head are checked as load_model checks
+    them), builds nothing but the meta-device model."""
     from .model import _empty_model  # local: model.py imports this package's other modules
 
     ckpt = Checkpoint(path)
@@ -42,7 +44,10 @@ def least_budget(path) -> LeastBudget:
     def head_buffer(budget: int) -> int:
         if not isinstance(head, StreamedHead):
             return 0
-        return chunk_rows(head.source, head_chunk_bytes(budget)) * head.source.row_bytes
+        source = head.source
+        block = digest_block_rows(source.row_bytes, head_block_bytes(budget))
+        return head_chunk_rows(source.shape[0], source.row_bytes, block,
+                               head_chunk_bytes(budget)) * source.row_bytes
 
     # load_model needs budget >= kept + head_buffer(budget); the buffer grows with the budget
     # (an eighth of it, at least one row), so step up to the first budget that holds both.
