@@ -93,7 +93,7 @@ struct job {
     int qbits;
     quant_fn quant_values;
     /* int4 on avx512 with G a multiple of 32: the cursor walks the tile's 4-bit integers
-     * (unpacked to bytes q + 8) and each chunk looks its 32 weights up in a 16-entry table of
+     * (unpacked to one nibble per byte: int4_indices) and each chunk looks its 32 weights up in a 16-entry table of
      * the group's decoded values, in registers. vbytes: bytes per value in the cursor's stream. */
     int int4_direct, vbytes;
 };
@@ -630,21 +630,22 @@ rows_bf16_dot_nb(const job_t *job, part_t *part, int64_t x0, const int nb) {
  * go through INT4_SPAN (two chunks per step, no per-chunk bounds checks); a row's short last
  * chunk and a chunk across a tile boundary go one by one. */
 
-/* The group's table: bf16 as 16 words (DOT) or float32 widened from round_D (else). */
+/* The group's table of 16 decoded values: bfloat16 words for DOT (twice: vpermw reads 5 index
+ * bits, the 5th is not defined), else float32 (round_D(v) widened exactly). */
 #define INT4_TABLE(DOT)                                                                          \
     do {                                                                                         \
         const __m512 v = _mm512_mul_ps(_mm512_set1_ps(q_scale(job, group)), qgrid);            \
-        if (job->dtype == DT_BF16) {                                                             \
+        if (dtype == DT_BF16) {                                                                  \
             const __m512i u = _mm512_castps_si512(v);                                            \
             const __m512i rounded = _mm512_srli_epi32(                                           \
                 _mm512_add_epi32(_mm512_add_epi32(u, half),                                      \
                                  _mm512_and_si512(_mm512_srli_epi32(u, 16), one)),               \
                 16);                                                                             \
             if (DOT)                                                                             \
-                table16 = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(rounded));                \
+                table16 = _mm512_broadcast_i64x4(_mm512_cvtepi32_epi16(rounded));                \
             else                                                                                 \
                 tablef = _mm512_castsi512_ps(_mm512_slli_epi32(rounded, 16));                    \
-        } else if (job->dtype == DT_F16) {                                                       \
+        } else if (dtype == DT_F16) {                                                            \
             tablef = _mm512_cvtph_ps(                                                            \
                 _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));              \
         } else {                                                                                 \
@@ -653,7 +654,8 @@ rows_bf16_dot_nb(const job_t *job, part_t *part, int64_t x0, const int nb) {
     } while (0)
 
 /* One chunk's weights from its expanded indices `idx` (lanes not in `mask` zeroed), multiplied
- * with x's columns [col, col + 32) into ACC (DOT) or ACC / ACC2 (float: low / high 16 lanes). */
+ * with x's columns [col, col + 32) into ACC (DOT) or ACC / ACC2 (float: low / high 16 lanes).
+ * (float16: a vpermw of a float16 table and two vcvtph2ps measured slower than two vpermps.) */
 #define INT4_CHUNK(DOT, idx, mask, col, ACC, ACC2)                                               \
     do {                                                                                         \
         if (DOT) {                                                                               \
@@ -677,12 +679,21 @@ rows_bf16_dot_nb(const job_t *job, part_t *part, int64_t x0, const int nb) {
         }                                                                                        \
     } while (0)
 
+/* Two chunks' table indices (masks m0, m1) from the cursor v: two 256-bit expands measured
+ * faster than one 512-bit expand and a split on Zen 4. */
+#define INT4_EXPAND2                                                                             \
+    const __m256i i0 = _mm256_maskz_expand_epi8(m0, _mm256_loadu_si256((const void *)v));        \
+    v += __builtin_popcount(m0);                                                                 \
+    const __m256i i1 = _mm256_maskz_expand_epi8(m1, _mm256_loadu_si256((const void *)v));        \
+    v += __builtin_popcount(m1);
+
 #define INT4_ROWS(NAME, TARGET, DOT)                                                             \
     __attribute__((target(TARGET))) static inline __attribute__((always_inline)) int NAME(       \
         const job_t *job, part_t *part, int64_t x0, const int nb) {                             \
-        const int64_t K = job->cols, G = job->group_size;                                       \
-        const __m512 qgrid = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5,   \
-                                            6, 7);                                               \
+        const int64_t K = job->cols, G = job->group_size, dtype = job->dtype;                   \
+        /* table entry n: q = n as a two's complement nibble (int4_indices' bytes) */          \
+        const __m512 qgrid = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, -8, -7, -6, -5, -4, -3, -2, \
+                                            -1);                                                 \
         const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);             \
         /* the span reads 8 bitmap bytes per chunk: it stops where that would pass the end */   \
         const int64_t wide_bits_end = job->bitmap_bytes >= 8 ? (job->bitmap_bytes - 8) * 8 : 0; \
@@ -726,12 +737,7 @@ rows_bf16_dot_nb(const job_t *job, part_t *part, int64_t x0, const int nb) {
                     for (; col + 2 * CHUNK <= stop; col += 2 * CHUNK, bits += 2 * CHUNK / 8) {   \
                         const uint32_t m0 = (uint32_t)(load_u64(bits) >> shift);                 \
                         const uint32_t m1 = (uint32_t)(load_u64(bits + CHUNK / 8) >> shift);     \
-                        const __m256i i0 =                                                       \
-                            _mm256_maskz_expand_epi8(m0, _mm256_loadu_si256((const void *)v));   \
-                        v += __builtin_popcount(m0);                                             \
-                        const __m256i i1 =                                                       \
-                            _mm256_maskz_expand_epi8(m1, _mm256_loadu_si256((const void *)v));   \
-                        v += __builtin_popcount(m1);                                             \
+                        INT4_EXPAND2                                                             \
                         if (DOT) {                                                               \
                             INT4_CHUNK(DOT, i0, m0, col, acc, acc);                              \
                             INT4_CHUNK(DOT, i1, m1, col + CHUNK, acc2, acc2);                    \
