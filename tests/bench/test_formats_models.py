@@ -76,6 +76,10 @@ def test_sizes_are_the_sums_over_every_decoder_matrix(doc):
                                                    r["format"]) == ("wanda", "2:4", label, fmt))
             assert row["stored_bytes"] == stored and row["numel"] == numel
             assert row["bits_per_element"] == pytest.approx(8 * stored / numel)
+            if fmt == "endor-exp":
+                ets = [compress(w.to(dtype), values="exp") for _, _, w in matrices]
+                assert row["escapes"] == sum(et.codec_params["escapes"] for et in ets)
+                assert 0 <= row["escape_fraction"] < 0.05
     bf16 = {r["format"]: r for r in d["results"] if (r["method"], r["pattern"], r["dtype"])
             == ("wanda", "2:4", "bfloat16")}
     assert bf16["endor-exp"]["bits_per_element"] < bf16["endor"]["bits_per_element"]

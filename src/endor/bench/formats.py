@@ -97,6 +97,8 @@ class Codec:
     decode: Callable[[object], torch.Tensor]
     nbytes: Callable[[object], int]
     must_be_exact: bool = True
+    # Counts worth summing over tensors (the exp codec's escapes), from the encoded object.
+    counts: Callable[[object], dict] | None = None
 
 
 def codecs() -> list[Codec]:
@@ -108,7 +110,8 @@ def codecs() -> list[Codec]:
         Codec("endor", f"endor, raw values (v1's), backend auto ({auto})",
               lambda t: compress(t, values="raw"), decompress, lambda et: et.nbytes),
         Codec("endor-exp", f"endor, exp-coded values, backend auto ({auto_exp})",
-              lambda t: compress(t, values="exp"), decompress, lambda et: et.nbytes),
+              lambda t: compress(t, values="exp"), decompress, lambda et: et.nbytes,
+              counts=lambda et: {"escapes": et.codec_params["escapes"], "nnz": et.nnz}),
         Codec("endor-reference", "endor raw values, backend reference",
               lambda t: compress(t, values="raw"),
               lambda et: decompress(et, backend="reference"), lambda et: et.nbytes),
@@ -151,6 +154,7 @@ def measure_codec(codec: Codec, tensor: torch.Tensor, *, warmup: int, repeat: in
         **timing,
         "encode_s": encode_s,
         "lossless": lossless,
+        **(codec.counts(encoded) if codec.counts else {}),
     }
 
 

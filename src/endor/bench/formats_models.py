@@ -91,6 +91,7 @@ class Totals:
         self.lossless = True
         self.timed_bytes, self.timed_s, self.timed_n = 0, 0.0, 0
         self.encode_s = 0.0
+        self.escapes = self.nnz = None
 
     def add(self, row: dict, numel: int, timed: bool) -> None:
         self.stored += row["stored_bytes"]
@@ -98,6 +99,9 @@ class Totals:
         self.matrices += 1
         self.lossless &= row["lossless"]
         self.encode_s += row["encode_s"]
+        if "escapes" in row:
+            self.escapes = (self.escapes or 0) + row["escapes"]
+            self.nnz = (self.nnz or 0) + row["nnz"]
         if timed:
             self.timed_bytes += row["dense_bytes"]
             self.timed_s += row["median_s"]
@@ -108,7 +112,9 @@ class Totals:
                 "stored_bytes": self.stored, "numel": self.numel, "matrices": self.matrices,
                 "lossless": self.lossless, "encode_s": round(self.encode_s, 3),
                 "timed_bytes": self.timed_bytes, "timed_s": self.timed_s, "n": self.timed_n,
-                "decode_gbps": self.timed_bytes / self.timed_s / 1e9 if self.timed_s else None}
+                "decode_gbps": self.timed_bytes / self.timed_s / 1e9 if self.timed_s else None,
+                **({"escapes": self.escapes, "escape_fraction": self.escapes / self.nnz
+                    if self.nnz else 0.0} if self.escapes is not None else {})}
 
 
 def measure_case(matrices, codecs, dtypes, *, measure: Callable, timed_layer: int) -> dict:
