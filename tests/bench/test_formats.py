@@ -151,3 +151,12 @@ def test_formats_option_keeps_the_copy_baseline():
         formats.run(**_args("--shape", "8,8", "--formats", "gzip"))
     with pytest.raises(ValueError, match="no elements"):
         formats.run(**_args("--shape", "0,8"))
+
+
+def test_threads_option_is_recorded_and_restored():
+    before = torch.get_num_threads()
+    d = formats.run(**_args("--shape", "16,16", "--dtypes", "bf16", "--sparsities", "0.5",
+                          "--formats", "endor", "--warmup", "0", "--threads", "1"))
+    assert d["params"]["threads"] == 1 and torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="--threads"):
+        formats.run(**_args("--shape", "8,8", "--threads", "0"))

@@ -56,6 +56,12 @@ def add_arguments(parser) -> None:
                              "embedded models' decoder weight matrices pruned by endor convert "
                              "(default: random)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for the run, which every format's decoder uses "
+                             "(endor's, torch's copy, compressed-tensors', ZipNN's; zstd and "
+                             "lz4 use one); default: torch's. On a busy machine a 2-thread "
+                             "torch copy waits for the second thread: --threads 1 compares "
+                             "per-thread speed")
     group = parser.add_argument_group("--source models")
     group.add_argument("--models", type=_names(None), default=formats_models.MODELS,
                        help="comma-separated aliases or model directories (default "
@@ -185,7 +191,23 @@ def choose_codecs(formats: str | None, default=None) -> list[Codec]:
 def run(*, shape, formats, dtypes, sparsities, seed, quick, warmup, repeat,
         source="random", models=formats_models.MODELS, methods=formats_models.METHODS,
         patterns=tuple(formats_models.PATTERNS), calib_samples=formats_models.CALIB_SAMPLES,
-        timed_layer=None, workdir=None) -> dict:
+        timed_layer=None, workdir=None, threads=None) -> dict:
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        doc = _run(shape=shape, formats=formats, dtypes=dtypes, sparsities=sparsities, seed=seed,
+                   quick=quick, warmup=warmup, repeat=repeat, source=source, models=models,
+                   methods=methods, patterns=patterns, calib_samples=calib_samples,
+                   timed_layer=timed_layer, workdir=workdir)
+    finally:
+        torch.set_num_threads(before)
+    return doc
+
+
+def _run(*, shape, formats, dtypes, sparsities, seed, quick, warmup, repeat, source, models,
+         methods, patterns, calib_samples, timed_layer, workdir) -> dict:
     load_before = harness.system_load()
     if source == "models":
         chosen = choose_codecs(formats, MODEL_FORMATS)
@@ -209,6 +231,7 @@ def run(*, shape, formats, dtypes, sparsities, seed, quick, warmup, repeat,
     params.update({"load_avg": {"before": load_before, "after": harness.system_load()},
                    "dtypes": [harness.dtype_name(d) for d in dtypes], "quick": quick,
                    "warmup": warmup, "repeat": repeat, "source": source,
+                   "threads": torch.get_num_threads(),
                    "formats": {c.name: c.description for c in chosen}})
     if "zipnn" in params["formats"]:
         params["zipnn_version"] = peers.zipnn_version()
