@@ -21,7 +21,7 @@ times = {c: [] for c in ets}
 for _ in range(11):
     for c, et in ets.items():
         t0 = time.thread_time()
-        cpu.decode(et, out, isa=isa, threads=1)
+        cpu.decompress(et, out, isa=isa, threads=1)
         times[c].append(time.thread_time() - t0)
 gbps = {c: rows * cols * 2 / statistics.median(t) / 1e9 for c, t in times.items()}
 print(f"isa {isa or 'auto'}, bf16 {rows}x{cols} at 50%, one thread, CPU-time medians of 11:")

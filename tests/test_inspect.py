@@ -8,9 +8,9 @@ from endor.runtime import open_model
 def test_budgets_match_the_runtime(tiny):
     path, _, _ = tiny("llama", "endor")
     b = budgets(path)
-    with open_model(path, max_memory=b["least_bytes"]) as least:
+    with open_model(path, max_memory=b["rest_resident_bytes"]) as least:
         assert least.endor_stats()["resident_layers"] == []
-        assert least.endor_stats()["resident_bytes"] == b["least_bytes"]
+        assert least.endor_stats()["resident_bytes"] == b["rest_resident_bytes"]
     with open_model(path, max_memory=b["all_resident_fused_bytes"], compute="fused") as fused:
         assert fused.endor_stats()["streamed_layers"] == []
     with open_model(path, max_memory=b["all_resident_fused_bytes"], compute="dense") as dense:

@@ -65,11 +65,13 @@ def describe(path, *, verify: bool = False) -> list[dict]:
 
 
 def budgets(path) -> dict | None:
-    """What `max_memory` a converted checkpoint can run in (None for a single file): the least
-    (the "rest" shard's weights, dense, always resident: every decoder layer streamed) and what
-    keeps every layer resident with dense compute and with fused compute (decoder weights held
-    compressed). Streaming buffers come on top of the least: prefetch+1 read slots of at least
-    the largest layer shard."""
+    """What `max_memory` a converted checkpoint can run in (None for a single file), from its
+    headers: with the non-layer weights ("rest" shard, dense) resident and every decoder layer
+    streamed, and what keeps every layer resident with dense compute and with fused compute
+    (decoder weights held compressed). Below the non-layer weights the runtime reads embedding
+    rows on demand and streams the LM head: that smallest budget needs the model's structure,
+    endor.runtime.budget.least_budget. Streaming buffers come on top: prefetch+1 read slots of
+    at least the largest layer shard."""
     path = Path(path)
     if not path.is_dir():
         return None
@@ -81,7 +83,7 @@ def budgets(path) -> dict | None:
     rest = sum(r["dense_bytes"] for r in by_group.get("rest", []))
     layers = [g for g in by_group if g != "rest"]
     return {
-        "least_bytes": rest,
+        "rest_resident_bytes": rest,
         "largest_layer_shard_bytes": max(
             (sum(r["stored_bytes"] for r in by_group[g]) for g in layers), default=0),
         "all_resident_dense_bytes": rest + sum(r["dense_bytes"] for g in layers

@@ -25,9 +25,10 @@ def _args(*argv) -> dict:
 def test_quick_e2e_document_and_plot(tmp_path):
     args = _args("--workdir", str(tmp_path), "--systems", "endor,dense,accelerate-cold",
                  "--new-tokens", "3", "--endor-prefetch", "2", "--prefetch", "1",
-                 "--values", "raw,exp", "--compute", "dense")
+                 "--values", "raw,exp", "--compute", "dense", "--plan-budgets", "0.5,0.9")
     doc = e2e.run(**args)
     assert doc["schema"] == "endor-bench/1" and doc["benchmark"] == "e2e"
+    _check_memory_plan(doc, [0.5, 0.9])
     assert doc["params"]["device"] == "cpu" and doc["params"]["offload"] == "disk"
     rows = {r["system"]: r for r in doc["results"]}
     assert set(rows) == {"endor-raw-dense", "endor-exp-dense", "dense", "accelerate-cold",
@@ -58,6 +59,28 @@ def test_quick_e2e_document_and_plot(tmp_path):
     png = plot.draw("e2e", doc, tmp_path / "e2e.png")
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def _check_memory_plan(doc: dict, fractions: list[float]) -> None:
+    """The plan rows: load_model's own counts at each budget, compressed layers cheaper."""
+    plan = doc["memory_plan"]
+    rows = {(r["budget_fraction"], r["checkpoint"]): r for r in plan["rows"]}
+    assert doc["params"]["plan_budgets"] == fractions
+    for f in fractions:
+        dense, raw, exp = (rows[(f, k)] for k in ("dense", "raw", "exp"))
+        assert dense["budget_bytes"] == int(f * doc["params"]["model_bytes"])
+        assert exp["layer_budget_bytes"] < raw["layer_budget_bytes"] < \
+            dense["layer_budget_bytes"]
+        assert dense["resident_layers"] <= raw["resident_layers"] <= exp["resident_layers"]
+        assert (raw["compute"], dense["compute"]) == ("auto", "dense")
+        for r in (dense, raw, exp):
+            assert r["resident_bytes"] <= r["budget_bytes"]
+            assert r["resident_layers"] + r["streamed_layers"] == 4
+    top = rows[(fractions[-1], "dense")]["resident_layers"]
+    assert top >= 2
+    name = f"raw_resident_layers_vs_dense_at_{fractions[-1]}"
+    assert plan["ratios"][name] == rows[(fractions[-1], "raw")]["resident_layers"] / top
+    assert doc["met"][name] == (plan["ratios"][name] >= 1.7)
 
 
 def test_quick_e2e_int4_fused_batches_and_in_ram_rows(tmp_path):
@@ -132,6 +155,7 @@ def test_embeddings_above_the_budget_stream_every_layer(tmp_path):
     (("--batch", "0"), "--batch"),
     (("--values", "exp,zstd"), "--values"),
     (("--compute", "sparse"), "--compute"),
+    (("--plan-budgets", "0.5,2"), "--plan-budgets"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):

@@ -48,3 +48,18 @@ def test_table_has_a_header_and_one_dtype_vocabulary(tmp_path, capsys):
     assert lines[0].split() == ["tensor", "shape", "dtype", "values", "sparsity", "bytes"]
     rows = {line.split()[0]: line for line in lines[1:3]}
     assert "bfloat16" in rows["b"] and "bfloat16" in rows["w"] and "BF16" not in rows["b"]
+
+
+def test_checkpoint_prints_the_smallest_budget_the_runtime_accepts(tiny, capsys):
+    """The line is load_model's floor (embedding rows on demand, head streamed), far below the
+    non-layer weights that earlier versions printed as the least."""
+    from endor.cli.inspect import size
+    from endor.runtime.budget import least_budget
+    path, _, _ = tiny("llama", "endor")
+    assert main(["inspect", str(path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines()
+                if x.startswith("smallest --max-memory"))
+    least = least_budget(path)
+    assert f"smallest --max-memory: {size(least.bytes)} (embedding rows" in line
+    assert f"non-layer weights resident: {size(least.rest_resident_bytes)};" in line
+    assert size(least.bytes) == f"{least.bytes} B" and size(12_345_678) == "12.3 MB"

@@ -1,4 +1,4 @@
-"""MUST rules of the int8/int4 codecs (docs/FORMAT.md section 1.3): one malformed file per
+"""MUST rules of the int8/int4 codecs (docs/FORMAT.md section 1.6): one malformed file per
 field, each rejected with FormatError naming the file and the tensor."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""The int8/int4 value codecs (docs/FORMAT.md section 1.3): the decoded tensor is exactly the
+"""The int8/int4 value codecs (docs/FORMAT.md section 1.6): the decoded tensor is exactly the
 format's definition of the stored bytes, the encoder's error is what round-to-nearest promises,
 and the sizes meet the issue's budget."""
 

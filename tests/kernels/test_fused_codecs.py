@@ -81,6 +81,24 @@ def test_cpu_quantized_group_sizes(isa, codec, group_size, dtype):
 
 
 @needs_cpu
+@pytest.mark.skipif("avx512" not in cpu_fused.supported_isas(), reason="no avx512 on this CPU")
+@pytest.mark.parametrize("shape", [(5, 96), (31, 224), (9, 4160), (3, 8224)])
+@pytest.mark.parametrize("group_size", [32, 96, 128])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_int4_table_lookup_runs(shape, group_size, dtype, sparsity):
+    """int4 looked up in registers (avx512, groups of whole chunks): rows that are whole chunks,
+    walked in runs two chunks per step, groups of an odd number of chunks, a short last group,
+    rows across tiles at odd value offsets; the bfloat16 dot and float32 paths both."""
+    decoded, et, x = case("int4", shape, dtype, sparsity, 3, group_size)
+    y = cpu_fused.matmul(x.float(), et, isa="avx512")
+    assert_within_bound(y.to(dtype), x, decoded)
+    if dtype == torch.bfloat16 and cpu_fused.bf16_dot_supported():
+        plain = cpu_fused.matmul(x.float(), et, isa="avx512", bf16_dot=False)
+        assert_within_bound(plain.to(dtype), x, decoded)
+
+
+@needs_cpu
 @pytest.mark.skipif(not cpu_fused.bf16_dot_supported(), reason="no AVX512_BF16 on this CPU")
 @pytest.mark.parametrize("codec", ["raw", *CODECS])
 @pytest.mark.parametrize("batch", [1, 3, 9])

@@ -2,6 +2,8 @@
 compressed, resident or streamed, and greedy generation matches the in-memory dense model on the
 test models (the fused sum order is not torch's, so this is checked, not assumed)."""
 
+import math
+
 import pytest
 import torch
 
@@ -62,6 +64,37 @@ def test_budget_counts_compressed_bytes(tiny):
     assert stats["resident_bytes"] <= budget
 
 
+def test_plan_counts_resident_fused_layers_at_their_stored_size(tiny):
+    """The budget pays for a resident fused layer what its shard stores (bitmap, tile index,
+    values of each Linear weight; the dense norms), not the dense size; the plan adds up to
+    exactly that, read here from the shard headers."""
+    from endor.checkpoint import Checkpoint
+    from endor.format import EndorFile
+    path, _, _ = tiny("llama", "endor")
+    stored, dense = [], []
+    for shard in Checkpoint(path).shards:
+        if shard.group == "rest":
+            continue
+        with EndorFile(path / shard.file) as f:
+            stored.append(sum(end - start for n in f.keys() for start, end in f.byte_ranges(n)))
+            dense.append(sum(math.prod(f.entry(n).shape) * f.entry(n).dtype.itemsize
+                             if f.is_compressed(n) else
+                             f.header.tensors[n].end - f.header.tensors[n].start
+                             for n in f.keys()))
+    with open_model(path, max_memory=0, compute="fused") as probe:
+        rest = probe.endor_memory_plan.rest_bytes
+    budget = rest + stored[0] + stored[1] + stored[2] // 2  # two fused layers and a half
+    with open_model(path, max_memory=budget, compute="fused") as model:
+        plan = model.endor_memory_plan
+        held = [m.et is not None for m in endor_linears(model)]
+    assert list(plan.layer_bytes) == stored and all(s < d for s, d in zip(stored, dense))
+    assert plan.resident == (0, 1) and held.count(True) == 2 * 7  # 7 Linears per layer
+    assert plan.resident_bytes == rest + stored[0] + stored[1] <= budget
+    with open_model(path, max_memory=budget, compute="dense") as model:
+        assert list(model.endor_memory_plan.layer_bytes) == dense
+        assert model.endor_memory_plan.resident == (0,)  # 2.5 fused layers < 2 dense ones
+
+
 def test_compute_option():
     cpu = torch.device("cpu")
     assert resolve_compute("dense", cpu, "endor") == "dense"
@@ -94,3 +127,45 @@ def test_auto_fuses_the_layers_whose_codec_the_kernel_reads(tmp_path, values):
     assert stats["fused_layers"] == (model.config.num_hidden_layers if fused else 0)
     # streamed, fused or not: one core stays with the loader on this 2-core machine
     assert stats["compute_threads"] <= max(1, torch.get_num_threads())
+
+
+def test_the_switch_table_covers_every_codec_and_dtype_the_kernel_reads():
+    from endor.kernels.cpu.fused import CODECS
+    from endor.runtime.fused import FUSED_MAX_ROWS
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for codec in CODECS:
+            assert FUSED_MAX_ROWS[(dtype, codec)] >= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("codec", ["raw", "exp", "int4"])
+def test_endor_linear_switches_at_its_dtype_and_codec_limit(monkeypatch, dtype, codec):
+    """Up to max_fused_rows(dtype, codec) rows of x the fused kernel runs, one more row
+    decompresses and runs a GEMM; both give what the dense weight gives, within the bound."""
+    import endor
+    from endor.kernels.fused import error_bound
+    from endor.runtime import fused
+    from tests.helpers import sparse_tensor
+    weight = sparse_tensor((7, 45), dtype, 0.5)
+    options = {"group_size": 16} if codec == "int4" else {}
+    et = endor.compress(weight, values=codec, **options)
+    dense = endor.decompress(et).view(7, 45)
+    module = EndorLinear(torch.nn.Linear(45, 7, bias=False, dtype=dtype))
+    module.et = et
+    limit = fused.max_fused_rows(dtype, codec)
+    assert module.max_fused_rows is None and limit == fused.FUSED_MAX_ROWS[(dtype, codec)]
+    calls = []
+    real = fused.linear
+    monkeypatch.setattr(fused, "linear", lambda *a: calls.append("fused") or real(*a))
+    for rows, path in ((limit, "fused"), (limit + 1, "gemm")):
+        calls.clear()
+        x = torch.randn(1, rows, 45).to(dtype)
+        y = module(x)
+        assert calls == ([path] if path == "fused" else [])
+        want = torch.nn.functional.linear(x.double(), dense.double())
+        assert ((y.double() - want).abs() <=
+                2 * error_bound(x[0], dense, None, want[0], dtype)).all()
+    module.max_fused_rows = 2  # an explicit limit still wins over the table
+    calls.clear()
+    module(torch.randn(3, 45).to(dtype))
+    assert calls == []

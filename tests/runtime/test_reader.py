@@ -2,6 +2,7 @@ import errno
 import os
 
 import pytest
+import xxhash
 import torch
 
 from endor.runtime import reader as reader_module
@@ -167,8 +168,9 @@ def test_requests_in_flight_read_the_same_bytes(tmp_path, monkeypatch, depth):
 @pytest.mark.parametrize("nbytes", [0, 1, 4097, 3 * 8192 + 5])
 @pytest.mark.parametrize("direct", [True, False])
 def test_digest_on_the_io_thread_is_the_images(tmp_path, monkeypatch, nbytes, direct):
-    """start(digest=True): the I/O thread ending the read hashes exactly the file's bytes, after
-    every request (several here) has landed: the digest the runtime checks shards by."""
+    """start(digest=True): each request's span (several here) is hashed by the I/O thread that
+    read it, and the digest is every span's XXH3 in file order: exactly the file's bytes, the
+    digest the runtime checks shards by."""
     from endor.runtime.images import image_digest
 
     monkeypatch.setattr(reader_module, "CHUNK", 8192)
@@ -179,8 +181,10 @@ def test_digest_on_the_io_thread_is_the_images(tmp_path, monkeypatch, nbytes, di
     try:
         pending = r.start(tmp_path / "f", buf, nbytes, digest=True)
         assert pending.result() == nbytes
-        assert pending.digest == image_digest(buf, nbytes) == \
-            reader_module.digest_of(memoryview(data), nbytes)
+        spans = tuple(xxhash.xxh3_64_intdigest(data[s:s + 8192])
+                      for s in range(0, max(nbytes, 1), 8192))
+        assert pending.digest == image_digest(buf, nbytes) == spans
+        assert len(spans) == max(1, -(-nbytes // 8192))
         assert pending.digest_s >= 0
         plain = r.start(tmp_path / "f", buf, nbytes)
         plain.result()
@@ -204,7 +208,8 @@ def test_digest_after_a_refused_o_direct_read_and_none_for_a_short_one(tmp_path,
     buf = aligned_buffer(5000)
     pending = reader.start(tmp_path / "f", buf, 5000, digest=True)
     pending.result()  # the buffered fallback read, hashed where it ran
-    assert pending.digest == reader_module.digest_of(memoryview(data), 5000)
+    assert pending.digest == reader_module.span_digests(memoryview(data), 5000) == \
+        (xxhash.xxh3_64_intdigest(data),)
     monkeypatch.undo()
     short = reader.start(tmp_path / "f", aligned_buffer(8000), 8000, digest=True)
     with pytest.raises(OSError, match="short read"):

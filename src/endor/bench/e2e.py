@@ -56,6 +56,7 @@ from ..runtime import load_model
 from ..runtime.fused import fused_codecs
 from ..runtime.model import thread_split
 from ..runtime.weights import layer_files
+from . import e2e_budget
 from . import e2e_variants as variants
 from . import harness
 from .baseline import evict_on_read, load_accelerate
@@ -112,6 +113,7 @@ class Options:
     compute: str = "dense,fused"
     batch: list[int] | str = "1"
     checks: str = "on"  # bench/e2e_checks.py
+    plan_budgets: str = "0.25,0.5"  # bench/e2e_budget.py
     # --moe (bench/e2e_moe.py): a mixture-of-experts model with routed expert reads
     moe: bool = False
     expert_intermediate: int | None = None
@@ -169,6 +171,11 @@ def add_arguments(parser) -> None:
                         help="on (default), off or on,off: time our pipelines with checksums "
                              "verified, not verified (load_model(verify=False)), or both in the "
                              "same interleaved rounds, reporting what checking costs")
+    parser.add_argument("--plan-budgets", default="0.25,0.5",
+                        help="budgets (fractions of the model's bytes, or none) at which to "
+                             "report how many decoder layers the runtime keeps resident for the "
+                             "dense and each Endor checkpoint, from its own plan (default "
+                             "0.25,0.5; nothing is timed)")
     from .e2e_moe import add_moe_arguments  # local: e2e_moe builds on this module's helpers
     add_moe_arguments(parser)
     parser.add_argument("--workdir", default=None,
@@ -355,6 +362,7 @@ def run(**options) -> dict:
     if isinstance(opts.batch, str):
         opts = replace(opts, batch=harness.int_list(opts.batch))
     systems, values = _check_args(opts)
+    plan_fractions = e2e_budget.parse_fractions(opts.plan_budgets)
     load_at_start = harness.system_load()
     device = torch.device(opts.device)
     config, shape = _config(opts)
@@ -393,6 +401,9 @@ def run(**options) -> dict:
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        # after the timings: these loads read resident layers, which would warm nothing timed
+        plan = e2e_budget.memory_plan(paths, values, model_bytes, plan_fractions, device) \
+            if plan_fractions else None
         rows = []
         for b in opts.batch:
             for system in systems:
@@ -427,12 +438,16 @@ def run(**options) -> dict:
                   "compute": variants.parse_names(opts.compute, variants.COMPUTES, "--compute"),
                   "batch": list(opts.batch), "repeat": opts.repeat, "warmup": opts.warmup,
                   "quick": opts.quick, "max_seconds": opts.max_seconds, "checks": opts.checks,
+                  "plan_budgets": plan_fractions,
                   "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s,
                   "load_avg_at_start": load_at_start,
                   "checkpoint_bytes": {k: _checkpoint_bytes(p) for k, p in paths.items()}}
         return harness.envelope(NAME, params, rows, ratios=ratios,
-                                done_when={**DONE_WHEN, "checks_cost_max": COST_MAX},
-                                met={**variants.met(ratios), **checks_met(ratios)},
+                                done_when={**DONE_WHEN, "checks_cost_max": COST_MAX,
+                                           **e2e_budget.DONE_WHEN},
+                                met={**variants.met(ratios), **checks_met(ratios),
+                                     **(plan["met"] if plan else {})},
+                                memory_plan=plan,
                                 rounds_s_per_token={b: timed[b]["_rounds"] for b in opts.batch},
                                 table_columns=TABLE_COLUMNS)
     finally:

@@ -9,13 +9,15 @@ bytes (bitmap + tile index + the codec's parts) for fused, and `gbps` is bytes /
 int4 rows quantize W (round to nearest, groups of 128 columns): the dense baseline is the
 unquantized W, same shape and dtype. `fused_vs_dense` = dense time / fused time (> 1: fused
 faster); `crossover` per dtype and codec is the first batch at which decompress + GEMM beats
-fused (where the runtime should switch: runtime/fused.py FUSED_MAX_ROWS). Done when
+fused; `fused_max_rows` the last batch before it (where the runtime switches:
+runtime/fused.py FUSED_MAX_ROWS). Done when
 fused_vs_dense >= 1.5 at batch 1 for raw bfloat16 and float16, 4096x14336 at 50% (the
 byte-ratio limit is 1.78); exp and int4 read fewer bytes and should be faster still."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
+import math
 import statistics
 import time
 
@@ -80,14 +82,17 @@ def _measure_dtype(dtype, shape, args, device, results, ratios, crossover) -> No
     weight = weight.to(device)
     dense_bytes = weight.numel() * weight.element_size()
     packed = {codec: et.nbytes for codec, et in ets.items()}
+    scratch = torch.empty(weight.numel(), dtype=dtype, device=device)
     g = torch.Generator().manual_seed(args.seed + 1)
     for batch in args.batches:
         x = torch.randn(batch, shape[1], generator=g).to(dtype).to(device)
         fns = {("dense", "-"): lambda: torch.nn.functional.linear(x, weight)}
         for codec, et in ets.items():
             fns[("fused", codec)] = lambda et=et: linear(x, et)
+            # into a reused buffer, as the runtime's EndorLinear does (runtime/fused.py
+            # dense_scratch): a fresh 100 MB tensor per call would time its page faults too
             fns[("decompress+gemm", codec)] = lambda et=et: torch.nn.functional.linear(
-                x, decompress(et))
+                x, decompress(et, out=scratch))
         stats = _interleaved(fns, args.warmup, args.repeat, device)
         dense_s = stats[("dense", "-")].median_s
         for (method, codec), st in stats.items():
@@ -148,6 +153,12 @@ def run(**options) -> dict:
         torch.set_num_threads(before)
     met = {k: v >= DONE_WHEN["fused_vs_dense_batch1_min"] for k, v in ratios.items()
            if k.endswith("_raw")}
+    # runtime/fused.py FUSED_MAX_ROWS: the last batch measured before decompress + GEMM first
+    # wins (the largest measured where it never does)
+    batches = sorted(args.batches)
+    max_rows = {f"{harness.dtype_name(d)}_{c}": max(
+        [b for b in batches if b < crossover.get(f"{harness.dtype_name(d)}_{c}", math.inf)],
+        default=0) for d in args.dtypes for c in values}
     params = {"load_avg": {"before": load_before, "after": harness.system_load()},
               "device": str(device), "shape": list(shape),
               "dtypes": [harness.dtype_name(d) for d in args.dtypes], "values": values,
@@ -155,7 +166,8 @@ def run(**options) -> dict:
               "threads": args.threads or before, "seed": args.seed, "quick": args.quick,
               "warmup": args.warmup, "repeat": args.repeat}
     return harness.envelope(NAME, params, results, ratios=ratios, done_when=DONE_WHEN, met=met,
-                            crossover_batch=crossover, table_columns=TABLE_COLUMNS)
+                            crossover_batch=crossover, fused_max_rows=max_rows,
+                            table_columns=TABLE_COLUMNS)
 
 
 def draw(doc: dict):

@@ -41,12 +41,25 @@ def run(args) -> int:
           f"({dense / max(stored, 1):.2f}x){', verified' if args.verify else ''}")
     b = budgets(args.path)
     if b:
-        print(f"smallest --max-memory: {b['least_bytes'] / 1e6:.1f} MB (embeddings, norm, LM head "
-              f"resident; every decoder layer streamed, plus read buffers of "
-              f"{b['largest_layer_shard_bytes'] / 1e6:.1f} MB each); every layer resident: "
-              f"{b['all_resident_fused_bytes'] / 1e6:.1f} MB with fused compute, "
-              f"{b['all_resident_dense_bytes'] / 1e6:.1f} MB dense")
+        from ..runtime.budget import least_budget  # local: builds the model (transformers)
+        least = least_budget(args.path)
+        how = (f"embedding rows read on demand, LM head streamed through a "
+               f"{size(least.head_buffer_bytes)} buffer" if least.offloaded else
+               "embeddings, norm, LM head resident")
+        print(f"smallest --max-memory: {size(least.bytes)} ({how}; every decoder layer "
+              f"streamed, plus read buffers of {size(b['largest_layer_shard_bytes'])} each); "
+              f"with the non-layer weights resident: {size(b['rest_resident_bytes'])}; every "
+              f"layer resident: {size(b['all_resident_fused_bytes'])} with fused compute, "
+              f"{size(b['all_resident_dense_bytes'])} dense")
     return 0
+
+
+def size(nbytes: int) -> str:
+    """Bytes in the unit max_memory takes that keeps a few digits ("12.3 MB", "640 B")."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
 
 
 def codec_summary(rows) -> list[str]:

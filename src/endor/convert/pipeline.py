@@ -51,7 +51,7 @@ from .structure import ModelLayout, build_layout, load_config
 from .summary import format_summary, shard_metadata, summarize
 
 DEFAULT_VALUES = "exp"  # value codec of the Endor tensors written (docs/FORMAT.md 1.1)
-_QUANTIZED = ("int8", "int4")  # the lossy codecs (docs/FORMAT.md 1.3)
+_QUANTIZED = ("int8", "int4")  # the lossy codecs (docs/FORMAT.md 1.6)
 
 REST = "rest"
 
@@ -471,7 +471,7 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     `device` ("cpu", "cuda", "cuda:1"; default: CUDA when available) is where calibrated methods
     run each layer; magnitude pruning and compression always run on the CPU.
 
-    values="int8" | "int4" quantizes the kept weights (lossy; docs/FORMAT.md section 1.3) in
+    values="int8" | "int4" quantizes the kept weights (lossy; docs/FORMAT.md section 1.6) in
     groups of `group_size` input columns (default 128): jointly with method "sparsegpt"
     (each column rounded as it is pruned, the error compensated), round-to-nearest otherwise
     ("none" quantizes the source's weights as they are)."""

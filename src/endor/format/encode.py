@@ -73,7 +73,7 @@ def _compress_cpu(flat: np.ndarray):
 def compress(tensor: torch.Tensor, values: str = DEFAULT_CODEC, **options) -> EndorTensor:
     """Compress a float32/float16/bfloat16 tensor of any shape and sparsity, its non-zero values
     stored by value codec `values` (docs/FORMAT.md, section 1.2): losslessly with "raw";
-    "int8" / "int4" quantize them (lossy, docs/FORMAT.md section 1.3; option `group_size`,
+    "int8" / "int4" quantize them (lossy, docs/FORMAT.md section 1.6; option `group_size`,
     default 128)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"endor.compress takes a torch.Tensor, got {type(tensor).__name__}")

@@ -1,4 +1,4 @@
-"""The Triton decoder of the int8/int4 value codecs (docs/FORMAT.md, section 1.3): one program
+"""The Triton decoder of the int8/int4 value codecs (docs/FORMAT.md, section 1.6): one program
 per 4096-element tile, laid out as triton_decompress.py's raw decoder (a [512, 8] block, row r =
 bitmap byte r; slots of the set bits by prefix sums), then per element: the integer at its slot
 (int4: the nibble of byte slot // 2), the scale of its group (row * groups_per_row + column // G,

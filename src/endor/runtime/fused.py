@@ -2,7 +2,7 @@
 (in the budget at their compressed size) or streamed (views of the shard's read buffer, no dense
 slot), and `EndorLinear` computes y = x @ W.T + b with the fused kernel (endor.kernels.linear)
 for a few rows of x (decode), or decompresses into a temporary and runs a GEMM for many (prefill,
-large batches: FUSED_MAX_ROWS).
+large batches: FUSED_MAX_ROWS, per weight dtype and value codec).
 
 Not bit-identical to the dense model: the fused kernel sums in float32 in its own order (the bound
 is in kernels/fused.py), where torch's GEMV sums in another. Greedy tokens match on the test
@@ -21,11 +21,40 @@ from .plan import LayerPlan
 from .weights import set_tensor
 
 COMPUTE = ("auto", "fused", "dense")
-# At most this many rows of x (tokens x batch) go through the fused kernel; more decompress
-# and run a GEMM. `endor bench gemv` on 4096x14336 at 50%, 2 shared cores (load 15): fused over
-# decompress + GEMM at batch 16 was 1.94x (bf16) and 5.1x (fp16) on one thread, 0.85x and 1.84x
-# on two; the weights here are held compressed, so that is the comparison that sets the switch.
-FUSED_MAX_ROWS = 16
+# At most this many rows of x (tokens x batch) go through the fused kernel, per (weight dtype,
+# value codec); more decompress into a reused scratch and run a GEMM. The weights are held
+# compressed either way, so fused vs decompress + GEMM is the comparison that sets the switch.
+# The fused kernel passes over W once per 8 rows of x (kernels/cpu/fused.c MAX_BLOCK): its cost
+# steps up past each multiple of 8, while decompress + GEMM decodes W once for any batch and
+# torch's bf16 GEMM is fast here, its fp16 one slow (no fp16 FMA: 14x the bf16 time at 16 rows).
+# Measured with `endor bench gemv --threads 1 --dtypes bf16,fp16,fp32 --values raw,exp,int4,int8
+# --batches 1,2,4,8,12,16,32 --repeat 5` (docs/benchmarks/gemv/crossover), 4096x14336 at 50%,
+# AVX-512 + AVX512_BF16, one thread: what a streamed model computes with on our 2 cores (the
+# other reads and checks). Load 2.8 -> 11.8. Decompress + GEMM time / fused time at the limit,
+# then at the next batch measured:
+#   bf16  raw 1.11 (16), 0.72 (32);  exp 1.14 (8), 0.81 (12);  int4 1.08 (8), 0.89 (12);
+#         int8 1.09 (8), 0.69 (12)
+#   fp16  every codec >= 1.26 up to 32 (the largest measured: 32 is a floor, not a crossover)
+#   fp32  raw 1.02 (32, the largest measured);  exp 1.43 (8), 0.64 (12);  int4 1.48 (16),
+#         0.89 (32);  int8 1.19 (8), 0.94 (12)
+# Two threads move the bf16 switch earlier (an earlier run: 0.85x at 16 rows, raw), and the
+# AVX2 path is unmeasured: same table. To re-measure after a kernel change, run that command
+# (--out a fresh folder) and copy its "fused_max_rows" (the last batch before decompress + GEMM
+# first wins) here.
+FUSED_MAX_ROWS = {
+    (torch.bfloat16, "raw"): 16, (torch.bfloat16, "exp"): 8, (torch.bfloat16, "int4"): 8,
+    (torch.bfloat16, "int8"): 8,
+    (torch.float16, "raw"): 32, (torch.float16, "exp"): 32, (torch.float16, "int4"): 32,
+    (torch.float16, "int8"): 32,
+    (torch.float32, "raw"): 32, (torch.float32, "exp"): 8, (torch.float32, "int4"): 16,
+    (torch.float32, "int8"): 8,
+}
+DEFAULT_MAX_ROWS = 8  # a dtype or codec not in the table: one pass of the kernel
+
+
+def max_fused_rows(dtype: torch.dtype, codec: str) -> int:
+    """Rows of x up to which the fused kernel computes a weight of this dtype and codec."""
+    return FUSED_MAX_ROWS.get((dtype, codec), DEFAULT_MAX_ROWS)
 
 
 def resolve_compute(compute: str, device: torch.device, weights: str) -> str:
@@ -87,14 +116,14 @@ def dense_scratch(et: EndorTensor) -> torch.Tensor:
 class EndorLinear(nn.Module):
     """nn.Linear whose weight is an Endor tensor (`et`, None between uses of a streamed layer)."""
 
-    def __init__(self, linear_module: nn.Linear, *, max_fused_rows: int = FUSED_MAX_ROWS,
+    def __init__(self, linear_module: nn.Linear, *, max_fused_rows: int | None = None,
                  backend: str = "auto"):
         super().__init__()
         self.in_features = linear_module.in_features
         self.out_features = linear_module.out_features
         self.bias = linear_module.bias
         self.et: EndorTensor | None = None
-        self.max_fused_rows = max_fused_rows
+        self.max_fused_rows = max_fused_rows  # None: FUSED_MAX_ROWS for the weight's kind
         self.backend = backend  # the decoder for the GEMM path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,14 +132,18 @@ class EndorLinear(nn.Module):
             raise RuntimeError("EndorLinear has no weight (a streamed layer outside its forward)")
         rows = x.numel() // max(x.shape[-1], 1)
         bias = self.bias
-        if rows <= self.max_fused_rows and et.values_codec in fused_codecs(x.device):
+        limit = self.max_fused_rows
+        if limit is None:
+            limit = max_fused_rows(et.dtype, et.values_codec)
+        if rows <= limit and et.values_codec in fused_codecs(x.device):
             return linear(x, et, bias)
         weight = decompress(et, out=dense_scratch(et), backend=self.backend).view(et.shape)
         return nn.functional.linear(x, weight.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, fused up to {self.max_fused_rows} rows")
+                f"bias={self.bias is not None}, fused up to "
+                f"{self.max_fused_rows or 'FUSED_MAX_ROWS'} rows")
 
 
 def fusable(layer: nn.Module, plan: LayerPlan) -> frozenset[str]:

@@ -8,12 +8,13 @@ import torch
 from ..format.io import endor_tensor
 from ..format.tensor import EndorTensor
 from .plan import Part, TensorPlan
-from .reader import digest_of
+from .reader import span_digests
 
 
-def image_digest(image: torch.Tensor, nbytes: int) -> int:
-    """XXH3-64 of a whole shard image (reader.digest_of): one pass, far faster than the disk."""
-    return digest_of(memoryview(image.numpy()), nbytes)
+def image_digest(image: torch.Tensor, nbytes: int) -> tuple[int, ...]:
+    """The digest of a whole shard image that its later reads are checked against
+    (reader.span_digests): XXH3-64 per read span, far faster than the disk."""
+    return span_digests(memoryview(image.numpy()), nbytes)
 
 
 def part_view(image: torch.Tensor, dense: torch.Tensor, part: Part) -> torch.Tensor:

@@ -113,8 +113,8 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
     from the compressed form for a few tokens (decode), decompress + GEMM for many (prefill);
     "dense" decompresses every layer; "auto" (default) is fused for the layers whose codec the
     fused kernel reads, dense for the others (runtime/fused.py resolve_compute says why).
-    verify: True (default) checks every streamed shard's stored checksums at load and every
-    later read of it against the digest taken then (docs/FORMAT.md, "What is checked when").
+    verify: True (default) checks every streamed shard's (and routed expert's) stored checksums
+    at load and every later read of it against the digest taken then (docs/FORMAT.md, "What is checked when").
     False skips both, so a shard corrupted or changed on disk reaches the model unnoticed: it
     exists to measure what checking costs (`endor bench e2e --checks on,off`), not for use.
     Resident and non-layer weights are checked when loaded either way (once, not per token).
@@ -197,7 +197,8 @@ def load_model(path, *, device="cpu", offload: str = "disk", max_memory=None, pr
                                           .get_submodule(moe[i].module).gate_up_proj.dtype)
                              for i in sorted(moe)], held=offload == "cpu", cache_bytes=cache,
                             policy=expert_cache, backend=backend, direct=direct_io,
-                            metrics=metrics, device=device, decode_threads=decompress_threads)
+                            metrics=metrics, device=device, decode_threads=decompress_threads,
+                            verify=verify)
         for i, names in moe.items():
             replace_experts(layers[i], names, RoutedExperts(
                 layers[i].get_submodule(names.module), i, store.weights))

@@ -29,11 +29,13 @@ import xxhash
 
 ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the block size
 HUGE_PAGE = 2 * 2**20  # x86-64 and arm64 (4 KiB base pages) transparent huge page size
-# One request per shard (up to this size): the kernel splits a large O_DIRECT read into device
-# requests by itself, while each small request pays a Python round trip (GIL) before the next.
-# Measured on the e2e model's 51 MB shards, interleaved runs: 8 MiB requests x 4 in flight 0.53
-# s/token, 64 MiB x 1 0.38-0.41, whole shards x 2 in flight 0.37.
-CHUNK = 256 * 2**20
+# A shard is read in requests of this size, and each request's bytes are hashed (span_digests) by
+# the I/O thread that read them as soon as they land, while the later requests are still in
+# flight: only the last span's hash follows the read, instead of the whole shard's. Request size
+# hardly matters into huge pages (twelve 34 MiB shards, 4 slots, 2 cores, load < 2, two runs of
+# 3 rounds, scripts/read-span-speed.py): 8 MiB 1.9-2.8 GB/s, 16 MiB 1.0-2.9, whole shards
+# 1.9-2.7; into 4 KiB pages 8 MiB requests had cost 0.53 s/token against 0.37 for whole shards.
+CHUNK = 8 * 2**20
 # Requests in flight (each waits in the kernel, using no CPU): the next shards' reads queue
 # behind the current one. What is in flight is also bounded by the stream's free read slots.
 DEPTH = 4
@@ -72,19 +74,29 @@ def aligned_buffer(nbytes: int, *, pin: bool = False, huge_pages: bool = True) -
     return raw[skip:skip + size]
 
 
-def digest_of(view: memoryview, nbytes: int) -> int:
-    """XXH3-64 of the first `nbytes` of `view`: the digest a shard image is checked by."""
-    return xxhash.xxh3_64_intdigest(view[:nbytes])
+def span_digests(view: memoryview, nbytes: int) -> tuple[int, ...]:
+    """The digest a shard image is checked by: XXH3-64 of each CHUNK-sized span of the first
+    `nbytes` of `view` (the reader's requests), so each span can be hashed when it lands."""
+    return tuple(_span_digest(view, start, nbytes) for start in _span_starts(nbytes))
+
+
+def _span_starts(nbytes: int) -> range:
+    return range(0, round_up(nbytes), CHUNK) if nbytes else range(0, 1)
+
+
+def _span_digest(view: memoryview, start: int, nbytes: int) -> int:
+    return xxhash.xxh3_64_intdigest(view[start:min(start + CHUNK, nbytes)])
 
 
 class PendingRead:
     """A whole-file read in flight. result() waits for it (falling back to a buffered read if
     O_DIRECT was refused mid-way), closes the file and returns the bytes read, or raises.
 
-    With `digest`, the I/O thread that finishes the last request hashes the bytes (digest_of)
-    right after they land, so the check of a shard overlaps the decompression of the one before
-    instead of following it on the loader thread: `digest` and `digest_s` are set by the time
-    result() returns."""
+    With `digest`, the I/O thread that ends each request hashes that request's span right after
+    it lands (span_digests), so the check of a shard overlaps its own later reads and the
+    compute of the layers before instead of following the whole read: `digest` (a tuple, one
+    digest per span) and `digest_s` (seconds spent hashing) are set by the time result()
+    returns; `digest` stays None after a failed request."""
 
     def __init__(self, reader: ShardReader, path: str, view: memoryview, nbytes: int,
                  digest: bool = False):
@@ -94,8 +106,9 @@ class PendingRead:
         self._error = None
         self.started = self.finished = None  # perf_counter of the first and last request
         self._want_digest = digest
-        self.digest: int | None = None
+        self.digest: tuple[int, ...] | None = None
         self.digest_s = 0.0
+        self._spans: dict[int, int] = {}  # request start -> digest of its span
         self._lock = threading.Lock()
         self._remaining = 0  # requests not yet ended
         self._failed = False
@@ -110,18 +123,25 @@ class PendingRead:
         self.started = t0 if self.started is None else min(self.started, t0)
         self.finished = t1 if self.finished is None else max(self.finished, t1)
 
-    def _request_ended(self, ok: bool) -> None:
-        """On an I/O thread: the last request to end, all of them ok, hashes the image."""
+    def _request_ended(self, start: int, ok: bool) -> None:
+        """On an I/O thread: hash the span this request read; the last one sets `digest`."""
+        span, spent = None, 0.0
+        if ok and self._want_digest:
+            t0 = time.perf_counter()
+            span = _span_digest(self._view, start, self.nbytes)
+            spent = time.perf_counter() - t0
         with self._lock:
             self._failed |= not ok
             self._remaining -= 1
-            last = self._remaining == 0 and not self._failed
-        if last and self._want_digest:
-            self._hash()
+            self.digest_s += spent
+            if span is not None:
+                self._spans[start] = span
+            if self._remaining == 0 and not self._failed and self._want_digest:
+                self.digest = tuple(self._spans[s] for s in _span_starts(self.nbytes))
 
     def _hash(self) -> None:
         t0 = time.perf_counter()
-        self.digest = digest_of(self._view, self.nbytes)
+        self.digest = span_digests(self._view, self.nbytes)
         self.digest_s = time.perf_counter() - t0
 
     def result(self) -> int:
@@ -206,7 +226,7 @@ class ShardReader:
                 self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="endor-io")
             pool = self._pool
         end = round_up(nbytes)
-        starts = range(0, end, CHUNK) if nbytes else [0]
+        starts = _span_starts(nbytes)
         pending._remaining = len(starts)
         return [pool.submit(_timed_range, fd, view, s, min(s + CHUNK, end), nbytes, pending)
                 for s in starts]
@@ -256,7 +276,7 @@ def _timed_range(fd, view, start, stop, nbytes, pending: PendingRead) -> int:
         ok = done == min(stop, nbytes) - start
     finally:
         pending._mark(t0, time.perf_counter())
-        pending._request_ended(ok)
+        pending._request_ended(start, ok)
     return done
 
 

@@ -6,12 +6,13 @@ One load goes through these stages:
                on the reader's I/O threads as soon as the slot is free (reader.py), so the next
                shard's requests follow the current one's with no gap. [cpu offload] nothing:
                the shard's bytes are held in RAM.
-    verify     [disk] one XXH3 of the whole image against the digest taken at load time, when
-               every tensor's stored checksum (and an Endor tensor's tile index) was checked on
-               the same bytes: equal digests mean the bytes checked then, at the cost of one hash
-               call per layer instead of one or more per tensor. The I/O thread that ends the
-               read hashes the image at once (reader.PendingRead), beside the loader's
-               decompression of the layer before; load_model(verify=False) skips it
+    verify     [disk] the image's digest (one XXH3 per read span, reader.span_digests) against
+               the one taken at load time, when every tensor's stored checksum (and an Endor
+               tensor's tile index) was checked on the same bytes: equal digests mean the bytes
+               checked then, at the cost of one hash pass per layer instead of one or more per
+               tensor. Each span is hashed by the I/O thread that read it as soon as it lands
+               (reader.PendingRead), while the shard's later spans are still in flight;
+               load_model(verify=False) skips it
     transfer   [cuda] the image to the device, on a dedicated CUDA stream
     decompress every Endor tensor into a dense slot (endor.decompress with out=: nothing is
                allocated per layer per token), its few dense tensors copied beside them; a
@@ -110,7 +111,7 @@ class LayerStream:
     (read_slot_count)."""
 
     def __init__(self, layers: list[LayerPlan], *, device: torch.device, prefetch: int,
-                 backend: str, reader: ShardReader | None, digests: dict[int, int],
+                 backend: str, reader: ShardReader | None, digests: dict[int, tuple[int, ...]],
                  held: dict[int, torch.Tensor] | None, metrics: Metrics,
                  decompress_threads: int | None = None, verify: bool = True):
         if not layers:

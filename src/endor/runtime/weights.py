@@ -143,7 +143,8 @@ def load_resident_layer(layer: nn.Module, f: EndorFile, plan: LayerPlan, prefix:
                                               device=device, backend=backend))
 
 
-def check_shard(plan: LayerPlan, reader: ShardReader, image: torch.Tensor) -> int:
+def check_shard(plan: LayerPlan, reader: ShardReader,
+                image: torch.Tensor) -> tuple[int, ...]:
     """Read a streamed shard whole through `reader` into `image`, check every tensor's stored
     checksum (and an Endor tensor's tile index, rule 5), and return the digest of the whole
     image that every later read of it must match. Dense tensors of files without stored

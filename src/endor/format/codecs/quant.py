@@ -1,4 +1,4 @@
-"""The `int8` and `int4` value codecs (docs/FORMAT.md, section 1.3): lossy, opt-in.
+"""The `int8` and `int4` value codecs (docs/FORMAT.md, section 1.6): lossy, opt-in.
 
 Each row of the tensor's 2-D view (rows = numel / shape[-1], cols = shape[-1]) is cut into
 groups of G consecutive input columns; a group has one scale `s` in the tensor's dtype and each

@@ -38,10 +38,9 @@ static inline int64_t count_range(const job_t *job, int64_t p, int64_t n) {
     return count;
 }
 
-/* The tile's integers q[begin .. end) as int8 in part->qscratch (followed by >= 64 bytes);
- * `biased` (int4): q + 8 instead, 0..15, an index into a group's table of decoded values. */
-static inline void q_unpack_scalar(const job_t *job, part_t *part, int64_t begin, int64_t end,
-                                   int biased) {
+/* The tile's integers q[begin .. end) as int8 in part->qscratch (followed by >= 64 bytes). */
+static inline void q_unpack_scalar(const job_t *job, part_t *part, int64_t begin,
+                                   int64_t end) {
     int8_t *q = part->qscratch;
     if (job->qbits == 8) {
         memcpy(q, job->qvalues + begin, (size_t)(end - begin));
@@ -50,7 +49,7 @@ static inline void q_unpack_scalar(const job_t *job, part_t *part, int64_t begin
     for (int64_t i = begin; i < end; i++) {
         const uint8_t byte = job->qvalues[i >> 1];
         const int nib = (i & 1) ? byte >> 4 : byte & 15;
-        q[i - begin] = (int8_t)(biased ? nib ^ 8 : (nib ^ 8) - 8);
+        q[i - begin] = (int8_t)((nib ^ 8) - 8);
     }
 }
 
@@ -90,7 +89,7 @@ static inline void run_scalar(const job_t *job, float s, const int8_t *q, int64_
 
 static int quant_tile_scalar(const job_t *job, part_t *part, int64_t k, int64_t begin,
                              int64_t end) {
-    q_unpack_scalar(job, part, begin, end, 0);
+    q_unpack_scalar(job, part, begin, end);
     QUANT_WALK(run_scalar)
 }
 
@@ -100,23 +99,21 @@ static int quant_tile_scalar(const job_t *job, part_t *part, int64_t k, int64_t 
 __attribute__((target(AVX512_TARGET))) static inline void q_unpack_avx512(const job_t *job,
                                                                          part_t *part,
                                                                          int64_t begin,
-                                                                         int64_t end,
-                                                                         int biased) {
+                                                                         int64_t end) {
     if (job->qbits == 8 || end - begin < 2) {
-        q_unpack_scalar(job, part, begin, end, biased);
+        q_unpack_scalar(job, part, begin, end);
         return;
     }
     int8_t *q = part->qscratch;
     int64_t i = begin;
     if (i & 1) { /* an odd start: its high nibble alone */
         const int nib = (job->qvalues[i >> 1] >> 4) ^ 8;
-        q[0] = (int8_t)(biased ? nib : nib - 8);
+        q[0] = (int8_t)(nib - 8);
         i++;
     }
     const uint8_t *src = job->qvalues + (i >> 1);
     const int64_t bytes = (end - i + 1) >> 1; /* the last one may hold one value of the next tile */
     const __m512i low = _mm512_set1_epi16(0x000f), eight = _mm512_set1_epi8(8);
-    const __m512i bias = biased ? _mm512_setzero_si512() : eight;
     int8_t *dst = q + (i - begin);
     for (int64_t b = 0; b < bytes; b += 32) {
         const int64_t left = bytes - b;
@@ -125,7 +122,7 @@ __attribute__((target(AVX512_TARGET))) static inline void q_unpack_avx512(const 
         const __m512i pair = _mm512_or_si512(_mm512_and_si512(w, low),
                                              _mm512_slli_epi16(_mm512_srli_epi16(w, 4), 8));
         _mm512_storeu_si512((void *)(dst + 2 * b),
-                            _mm512_sub_epi8(_mm512_xor_si512(pair, eight), bias));
+                            _mm512_sub_epi8(_mm512_xor_si512(pair, eight), eight));
     }
 }
 
@@ -155,20 +152,47 @@ __attribute__((target(AVX512_TARGET))) static inline void run_avx512(const job_t
 __attribute__((target(AVX512_TARGET))) static int quant_tile_avx512(const job_t *job,
                                                                     part_t *part, int64_t k,
                                                                     int64_t begin, int64_t end) {
-    q_unpack_avx512(job, part, begin, end, 0);
+    q_unpack_avx512(job, part, begin, end);
     QUANT_WALK(run_avx512)
 }
 
 #endif /* ENDOR_X86 */
 
-/* int4_direct: the tile's integers as table indices q + 8 in part->qscratch. */
-static void int4_indices(const job_t *job, part_t *part, int64_t begin, int64_t end) {
+/* int4_direct: the tile's stored nibbles, one per byte of part->qscratch (followed by >= 64
+ * bytes): the low 4 bits of a byte are the nibble (q's two's complement, the index into a
+ * group's table ordered q = 0..7, -8..-1); its high 4 bits are not defined (the AVX-512 path
+ * leaves the next nibble there: its lookups ignore them). */
 #if ENDOR_X86
-    q_unpack_avx512(job, part, begin, end, 1);
-#else
-    q_unpack_scalar(job, part, begin, end, 1);
-#endif
+__attribute__((target(AVX512_TARGET))) static void int4_indices(const job_t *job, part_t *part,
+                                                                int64_t begin, int64_t end) {
+    uint8_t *q = (uint8_t *)part->qscratch;
+    int64_t i = begin;
+    if (i < end && (i & 1)) { /* an odd start: its high nibble alone */
+        *q++ = job->qvalues[i >> 1] >> 4;
+        i++;
+    }
+    const uint8_t *src = job->qvalues + (i >> 1);
+    const int64_t bytes = (end - i + 1) >> 1; /* the last one may hold one value of the next tile */
+    /* byte b = HL -> word 0x0H_HL: its low byte holds L, its high byte H (one shift and one
+     * bitwise select instead of isolating each nibble) */
+    const __m512i high_bytes = _mm512_set1_epi16((short)0xff00);
+    for (int64_t b = 0; b < bytes; b += 32) {
+        const int64_t left = bytes - b;
+        const __mmask32 m = left >= 32 ? ~0u : (1u << left) - 1;
+        const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, src + b));
+        _mm512_storeu_si512((void *)(q + 2 * b),
+                            _mm512_ternarylogic_epi32(high_bytes, _mm512_slli_epi16(w, 4), w,
+                                                      0xca)); /* high_bytes ? w << 4 : w */
+    }
 }
+#else
+static void int4_indices(const job_t *job, part_t *part, int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++) {
+        const uint8_t byte = job->qvalues[i >> 1];
+        part->qscratch[i - begin] = (int8_t)((i & 1) ? byte >> 4 : byte & 15);
+    }
+}
+#endif
 
 static quant_fn choose_quant(int isa) {
 #if ENDOR_X86
