@@ -13,6 +13,8 @@ from endor.cli import build_parser
 from endor.cli.bench import benchmark_params
 from tests.evaluate.tiny_models import char_tokenizer, tiny_model
 
+pytestmark = pytest.mark.slow  # four conversions (Wanda calibrates) of a tiny model: ~20 s
+
 LAYERS, MATRICES_PER_LAYER = 2, 7  # q, k, v, o, gate, up, down
 
 
