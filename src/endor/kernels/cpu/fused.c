@@ -143,6 +143,31 @@ static inline uint32_t bits_at(const job_t *job, int64_t p, int len) {
 
 static inline int elem_size(int dtype) { return dtype == DT_F32 ? 4 : 2; }
 
+static inline void prefetch_range(const uint8_t *base, int64_t from, int64_t to, int64_t size) {
+    if (to > size) to = size;
+    for (int64_t o = from; o < to; o += 64) __builtin_prefetch(base + o);
+}
+
+/* The decoded codecs read a tile's bitmap and values in one burst when the walk enters it (the
+ * popcount check, then the decoder), too soon for the hardware prefetcher: tile k + 1's bitmap
+ * and its first values (as many as tile k has) are requested now (measured 1.0-1.1x for int4
+ * and exp on the e2e shapes, one thread, a loaded machine). */
+static inline void prefetch_next_tile(const job_t *job, int64_t k, int64_t count) {
+    if (job->codec == CODEC_RAW || k + 1 >= job->ntiles) return;
+    const int64_t next = job->tiles[k + 1], stop = next + count;
+    prefetch_range(job->bitmap, (k + 1) * (TILE / 8), (k + 2) * (TILE / 8), job->bitmap_bytes);
+    if (job->codec == CODEC_EXP) {
+        const exp_t *e = &job->exp;
+        prefetch_range(e->signmant, next * e->n_bytes, stop * e->n_bytes, job->nnz * e->n_bytes);
+        prefetch_range(e->codes, next / 64 * e->planes * 8, (stop / 64 + 1) * e->planes * 8,
+                       (job->nnz + 63) / 64 * e->planes * 8);
+    } else {
+        const int per_byte = job->qbits == 4 ? 2 : 1;
+        prefetch_range(job->qvalues, next / per_byte, stop / per_byte + 1,
+                       (job->nnz + per_byte - 1) / per_byte);
+    }
+}
+
 /* The one pluggable step: the packed values of tile k. Codec "raw": the stored values; "exp",
  * "int8", "int4": the tile decoded into the thread's scratch (at most 16 KB, so it stays in L1/L2:
  * no dense copy, no memory traffic beyond the compressed bytes). Checks the tile first. Sets the
@@ -162,6 +187,7 @@ static inline __attribute__((always_inline)) int tile_values(const job_t *job, p
         part->bad_tile = k;
         return ERR_POPCOUNT;
     }
+    prefetch_next_tile(job, k, end - begin);
     const uint8_t *src;
     if (job->codec == CODEC_EXP) {
         const int64_t e0 = job->exp.escidx[k], e1 = job->exp.escidx[k + 1];
