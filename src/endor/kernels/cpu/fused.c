@@ -767,9 +767,12 @@ rows_bf16_dot_nb(const job_t *job, part_t *part, int64_t x0, const int nb) {
                         if (DOT) {                                                               \
                             INT4_CHUNK(DOT, i0, m0, col, acc, acc);                              \
                             INT4_CHUNK(DOT, i1, m1, col + CHUNK, acc2, acc2);                    \
-                        } else {                                                                 \
+                        } else if (nb <= 2) {                                                    \
                             INT4_CHUNK(DOT, i0, m0, col, acc, acc2);                             \
                             INT4_CHUNK(DOT, i1, m1, col + CHUNK, acc3, acc4);                    \
+                        } else { /* enough chains already; 4 nb accumulators would spill */     \
+                            INT4_CHUNK(DOT, i0, m0, col, acc, acc2);                             \
+                            INT4_CHUNK(DOT, i1, m1, col + CHUNK, acc, acc2);                     \
                         }                                                                        \
                     }                                                                            \
                     if (col < stop) {                                                            \
