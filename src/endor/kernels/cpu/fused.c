@@ -19,8 +19,10 @@
  * (codec "raw"); for "exp" (exp_values.c) and "int8"/"int4" (quant_values.c) the tile decoded
  * into the thread's scratch (at most 16 KB: it stays in cache, no dense W, no memory traffic
  * beyond the compressed bytes), read by the same loops. int4 with groups of whole chunks on
- * AVX-512 skips the decoded scratch: its integers are table indices into 16 decoded values per
- * group, looked up in registers (INT4_ROWS).
+ * AVX-512 skips the decoded scratch: its integers, unpacked one per byte, are table indices
+ * into 16 decoded values per group, looked up in registers (INT4_ROWS: runs of whole chunks
+ * inside a group and a tile two chunks per step, 1.4-1.6x the per-chunk walk it replaced).
+ * Entering a tile of a decoded codec prefetches the next tile's bitmap and values.
  *
  * Paths chosen at run time (`supported()` says which this CPU runs):
  *   scalar  portable C;
