@@ -334,7 +334,9 @@ def _draw_e2e(doc: dict):
 
 
 DRAWERS: dict[str, Callable[[dict], object]] = {
-    "formats": _draw_formats, "decompress": _draw_decompress, "transfer": _draw_transfer,
+    "formats": lambda doc: importlib.import_module("endor.bench.formats_models").draw(doc)
+    if doc.get("params", {}).get("source") == "models" else _draw_formats(doc),
+    "decompress": _draw_decompress, "transfer": _draw_transfer,
     "convert": _draw_convert,
     # Benchmarks that draw their own figure, imported only when drawn.
     "quality": lambda doc: importlib.import_module("endor.bench.quality").draw(doc),
