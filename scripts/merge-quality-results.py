@@ -1,15 +1,38 @@
 """Merge `endor bench quality` result files (same windows, calibration and group size) into one:
-rows unioned (later files win), vs_raw and bars recomputed. Usage: merge-quality-results.py OUTDIR A.json B.json..."""
+rows unioned (later files win), vs_raw and bars recomputed.
+Usage: merge-quality-results.py OUTDIR A.json[@DAMPING] B.json[@DAMPING]...
+@DAMPING records SparseGPT's dampening in that file's sparsegpt rows that lack it (files written
+before rows carried "damping"). Raw-valued and quantized SparseGPT rows of one model and pattern
+measured with different dampenings are not compared: a quantized row whose raw twin has another
+dampening is dropped, with a line on stderr."""
 import json, sys
 from pathlib import Path
 from endor.bench import quality, harness, plot
-out, files = Path(sys.argv[1]), sys.argv[2:]
+out, specs = Path(sys.argv[1]), sys.argv[2:]
+files, dampings = [], []
+for spec in specs:
+    path, _, damping = spec.partition("@")
+    files.append(path)
+    dampings.append(float(damping) if damping else None)
 docs = [json.loads(Path(f).read_text()) for f in files]
 base = docs[-1]
 rows = []
-for f in files:
-    rows = quality.merged(quality.earlier_rows(f, base["params"]), rows)
-rows = quality.with_vs_raw(rows)
+for f, damping in zip(files, dampings):
+    mine = quality.earlier_rows(f, base["params"])
+    for r in mine:
+        if r["method"] == "sparsegpt" and r.get("damping") is None and damping is not None:
+            r["damping"] = damping
+    rows = quality.merged(mine, rows)
+raw_damping = {quality._key(r)[:3]: r.get("damping") for r in rows
+               if (r.get("values") or "raw") == "raw"}
+kept = []
+for r in rows:
+    if r["method"] == "sparsegpt" and r.get("damping") != raw_damping.get(quality._key(r)[:3]):
+        print(f"dropped {quality._key(r)}: damping {r.get('damping')}, its raw twin's "
+              f"{raw_damping.get(quality._key(r)[:3])}", file=sys.stderr)
+        continue
+    kept.append(r)
+rows = quality.with_vs_raw(kept)
 doc = dict(base)
 doc["results"] = rows
 doc["bars"] = quality.bars(rows)
@@ -17,7 +40,9 @@ doc["command"] = [d.get("command") for d in docs]
 doc["params"] = dict(base["params"], models=list(dict.fromkeys(r["model"] for r in rows)),
                      methods=sorted({r["method"] for r in rows if r["method"] != "dense"}),
                      values=sorted({r["values"] for r in rows if r["method"] != "dense"}))
-doc["merged_from"] = [{"date": d["date"], "command": d.get("command"), "load_avg_at_end": d.get("load_avg_at_end")} for d in docs]
+doc["merged_from"] = [{"date": d["date"], "command": d.get("command"),
+                       "load_avg_at_end": d.get("load_avg_at_end"), "sparsegpt_damping": damp}
+                      for d, damp in zip(docs, dampings)]
 harness.write_json(doc, out / "quality.json")
 plot.draw("quality", doc, out / "quality.png")
 plot.print_table(doc)

@@ -35,6 +35,7 @@ from ..convert import convert
 from ..data.models import resolve_model
 from ..data.text import calibration_text, evaluation_text
 from ..evaluate import perplexity
+from ..prune.sparsegpt import DAMPING
 from ..reference_loader import load_in_memory
 from . import harness
 
@@ -44,8 +45,8 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = {"50%": (0.5, None), "2:4": (0.5, (2, 4))}
 VALUES = ("raw", "int8", "int4")
 ROUNDINGS = ("joint", "rtn")
-TABLE_COLUMNS = ["model", "method", "pattern", "values", "rounding", "perplexity", "vs_dense",
-                 "vs_raw", "linear_sparsity", "ratio", "linear_bits_per_element",
+TABLE_COLUMNS = ["model", "method", "pattern", "values", "rounding", "damping", "perplexity",
+                 "vs_dense", "vs_raw", "linear_sparsity", "ratio", "linear_bits_per_element",
                  "quantization_error", "convert_s", "eval_s"]
 QUICK = {"models": ("smollm2",), "max_windows": 4, "calib_samples": 8}
 # 16 x 512 tokens scored, 32 x 256 calibration: 8.4 min for both models on our 2-core machine;
@@ -162,6 +163,7 @@ def _row(summary: dict, evaluated: dict, *, model, method, pattern, values, roun
     linear = summary.get("decoder_linear", {})
     return {"model": model, "method": method, "pattern": pattern, "values": values,
             "rounding": rounding, "group_size": params["group_size"] if rounding else None,
+            "damping": DAMPING if method == "sparsegpt" else None,
             "sparsity": sparsity, "nm": f"{nm[0]}:{nm[1]}" if nm else None, **evaluated,
             "vs_dense": round(evaluated["perplexity"] / dense["perplexity"], 4),
             "ratio": summary["total"]["ratio"],
