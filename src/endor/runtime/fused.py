@@ -32,21 +32,23 @@ COMPUTE = ("auto", "fused", "dense")
 # AVX-512 + AVX512_BF16, one thread: what a streamed model computes with on our 2 cores (the
 # other reads and checks). Load 2.8 -> 11.8. Decompress + GEMM time / fused time at the limit,
 # then at the next batch measured:
-#   bf16  raw 1.11 (16), 0.72 (32);  exp 1.14 (8), 0.81 (12);  int4 1.08 (8), 0.89 (12);
-#         int8 1.09 (8), 0.69 (12)
+#   bf16  raw 1.11 (16), 0.72 (32);  exp 1.14 (8), 0.81 (12);  int8 1.09 (8), 0.69 (12)
 #   fp16  every codec >= 1.26 up to 32 (the largest measured: 32 is a floor, not a crossover)
-#   fp32  raw 1.02 (32, the largest measured);  exp 1.43 (8), 0.64 (12);  int4 1.48 (16),
-#         0.89 (32);  int8 1.19 (8), 0.94 (12)
+#   fp32  raw 1.02 (32, the largest measured);  exp 1.43 (8), 0.64 (12);  int8 1.19 (8),
+#         0.94 (12)
+# int4 re-measured after its register-table kernel (1ef68e6), the same command with --values
+# int4 (docs/benchmarks/gemv/crossover-int4, load 6.8): bf16 1.15 (12), 0.93 (16); fp16 2.03
+# (32); fp32 1.30 (32), each the largest measured.
 # Two threads move the bf16 switch earlier (an earlier run: 0.85x at 16 rows, raw), and the
 # AVX2 path is unmeasured: same table. To re-measure after a kernel change, run that command
 # (--out a fresh folder) and copy its "fused_max_rows" (the last batch before decompress + GEMM
 # first wins) here.
 FUSED_MAX_ROWS = {
-    (torch.bfloat16, "raw"): 16, (torch.bfloat16, "exp"): 8, (torch.bfloat16, "int4"): 8,
+    (torch.bfloat16, "raw"): 16, (torch.bfloat16, "exp"): 8, (torch.bfloat16, "int4"): 12,
     (torch.bfloat16, "int8"): 8,
     (torch.float16, "raw"): 32, (torch.float16, "exp"): 32, (torch.float16, "int4"): 32,
     (torch.float16, "int8"): 32,
-    (torch.float32, "raw"): 32, (torch.float32, "exp"): 8, (torch.float32, "int4"): 16,
+    (torch.float32, "raw"): 32, (torch.float32, "exp"): 8, (torch.float32, "int4"): 32,
     (torch.float32, "int8"): 8,
 }
 DEFAULT_MAX_ROWS = 8  # a dtype or codec not in the table: one pass of the kernel
