@@ -194,7 +194,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     format), so the result can be marginally sparser than asked.
 
     quantize=(bits, group_size): joint pruning and quantization (JointGrid), visiting the
-    columns in act-order with N:M (act_order; both passes), in their order without; returns
+    columns in act-order (act_order; both passes; unstructured int8: in their order); returns
     (weight on the grid, scales [out, ceil(in / group_size)] in weight's dtype, the relative
     error of the rounding steps), ready
     for endor.compress(weight, values=f"int{bits}", group_size=group_size, scales=scales). A
@@ -202,11 +202,13 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     options = {"sparsity": sparsity, "nm": nm, "block_size": block_size, "damping": damping}
     if quantize is None:
         return _sparsegpt(weight, hessian, grid=None, **options)
-    # Act-order only with N:M. Unstructured, each block of 128 columns in loop order loses the
-    # same fraction of its weights, so act-order would force half the weights of the inputs
-    # with the most energy (the first block) out: SmolLM2 50% int8 joint had perplexity 85.1
-    # against 75.8 raw, where the rounding alone costs 0.1% (docs/benchmarks/quality-quant/).
-    order = act_order(hessian, nm) if nm is not None else torch.arange(weight.shape[1])
+    # Unstructured, each block of 128 columns in loop order loses the same fraction of its
+    # weights, so act-order forces half the weights of the inputs with the most energy (the
+    # first block) out. That costs more than it gains at int8 (SmolLM2 50% int8 joint: 85.1 in
+    # act-order, 77.5 in column order, 75.8 raw) and less at int4 (108.9 in act-order,
+    # 120.9 in column order; docs/benchmarks/quality-quant/runs/).
+    natural = nm is None and quantize[0] > 4
+    order = torch.arange(weight.shape[1]) if natural else act_order(hessian, nm)
     w = weight[:, order.to(weight.device)]
     h = hessian[order][:, order]
     unpermute = torch.argsort(order).to(weight.device)
