@@ -18,7 +18,7 @@ bound adds sum |x_k w_k| over the terms with a subnormal factor (|.| < 2**-126) 
 for flushed partial sums; both are zero unless such tiny values occur.
 
 W's values are the decoded ones for every codec: `exp` decodes exactly; `int8`/`int4` weights
-are round_D(scale * q) (FORMAT.md 1.3), and the kernels multiply exactly those values, so the
+are round_D(scale * q) (FORMAT.md 1.6), and the kernels multiply exactly those values, so the
 bound holds against the dequantized weight (the quantization error is the codec's, not this
 kernel's)."""
 

@@ -1,5 +1,5 @@
 /* Exact float bit views and the float32 -> bfloat16 / float16 roundings (nearest even) that
- * define the quantized codecs' decoded values (docs/FORMAT.md 1.3), shared by quant.c and
+ * define the quantized codecs' decoded values (docs/FORMAT.md 1.6), shared by quant.c and
  * quant_values.c (the fused linear). Includers build with -ffp-contract=off: f16_round relies
  * on separately rounded steps. */
 #ifndef ENDOR_FLOAT_BITS_H

@@ -1,4 +1,4 @@
-/* The CPU decoder of the `int8` and `int4` value codecs (docs/FORMAT.md, section 1.3).
+/* The CPU decoder of the `int8` and `int4` value codecs (docs/FORMAT.md, section 1.6).
  *
  * One entry point, `decode`, takes raw addresses (tensor.data_ptr()). Tiles are split into
  * contiguous ranges, one per thread (pthreads, GIL released). Each thread checks a tile's index

@@ -1,4 +1,4 @@
-/* The `int8` / `int4` codecs' per-tile value decoders for the fused linear (docs/FORMAT.md 1.3),
+/* The `int8` / `int4` codecs' per-tile value decoders for the fused linear (docs/FORMAT.md 1.6),
  * #included by fused.c after its job_t / part_t (one translation unit, as exp_values.c).
  *
  * A decoder turns the quantized values [begin, end) of tile k into their decoded bit patterns
