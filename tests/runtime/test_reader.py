@@ -167,10 +167,10 @@ def test_requests_in_flight_read_the_same_bytes(tmp_path, monkeypatch, depth):
 
 @pytest.mark.parametrize("nbytes", [0, 1, 4097, 3 * 8192 + 5])
 @pytest.mark.parametrize("direct", [True, False])
-def test_digest_on_the_io_thread_is_the_images(tmp_path, monkeypatch, nbytes, direct):
-    """start(digest=True): each request's span (several here) is hashed by the I/O thread that
-    read it, and the digest is every span's XXH3 in file order: exactly the file's bytes, the
-    digest the runtime checks shards by."""
+def test_span_digests_are_the_images(tmp_path, monkeypatch, nbytes, direct):
+    """start(digest=True): result() hashes each request's span (several here) as it lands, and
+    the digest is every span's XXH3 in file order: exactly the file's bytes, the digest the
+    runtime checks shards by."""
     from endor.runtime.images import image_digest
 
     monkeypatch.setattr(reader_module, "CHUNK", 8192)

@@ -29,9 +29,9 @@ import xxhash
 
 ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to the block size
 HUGE_PAGE = 2 * 2**20  # x86-64 and arm64 (4 KiB base pages) transparent huge page size
-# A shard is read in requests of this size, and each request's bytes are hashed (span_digests) by
-# the I/O thread that read them as soon as they land, while the later requests are still in
-# flight: only the last span's hash follows the read, instead of the whole shard's. Request size
+# A shard is read in requests of this size, and each request's bytes are hashed (span_digests) as
+# soon as they land, while the later requests are still in flight: only the last span's hash
+# follows the read, instead of the whole shard's. Request size
 # hardly matters into huge pages (twelve 34 MiB shards, 4 slots, 2 cores, load < 2, two runs of
 # 3 rounds, scripts/read-span-speed.py): 8 MiB 1.9-2.8 GB/s, 16 MiB 1.0-2.9, whole shards
 # 1.9-2.7; into 4 KiB pages 8 MiB requests had cost 0.53 s/token against 0.37 for whole shards.
@@ -92,11 +92,12 @@ class PendingRead:
     """A whole-file read in flight. result() waits for it (falling back to a buffered read if
     O_DIRECT was refused mid-way), closes the file and returns the bytes read, or raises.
 
-    With `digest`, the I/O thread that ends each request hashes that request's span right after
-    it lands (span_digests), so the check of a shard overlaps its own later reads and the
-    compute of the layers before instead of following the whole read: `digest` (a tuple, one
-    digest per span) and `digest_s` (seconds spent hashing) are set by the time result()
-    returns; `digest` stays None after a failed request."""
+    With `digest`, result() hashes each request's span (span_digests) as soon as it lands, in
+    the thread that waits for the read, while the later requests are still in flight: the check
+    overlaps the shard's own reading instead of following it, and the I/O threads only read
+    (hashing there kept requests from being issued: the dense pipeline's reads ran 6% slower).
+    `digest` (a tuple, one digest per span) and `digest_s` (seconds spent hashing) are set by
+    the time result() returns."""
 
     def __init__(self, reader: ShardReader, path: str, view: memoryview, nbytes: int,
                  digest: bool = False):
@@ -108,10 +109,6 @@ class PendingRead:
         self._want_digest = digest
         self.digest: tuple[int, ...] | None = None
         self.digest_s = 0.0
-        self._spans: dict[int, int] = {}  # request start -> digest of its span
-        self._lock = threading.Lock()
-        self._remaining = 0  # requests not yet ended
-        self._failed = False
         try:
             self._fd, self._direct = reader._open(path)
             self._futures = reader._submit(self._fd, view, nbytes, self)
@@ -123,22 +120,6 @@ class PendingRead:
         self.started = t0 if self.started is None else min(self.started, t0)
         self.finished = t1 if self.finished is None else max(self.finished, t1)
 
-    def _request_ended(self, start: int, ok: bool) -> None:
-        """On an I/O thread: hash the span this request read; the last one sets `digest`."""
-        span, spent = None, 0.0
-        if ok and self._want_digest:
-            t0 = time.perf_counter()
-            span = _span_digest(self._view, start, self.nbytes)
-            spent = time.perf_counter() - t0
-        with self._lock:
-            self._failed |= not ok
-            self._remaining -= 1
-            self.digest_s += spent
-            if span is not None:
-                self._spans[start] = span
-            if self._remaining == 0 and not self._failed and self._want_digest:
-                self.digest = tuple(self._spans[s] for s in _span_starts(self.nbytes))
-
     def _hash(self) -> None:
         t0 = time.perf_counter()
         self.digest = span_digests(self._view, self.nbytes)
@@ -148,12 +129,19 @@ class PendingRead:
         try:
             if self._error is not None:
                 raise self._error
-            done, errors = 0, []
-            for f in self._futures:  # every request ends before the fd is closed, errors or not
+            done, errors, spans, spent = 0, [], [], 0.0
+            # Every request ends before the fd is closed, errors or not.
+            for start, f in zip(_span_starts(self.nbytes), self._futures):
                 try:
                     done += f.result()
                 except OSError as e:
                     errors.append(e)
+                if self._want_digest and not errors:
+                    t0 = time.perf_counter()
+                    spans.append(_span_digest(self._view, start, self.nbytes))
+                    spent += time.perf_counter() - t0
+            if self._want_digest and not errors and done >= self.nbytes:
+                self.digest, self.digest_s = tuple(spans), spent
             if errors:
                 if not (self._direct and errors[0].errno == errno.EINVAL):
                     raise errors[0]
@@ -227,14 +215,13 @@ class ShardReader:
             pool = self._pool
         end = round_up(nbytes)
         starts = _span_starts(nbytes)
-        pending._remaining = len(starts)
         return [pool.submit(_timed_range, fd, view, s, min(s + CHUNK, end), nbytes, pending)
                 for s in starts]
 
     def start(self, path, buf: torch.Tensor, nbytes: int, *, digest: bool = False) -> PendingRead:
         """Begin reading the first `nbytes` of `path` (its whole size) into `buf` (from
         aligned_buffer, at least round_up(nbytes) long); errors surface in result(). `digest`:
-        hash the bytes on the I/O thread as soon as they are in (PendingRead.digest)."""
+        result() hashes each span as it lands (PendingRead.digest)."""
         if buf.numel() < round_up(nbytes) or buf.data_ptr() % ALIGN:
             raise ValueError("buffer is too small or not aligned; allocate it with aligned_buffer")
         return PendingRead(self, os.fspath(path), memoryview(buf.numpy()), nbytes, digest)
@@ -270,14 +257,10 @@ def evict_files(paths) -> bool:
 
 def _timed_range(fd, view, start, stop, nbytes, pending: PendingRead) -> int:
     t0 = time.perf_counter()
-    ok = False
     try:
-        done = _read_range(fd, view, start, stop, nbytes)
-        ok = done == min(stop, nbytes) - start
+        return _read_range(fd, view, start, stop, nbytes)
     finally:
         pending._mark(t0, time.perf_counter())
-        pending._request_ended(start, ok)
-    return done
 
 
 def _read_range(fd: int, view: memoryview, start: int, stop: int, nbytes: int) -> int:

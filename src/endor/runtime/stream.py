@@ -10,8 +10,8 @@ One load goes through these stages:
                the one taken at load time, when every tensor's stored checksum (and an Endor
                tensor's tile index) was checked on the same bytes: equal digests mean the bytes
                checked then, at the cost of one hash pass per layer instead of one or more per
-               tensor. Each span is hashed by the I/O thread that read it as soon as it lands
-               (reader.PendingRead), while the shard's later spans are still in flight;
+               tensor. The loader hashes each span as soon as it lands (reader.PendingRead),
+               while the shard's later spans are still in flight;
                load_model(verify=False) skips it
     transfer   [cuda] the image to the device, on a dedicated CUDA stream
     decompress every Endor tensor into a dense slot (endor.decompress with out=: nothing is
@@ -321,7 +321,7 @@ class LayerStream:
             if load.cancelled:
                 return
             t1 = time.perf_counter()
-            if self.verify:  # hashed on the I/O thread as the read ended (reader.PendingRead)
+            if self.verify:  # hashed span by span as the read went (reader.PendingRead)
                 if load.pending.digest != self.digests[plan.index]:
                     raise FormatError("checksum mismatch: the shard changed on disk or is "
                                       "corrupt since the model was loaded", path=plan.file)
