@@ -43,7 +43,14 @@ def test_joint_beats_prune_then_round(bits, nm, group_size):
     rtn = endor.decompress(endor.compress(pruned, values=codec, group_size=group_size))
     errors = {"joint": output_error(weight, joint, x), "rtn": output_error(weight, rtn, x),
               "raw": output_error(weight, pruned, x)}
-    if bits == 4:  # int4 rounding errors are large: compensating them pays
+    if bits == 4 and nm is None:
+        # The mask of column-order SparseGPT, held fixed: every weight it prunes stays pruned.
+        assert not bool(((pruned == 0) & (joint != 0)).any())
+        # Compensating the rounding still pays, less than with the mask chosen in act-order
+        # on these synthetic layers (measured 0.66-0.71 of RTN's error, 0.44 then); on SmolLM2
+        # the fixed mask gave the better perplexity (prune/sparsegpt.py says by how much).
+        assert errors["joint"] < 0.8 * errors["rtn"], errors
+    elif bits == 4:  # int4 rounding errors are large: compensating them pays
         assert errors["joint"] < 0.6 * errors["rtn"], errors
     else:  # int8 rounding costs ~1% of the pruning error: joint stays that close to raw
         assert errors["joint"] < 1.02 * errors["raw"], errors

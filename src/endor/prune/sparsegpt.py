@@ -194,7 +194,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     format), so the result can be marginally sparser than asked.
 
     quantize=(bits, group_size): joint pruning and quantization (JointGrid), visiting the
-    columns in act-order (act_order; both passes; unstructured int8: in their order); returns
+    columns in act-order (act_order; unstructured int8: in their order; unstructured int4: the
+    mask from a pass in their order, held fixed in act-order); returns
     (weight on the grid, scales [out, ceil(in / group_size)] in weight's dtype, the relative
     error of the rounding steps), ready
     for endor.compress(weight, values=f"int{bits}", group_size=group_size, scales=scales). A
@@ -203,25 +204,38 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     if quantize is None:
         return _sparsegpt(weight, hessian, grid=None, **options)
     # Unstructured, each block of 128 columns in loop order loses the same fraction of its
-    # weights, so act-order forces half the weights of the inputs with the most energy (the
-    # first block) out. That costs more than it gains at int8 (SmolLM2 50% int8 joint: 85.1 in
-    # act-order, 77.5 in column order, 75.8 raw) and less at int4 (108.9 in act-order,
-    # 120.9 in column order; docs/benchmarks/quality-quant/runs/).
+    # weights, so choosing the mask in act-order forces half the weights of the inputs with the
+    # most energy (the first block) out. Unstructured int8 therefore runs in column order
+    # (SmolLM2 50% int8 joint: 85.1 in act-order, 77.5 in column order, 75.8 raw); unstructured
+    # int4 takes the mask of a pass in column order and rounds in act-order with that mask held
+    # fixed, its pruned weights compensated like rounding errors (SmolLM2 50% int4 joint: 97.5,
+    # against 108.9 with the mask chosen in act-order and 120.9 all in column order;
+    # docs/benchmarks/quality-quant/runs/). On the synthetic layers of
+    # tests/prune/test_joint_quantization.py the act-order mask is better: it is the model's
+    # perplexity that decided.
     natural = nm is None and quantize[0] > 4
+    fixed_mask = nm is None and not natural
+    unpermuted = None
+    if fixed_mask:
+        unpermuted = _sparsegpt(weight, hessian, grid=None, **options)
     order = torch.arange(weight.shape[1]) if natural else act_order(hessian, nm)
     w = weight[:, order.to(weight.device)]
     h = hessian[order][:, order]
     unpermute = torch.argsort(order).to(weight.device)
-    first = _sparsegpt(w, h, grid=None, **options)
-    grid = JointGrid.from_weights(first[:, unpermute], *quantize, weight.dtype, columns=order)
-    del first
-    out = _sparsegpt(w, h, grid=grid, **options)[:, unpermute]
+    if unpermuted is None:
+        unpermuted = _sparsegpt(w, h, grid=None, **options)[:, unpermute]
+    grid = JointGrid.from_weights(unpermuted, *quantize, weight.dtype, columns=order)
+    mask = (unpermuted == 0)[:, order.to(weight.device)] if fixed_mask else None
+    del unpermuted
+    out = _sparsegpt(w, h, grid=grid, mask=mask, **options)[:, unpermute]
     return out, grid.scales, grid.relative_error
 
 
 def _sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, nm,
-               block_size: int | None, damping: float, grid: JointGrid | None) -> torch.Tensor:
-    """One SparseGPT pass over the columns in their order, rounding onto `grid` if given."""
+               block_size: int | None, damping: float, grid: JointGrid | None,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One SparseGPT pass over the columns in their order, rounding onto `grid` if given;
+    `mask` (unstructured only: True = pruned) fixes which weights go instead of choosing them."""
     w = weight.detach().to(torch.float32, copy=True)
     cols = w.shape[1]
     h = prepare_hessian(hessian, w)
@@ -233,7 +247,9 @@ def _sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float, 
         i2 = min(i1 + step, cols)
         block = w[:, i1:i2].clone()
         u_block = u[i1:i2, i1:i2]
-        if nm is None:
+        if mask is not None:
+            prune = mask[:, i1:i2].clone()
+        elif nm is None:
             scores = block.square() / u_block.diagonal().square()
             prune = lowest_in_block(scores, pruned_count(sparsity, block.numel()))
         else:
