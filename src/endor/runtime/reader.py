@@ -31,10 +31,10 @@ ALIGN = 4096  # O_DIRECT needs buffer address, file offset and length aligned to
 HUGE_PAGE = 2 * 2**20  # x86-64 and arm64 (4 KiB base pages) transparent huge page size
 # A shard is read in requests of this size, and each request's bytes are hashed (span_digests) as
 # soon as they land, while the later requests are still in flight: only the last span's hash
-# follows the read, instead of the whole shard's. Request size
-# hardly matters into huge pages (twelve 34 MiB shards, 4 slots, 2 cores, load < 2, two runs of
-# 3 rounds, scripts/read-span-speed.py): 8 MiB 1.9-2.8 GB/s, 16 MiB 1.0-2.9, whole shards
-# 1.9-2.7; into 4 KiB pages 8 MiB requests had cost 0.53 s/token against 0.37 for whole shards.
+# follows the read, instead of the whole shard's. Request size hardly matters into huge pages
+# (twelve 34 MiB shards, 4 slots, 2 cores, load < 2, two runs of 3 rounds,
+# scripts/read-span-speed.py): 8 MiB 1.9-2.8 GB/s, 16 MiB 1.0-2.9, whole shards 1.9-2.7; into
+# 4 KiB pages 8 MiB requests had cost 0.53 s/token against 0.37 for whole shards.
 CHUNK = 8 * 2**20
 # Requests in flight (each waits in the kernel, using no CPU): the next shards' reads queue
 # behind the current one. What is in flight is also bounded by the stream's free read slots.

@@ -124,18 +124,18 @@ def verified_source(source: RowSource, checksum: str | None,
     of rows, which every later read is checked against."""
     rows, row_bytes = source.shape[0], source.row_bytes
     block_rows = digest_block_rows(row_bytes, block_bytes)
-    chunk_rows = block_rows * max(1, HEAD_CHUNK_BYTES // (block_rows * max(row_bytes, 1)))
+    block = block_rows * row_bytes
+    chunk_rows = head_chunk_rows(rows, max(row_bytes, 1), block_rows, HEAD_CHUNK_BYTES)
     whole = xxhash.xxh3_64(canonical({"dtype": source.stored.dtype,
                                       "shape": list(source.shape)}))
     digests = []
-    buffer = torch.empty(min(chunk_rows, rows), source.shape[1], dtype=source.dtype)
+    buffer = torch.empty(chunk_rows, source.shape[1], dtype=source.dtype)
     fd = source.open()
     try:
         for start in range(0, rows, chunk_rows):
             n = min(chunk_rows, rows - start)
             view = source._read(fd, start, buffer[:n])
             whole.update(view)
-            block = block_rows * row_bytes
             digests.extend(xxhash.xxh3_64_intdigest(view[at:at + block])
                            for at in range(0, len(view), block))
         if hasattr(os, "posix_fadvise"):
