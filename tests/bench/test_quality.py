@@ -157,3 +157,31 @@ def test_bars_say_which_bar_is_met():
                    "sparsegpt int4 joint <= 1.15 x raw": True,
                    "sparsegpt int4 joint < wanda int4 rtn": True,
                    "sparsegpt int4 joint < sparsegpt int4 rtn": False}
+
+
+def test_calibration_texts(tmp_path):
+    from endor.data.text import article_split, calibration_text
+    assert quality.calibration("article")[1] == article_split()[1]
+    assert quality.calibration("pydoc")[1] == calibration_text()
+    (tmp_path / "mine.txt").write_text("my own calibration text\n")
+    assert quality.calibration(str(tmp_path / "mine.txt")) == (str(tmp_path / "mine.txt"),
+                                                                "my own calibration text\n")
+    with pytest.raises(ValueError, match="no such file"):
+        quality.calibration(str(tmp_path / "missing.txt"))
+
+
+def test_merge_needs_the_same_calibration(tmp_path):
+    import json
+    params = quality._settings(**_with_quick(parse([]), False))
+    assert params["calib"] == "article"
+    earlier = {"benchmark": "quality", "params": {**params, "calib": "pydoc"}, "results": []}
+    (tmp_path / "pydoc.json").write_text(json.dumps(earlier))
+    with pytest.raises(ValueError, match="calib=pydoc"):
+        quality.earlier_rows(tmp_path / "pydoc.json", params)
+    assert quality.earlier_rows(tmp_path / "pydoc.json", {**params, "calib": "pydoc"}) == []
+    # files written before --calib existed were calibrated on the Python docs
+    del earlier["params"]["calib"]
+    (tmp_path / "legacy.json").write_text(json.dumps(earlier))
+    with pytest.raises(ValueError, match="calib"):
+        quality.earlier_rows(tmp_path / "legacy.json", params)
+    assert quality.earlier_rows(tmp_path / "legacy.json", {**params, "calib": "pydoc"}) == []

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from endor.data import embedded_model_dir, evaluation_text, gemma_model_dir, resolve_model
+from endor.data import (article_split, embedded_model_dir, evaluation_text, gemma_model_dir,
+                        resolve_model)
 from endor.data import models
 from endor.evaluate import perplexity
 from endor.reference_loader import load_in_memory
@@ -117,3 +118,18 @@ def test_gemma_cached_and_scored_with_a_bos():
     result = perplexity(model, tokenizer, evaluation_text()[:5_000], window=128, max_windows=1)
     assert result["add_bos"] is True and result["tokens"] == 128
     assert math.isfinite(result["perplexity"]) and 2 < result["perplexity"] < 100
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3-270m"])
+def test_scored_windows_never_reach_the_calibration_part(model):
+    """bench quality scores 16 windows of 512 tokens of article_split()'s first part and
+    calibrates on its second: with either embedded tokenizer those windows are the same tokens
+    as the whole article's first 16 windows, and the scored part holds many more."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    scored, _ = article_split()
+    ids = tokenizer(scored, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(evaluation_text(), add_special_tokens=False)["input_ids"]
+    assert len(ids) > 16 * 512 + 4000
+    assert ids[:16 * 512 + 1] == whole[:16 * 512 + 1]

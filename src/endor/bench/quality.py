@@ -3,9 +3,12 @@ pattern and value codec.
 
 For each model (SmolLM2-135M-Instruct and Gemma-3-270M, shipped offline) the dense model is the
 baseline, measured in the same run; each method (magnitude, Wanda, SparseGPT) at each pattern
-(50% unstructured, 2:4) is converted with `endor convert` (calibration: `calibration_text()`),
-loaded back with `load_in_memory`, and scored with `endor.evaluate.perplexity` on the first
---max-windows windows of `evaluation_text()` (the 1911 Britannica article on Shakespeare).
+(50% unstructured, 2:4) is converted with `endor convert`, loaded back with `load_in_memory`,
+and scored with `endor.evaluate.perplexity` on the first --max-windows windows of the scored
+part of the 1911 Britannica article on Shakespeare (`article_split()`). Wanda and SparseGPT
+calibrate on --calib: by default the article's calibration part, which no scored window reaches
+(in-domain, as WikiText-2's train split is for its test split); `pydoc` is `endor convert`'s
+default text, the Python docs (out of domain: SparseGPT fits it, and pays on the article).
 Each row also records the decoder-Linear sparsity measured on the loaded weights (exact zeros),
 the checkpoint's compression ratio and bits per decoder-Linear element.
 
@@ -33,7 +36,8 @@ import torch
 
 from ..convert import convert
 from ..data.models import resolve_model
-from ..data.text import calibration_text, evaluation_text
+from ..data.calib import load_calibration_text
+from ..data.text import article_split, calibration_text
 from ..evaluate import perplexity
 from ..prune.sparsegpt import DAMPING
 from ..reference_loader import load_in_memory
@@ -54,7 +58,17 @@ QUICK = {"models": ("smollm2",), "max_windows": 4, "calib_samples": 8}
 # SparseGPT loses a little more than Wanda, both stay far below magnitude.
 FULL = {"max_windows": 16, "calib_samples": 32}
 # Parameters a merged result file must share with this run for its perplexities to compare.
-COMPARABLE = ("window", "max_windows", "calib_samples", "group_size")
+COMPARABLE = ("window", "max_windows", "calib_samples", "group_size", "calib")
+# --calib: the article's own calibration part (in-domain, never scored) or the Python docs
+# (out of domain: the default calibration text of `endor convert`)
+CALIB_TEXTS = {
+    "article": ("the 1911 Britannica 'Shakespeare' after the scored part (endor.data.text."
+                "article_split)", lambda: article_split()[1]),
+    "pydoc": ("pydoc_data.topics (endor.data.text.calibration_text)", calibration_text),
+}
+DEFAULT_CALIB = "article"
+# What a result file written before a parameter existed ran with.
+LEGACY_PARAMS = {"calib": "pydoc"}
 
 
 def _names(choices):
@@ -92,6 +106,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calib-samples", type=int, default=None,
                         help=f"calibration segments of 256 tokens (default "
                              f"{FULL['calib_samples']}; --quick {QUICK['calib_samples']})")
+    parser.add_argument("--calib", default=DEFAULT_CALIB, metavar="TEXT",
+                        help="calibration text for Wanda and SparseGPT: article (default: the "
+                             "evaluation article's own calibration part, which no scored window "
+                             "reaches), pydoc (the Python docs, `endor convert`'s default), or "
+                             "anything `endor convert --calib` takes")
     parser.add_argument("--merge", default=None, metavar="JSON",
                         help="an earlier quality.json: its rows this run does not measure are "
                              "kept in the result, its dense rows reused (same windows, "
@@ -122,10 +141,12 @@ def _evaluate(path, text: str, window: int, max_windows: int) -> dict:
 
 
 def _settings(*, models, methods, patterns, window, max_windows, calib_samples,
-              quick, values=("raw",), group_size=128, rounding=ROUNDINGS) -> dict:
+              quick, values=("raw",), group_size=128, rounding=ROUNDINGS,
+              calib=DEFAULT_CALIB) -> dict:
     base = QUICK if quick else FULL
     models = models or (QUICK["models"] if quick else MODELS)
     max_windows = max_windows if max_windows is not None else base["max_windows"]
+    calib_text_name = calib
     calib = calib_samples if calib_samples is not None else base["calib_samples"]
     if window < 2:
         raise ValueError(f"--window must be at least 2, got {window}")
@@ -136,7 +157,16 @@ def _settings(*, models, methods, patterns, window, max_windows, calib_samples,
     return {"models": list(models), "methods": list(methods),
             "patterns": list(patterns), "values": list(values), "rounding": list(rounding),
             "group_size": group_size, "window": window, "max_windows": max_windows,
-            "calib_samples": calib}
+            "calib_samples": calib, "calib": calib_text_name}
+
+
+def calibration(name: str) -> tuple[str, str]:
+    """(description, text) of --calib `name`: a CALIB_TEXTS name, else what `endor convert
+    --calib` takes."""
+    if name in CALIB_TEXTS:
+        description, text = CALIB_TEXTS[name]
+        return description, text()
+    return name, load_calibration_text(name)
 
 
 def _report(row: dict) -> None:
@@ -245,6 +275,7 @@ def earlier_rows(path, params: dict) -> list[dict]:
         raise ValueError(f"--merge {path}: not a quality result file ({e})") from None
     if earlier.get("benchmark") != NAME:
         raise ValueError(f"--merge {path}: a {earlier.get('benchmark')!r} result, not {NAME!r}")
+    old_params = {**LEGACY_PARAMS, **old_params}
     differ = [k for k in COMPARABLE if old_params.get(k, params[k]) != params[k]]
     if differ:
         raise ValueError(f"--merge {path}: its {', '.join(differ)} differ from this run's "
@@ -295,14 +326,16 @@ def bars(rows: list[dict]) -> list[dict]:
 
 def run(*, models, methods, patterns, window, max_windows, calib_samples, workdir, quick,
         warmup, repeat, values=("raw",), group_size=128, rounding=ROUNDINGS,
-        merge=None) -> dict:
+        calib=DEFAULT_CALIB, merge=None) -> dict:
     """`warmup` and `repeat` are the common benchmark options; perplexity is computed once."""
     params = _settings(models=models, methods=methods, patterns=patterns, window=window,
                        max_windows=max_windows, calib_samples=calib_samples, quick=quick,
-                       values=values, group_size=group_size, rounding=rounding)
+                       values=values, group_size=group_size, rounding=rounding,
+                       calib=calib)
     # a bad file fails now, not after an hour of converting
     earlier = [] if merge is None else earlier_rows(merge, params)
-    text, calib = evaluation_text(), calibration_text()
+    calib_description, calib = calibration(params["calib"])
+    text = article_split()[0]
     if workdir is not None:
         Path(workdir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="endor-bench-quality-", dir=workdir))
@@ -331,8 +364,9 @@ def run(*, models, methods, patterns, window, max_windows, calib_samples, workdi
     results = with_vs_raw(results)
     return harness.envelope(NAME, params, results, table_columns=TABLE_COLUMNS,
                             bars=bars(results),
-                            text={"evaluation": "1911 Britannica 'Shakespeare' (endor.data.text)",
-                                  "calibration": "pydoc_data.topics (endor.data.text)"})
+                            text={"evaluation": "1911 Britannica 'Shakespeare', scored part "
+                                                "(endor.data.text.article_split)",
+                                  "calibration": calib_description})
 
 
 def _label(row: dict) -> str:

@@ -194,8 +194,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     format), so the result can be marginally sparser than asked.
 
     quantize=(bits, group_size): joint pruning and quantization (JointGrid), visiting the
-    columns in act-order (act_order; unstructured int8: in their order; unstructured int4: the
-    mask from a pass in their order, held fixed in act-order); returns
+    columns in act-order (act_order; unstructured: the mask of a raw pass in column order, held
+    fixed while int8 rounds in column order and int4 in act-order); returns
     (weight on the grid, scales [out, ceil(in / group_size)] in weight's dtype, the relative
     error of the rounding steps), ready
     for endor.compress(weight, values=f"int{bits}", group_size=group_size, scales=scales). A
@@ -205,27 +205,37 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
         return _sparsegpt(weight, hessian, grid=None, **options)
     # Unstructured, each block of 128 columns in loop order loses the same fraction of its
     # weights, so choosing the mask in act-order forces half the weights of the inputs with the
-    # most energy (the first block) out. Unstructured int8 therefore runs in column order
-    # (SmolLM2 50% int8 joint: 85.1 in act-order, 77.5 in column order, 75.8 raw); unstructured
-    # int4 takes the mask of a pass in column order and rounds in act-order with that mask held
-    # fixed, its pruned weights compensated like rounding errors (SmolLM2 50% int4 joint: 97.5,
+    # most energy (the first block) out (SmolLM2 50% int8 joint: 85.1 in act-order, 77.5 in
+    # column order, 75.8 raw). Unstructured joint passes therefore take the mask of a raw pass in
+    # column order and hold it fixed, its pruned weights compensated like rounding errors: int8
+    # rounds in column order, int4 in act-order (SmolLM2 50% int4 joint: 97.5,
     # against 108.9 with the mask chosen in act-order and 120.9 all in column order;
     # docs/benchmarks/quality-quant/runs/). On the synthetic layers of
     # tests/prune/test_joint_quantization.py the act-order mask is better: it is the model's
     # perplexity that decided.
-    natural = nm is None and quantize[0] > 4
-    fixed_mask = nm is None and not natural
-    unpermuted = None
-    if fixed_mask:
+    if nm is not None:
+        order = act_order(hessian, nm)
+        mask = None
+    else:
         unpermuted = _sparsegpt(weight, hessian, grid=None, **options)
-    order = torch.arange(weight.shape[1]) if natural else act_order(hessian, nm)
-    w = weight[:, order.to(weight.device)]
+        mask = unpermuted == 0
+        # int8 rounds in column order: with the column-order mask its pass is the raw pass plus
+        # rounding errors, so no in x in permuted copies are needed
+        order = None if quantize[0] > 4 else act_order(hessian, nm)
+    if order is None:
+        grid = JointGrid.from_weights(unpermuted, *quantize, weight.dtype)
+        del unpermuted
+        out = _sparsegpt(weight, hessian, grid=grid, mask=mask, **options)
+        return out, grid.scales, grid.relative_error
+    order_dev = order.to(weight.device)
+    w = weight[:, order_dev]
     h = hessian[order][:, order]
-    unpermute = torch.argsort(order).to(weight.device)
-    if unpermuted is None:
+    unpermute = torch.argsort(order_dev)
+    if mask is None:
         unpermuted = _sparsegpt(w, h, grid=None, **options)[:, unpermute]
+    else:
+        mask = mask[:, order_dev]
     grid = JointGrid.from_weights(unpermuted, *quantize, weight.dtype, columns=order)
-    mask = (unpermuted == 0)[:, order.to(weight.device)] if fixed_mask else None
     del unpermuted
     out = _sparsegpt(w, h, grid=grid, mask=mask, **options)[:, unpermute]
     return out, grid.scales, grid.relative_error
