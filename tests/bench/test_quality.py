@@ -5,7 +5,6 @@ import argparse
 import pytest
 
 from endor.bench import quality
-from endor.prune.sparsegpt import DAMPING
 from tests.evaluate.tiny_models import char_tokenizer, tiny_model
 
 
@@ -43,7 +42,8 @@ def test_every_method_and_pattern_on_a_tiny_model(tiny_hf_dir, tmp_path):
                                                 rel=1e-3)
         assert row["eval"]["tokens"] == 2 * 31
         # SparseGPT's dampening changes its results: recorded with them
-        assert row["damping"] == (DAMPING if row["method"] == "sparsegpt" else None)
+        assert row["damping"] == (quality.DEFAULT_DAMPING if row["method"] == "sparsegpt"
+                                  else None)
     assert not any((tmp_path / "work").iterdir())  # converted checkpoints removed
     fig = quality.draw(doc)
     assert [ax.get_title() for ax in fig.axes] == [str(tiny_hf_dir)]
@@ -74,7 +74,7 @@ TINY = ["--window", "32", "--max-windows", "2", "--calib-samples", "2", "--group
 
 def test_quantized_rows_on_a_tiny_model(tiny_hf_dir, tmp_path):
     args = parse(["--models", str(tiny_hf_dir), *TINY, "--methods", "wanda,sparsegpt",
-                  "--patterns", "50%", "--values", "raw,int8,int4",
+                  "--patterns", "50%", "--values", "raw,int8,int4", "--damping", "0.05",
                   "--workdir", str(tmp_path / "work")])
     doc = quality.run(**args, quick=False, warmup=0, repeat=1)
     rows = doc["results"]
@@ -84,6 +84,7 @@ def test_quantized_rows_on_a_tiny_model(tiny_hf_dir, tmp_path):
         ("sparsegpt", "int8", "rtn"), ("sparsegpt", "int4", "joint"),
         ("sparsegpt", "int4", "rtn")]
     raws = {r["method"]: r for r in rows[1:] if r["values"] == "raw"}
+    assert {r["damping"] for r in rows[1:]} == {None, 0.05}  # SparseGPT's rows: the option's
     for quantized in (r for r in rows[1:] if r["values"] != "raw"):
         raw = raws[quantized["method"]]
         assert quantized["ratio"] > 1.3 * raw["ratio"]

@@ -33,6 +33,7 @@ def test_defaults_and_options():
     assert "--format" not in build_parser()._subparsers._group_actions[0].choices[
         "convert"].format_help()
     assert parse().device is None and parse("--device", "cpu").device == "cpu"
+    assert parse().damping is None and parse("--damping", "0.01").damping == 0.01
 
 
 @pytest.mark.parametrize("value", ["2-4", "2:4:8", "0:4", "5:4", "a:b", "", ":4", "2:"])
@@ -45,7 +46,8 @@ def test_malformed_nm_is_a_usage_error(value, capsys):
 
 @pytest.mark.parametrize("argv", [["--sparsity", "1.5"], ["--sparsity", "half"],
                                   ["--method", "random"], ["--weights", "gzip"],
-                                  ["--format", "gzip"], ["--calib-samples", "0"]])
+                                  ["--format", "gzip"], ["--calib-samples", "0"],
+                                  ["--damping", "tenth"]])
 def test_other_bad_values_are_usage_errors(argv):
     with pytest.raises(SystemExit) as e:
         parse(*argv)
@@ -95,6 +97,10 @@ def test_errors_are_reported_not_raised(src, tmp_path, capsys):
                  "--overwrite", "--quiet"]) == 0
     assert main(["convert", str(tmp_path / "missing"), str(out), "--quiet"]) == 1
     assert "endor convert: error" in capsys.readouterr().err
+    assert main(["convert", str(src), str(tmp_path / "d"), "--method", "sparsegpt", "--damping",
+                 "0", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "damping must be" in err
 
 
 def test_calibration_from_a_local_data_file(src, tmp_path, capsys):

@@ -81,7 +81,7 @@ def test_magnitude_checkpoint_decompresses_to_the_pruned_weights(model_dirs, tmp
     assert summary["total"]["ratio"] > 1.2
 
 
-def reference_calibrated_prune(src, method, sparsity, nm=None) -> dict:
+def reference_calibrated_prune(src, method, sparsity, nm=None, damping=None) -> dict:
     """The obviously correct scheme, on the whole model in memory: for each layer in turn, run the
     full model (earlier layers already pruned) on the calibration segments, with every Linear of
     that layer feeding its own statistics, then prune that layer's Linears in place."""
@@ -102,7 +102,7 @@ def reference_calibrated_prune(src, method, sparsity, nm=None) -> dict:
             h.remove()
         for n, m in linears.items():
             m.weight.data = prune_weight(m.weight.data, method=method, sparsity=sparsity, nm=nm,
-                                         stats=stats[n])
+                                         stats=stats[n], damping=damping)
     return model.state_dict()
 
 
@@ -120,6 +120,25 @@ def test_calibrated_methods_match_the_in_memory_reference(model_dirs, tmp_path, 
     if nm is not None:  # every group of 4 inputs keeps at most 2
         w = got["model.layers.1.mlp.down_proj.weight"]
         assert int((w.view(-1, 4) != 0).sum(dim=1).max()) <= 2
+
+
+def test_sparsegpt_damping_is_used_and_recorded(model_dirs, tmp_path):
+    src = model_dirs("qwen2", torch.float32)
+    convert(src, tmp_path / "out", method="sparsegpt", sparsity=0.5, damping=0.01, **CALIB)
+    got = converted(tmp_path / "out")
+    want = reference_calibrated_prune(src, "sparsegpt", 0.5, damping=0.01)
+    default = reference_calibrated_prune(src, "sparsegpt", 0.5)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert not bit_equal(want[name], default[name])  # the option changes the result
+    for name in got:
+        assert bit_equal(got[name], want[name]), name
+    manifest = json.loads((tmp_path / "out" / "endor.json").read_text())
+    assert manifest["calibration"]["damping"] == 0.01
+    for bad in (0, -1.0, float("nan"), 1e9, "0.1"):
+        with pytest.raises(ValueError, match="damping must be"):
+            convert(src, tmp_path / "bad", method="sparsegpt", damping=bad, **CALIB)
+    with pytest.raises(ValueError, match="damping applies to method 'sparsegpt' only"):
+        convert(src, tmp_path / "bad", method="wanda", damping=0.01, **CALIB)
 
 
 def test_calibration_keeps_a_bfloat16_source_in_bfloat16(model_dirs, tmp_path):

@@ -39,7 +39,7 @@ from ..data.models import resolve_model
 from ..data.calib import load_calibration_text
 from ..data.text import article_split, calibration_text
 from ..evaluate import perplexity
-from ..prune.sparsegpt import DAMPING
+from ..prune import DAMPING, check_damping
 from ..reference_loader import load_in_memory
 from . import harness
 
@@ -58,7 +58,7 @@ QUICK = {"models": ("smollm2",), "max_windows": 4, "calib_samples": 8}
 # SparseGPT loses a little more than Wanda, both stay far below magnitude.
 FULL = {"max_windows": 16, "calib_samples": 32}
 # Parameters a merged result file must share with this run for its perplexities to compare.
-COMPARABLE = ("window", "max_windows", "calib_samples", "group_size", "calib")
+COMPARABLE = ("window", "max_windows", "calib_samples", "group_size", "calib", "damping")
 # --calib: the article's own calibration part (in-domain, never scored) or the Python docs
 # (out of domain: the default calibration text of `endor convert`)
 CALIB_TEXTS = {
@@ -67,8 +67,9 @@ CALIB_TEXTS = {
     "pydoc": ("pydoc_data.topics (endor.data.text.calibration_text)", calibration_text),
 }
 DEFAULT_CALIB = "article"
+DEFAULT_DAMPING = 0.01  # TODO
 # What a result file written before a parameter existed ran with.
-LEGACY_PARAMS = {"calib": "pydoc"}
+LEGACY_PARAMS = {"calib": "pydoc", "damping": DAMPING}
 
 
 def _names(choices):
@@ -111,6 +112,9 @@ def add_arguments(parser) -> None:
                              "evaluation article's own calibration part, which no scored window "
                              "reaches), pydoc (the Python docs, `endor convert`'s default), or "
                              "anything `endor convert --calib` takes")
+    parser.add_argument("--damping", type=float, default=None, metavar="F",
+                        help=f"SparseGPT's dampening (default {DEFAULT_DAMPING}; `endor "
+                             f"convert`'s is {DAMPING})")
     parser.add_argument("--merge", default=None, metavar="JSON",
                         help="an earlier quality.json: its rows this run does not measure are "
                              "kept in the result, its dense rows reused (same windows, "
@@ -142,7 +146,7 @@ def _evaluate(path, text: str, window: int, max_windows: int) -> dict:
 
 def _settings(*, models, methods, patterns, window, max_windows, calib_samples,
               quick, values=("raw",), group_size=128, rounding=ROUNDINGS,
-              calib=DEFAULT_CALIB) -> dict:
+              calib=DEFAULT_CALIB, damping=None) -> dict:
     base = QUICK if quick else FULL
     models = models or (QUICK["models"] if quick else MODELS)
     max_windows = max_windows if max_windows is not None else base["max_windows"]
@@ -157,7 +161,8 @@ def _settings(*, models, methods, patterns, window, max_windows, calib_samples,
     return {"models": list(models), "methods": list(methods),
             "patterns": list(patterns), "values": list(values), "rounding": list(rounding),
             "group_size": group_size, "window": window, "max_windows": max_windows,
-            "calib_samples": calib, "calib": calib_text_name}
+            "calib_samples": calib, "calib": calib_text_name,
+            "damping": check_damping(DEFAULT_DAMPING if damping is None else damping)}
 
 
 def calibration(name: str) -> tuple[str, str]:
@@ -193,7 +198,7 @@ def _row(summary: dict, evaluated: dict, *, model, method, pattern, values, roun
     linear = summary.get("decoder_linear", {})
     return {"model": model, "method": method, "pattern": pattern, "values": values,
             "rounding": rounding, "group_size": params["group_size"] if rounding else None,
-            "damping": DAMPING if method == "sparsegpt" else None,
+            "damping": params["damping"] if method == "sparsegpt" else None,
             "sparsity": sparsity, "nm": f"{nm[0]}:{nm[1]}" if nm else None, **evaluated,
             "vs_dense": round(evaluated["perplexity"] / dense["perplexity"], 4),
             "ratio": summary["total"]["ratio"],
@@ -208,6 +213,7 @@ def _pattern_rows(source, work: Path, model, method, pattern, dense, params, tex
     sparsity, nm = PATTERNS[pattern]
     plan = row_plan(method, params)
     common = {"progress": False, "resume": False, "calib_samples": params["calib_samples"]}
+    damping = {"damping": params["damping"]} if method == "sparsegpt" else {}
 
     def timed_convert(src, out, **options):
         t0 = time.perf_counter()
@@ -225,7 +231,7 @@ def _pattern_rows(source, work: Path, model, method, pattern, dense, params, tex
     raw_dir = work / f"{method}-{pattern.replace(':', 'of').replace('%', 'pct')}-raw"
     if any(rounding in (None, "rtn") for _, rounding in plan):
         summary, seconds = timed_convert(source, raw_dir, method=method, sparsity=sparsity,
-                                         nm=nm, calib_text=calib, values="raw")
+                                         nm=nm, calib_text=calib, values="raw", **damping)
         if "raw" in params["values"]:
             rows.append(scored(raw_dir, summary, seconds, "raw", None))
     try:
@@ -239,7 +245,7 @@ def _pattern_rows(source, work: Path, model, method, pattern, dense, params, tex
             else:
                 summary, seconds = timed_convert(source, out, method=method, sparsity=sparsity,
                                                  nm=nm, calib_text=calib, values=values,
-                                                 group_size=params["group_size"])
+                                                 group_size=params["group_size"], **damping)
             rows.append(scored(out, summary, seconds, values, rounding))
             shutil.rmtree(out, ignore_errors=True)
     finally:
@@ -326,12 +332,12 @@ def bars(rows: list[dict]) -> list[dict]:
 
 def run(*, models, methods, patterns, window, max_windows, calib_samples, workdir, quick,
         warmup, repeat, values=("raw",), group_size=128, rounding=ROUNDINGS,
-        calib=DEFAULT_CALIB, merge=None) -> dict:
+        calib=DEFAULT_CALIB, damping=None, merge=None) -> dict:
     """`warmup` and `repeat` are the common benchmark options; perplexity is computed once."""
     params = _settings(models=models, methods=methods, patterns=patterns, window=window,
                        max_windows=max_windows, calib_samples=calib_samples, quick=quick,
                        values=values, group_size=group_size, rounding=rounding,
-                       calib=calib)
+                       calib=calib, damping=damping)
     # a bad file fails now, not after an hour of converting
     earlier = [] if merge is None else earlier_rows(merge, params)
     calib_description, calib = calibration(params["calib"])

@@ -69,6 +69,10 @@ def add_parser(sub):
                    help="calibration segments (default: 64)")
     p.add_argument("--calib-seqlen", type=positive_int, default=None, metavar="L",
                    help="tokens per calibration segment (default: 256)")
+    p.add_argument("--damping", type=float, default=None, metavar="F",
+                   help="sparsegpt: fraction of the mean Hessian diagonal added to it (default "
+                        "0.1, robust to calibration text unlike the served text; 0.01, the "
+                        "paper's, fits better with calibration text like it)")
     p.add_argument("--device", default=None, metavar="DEVICE",
                    help="where wanda and sparsegpt run each layer: cpu, cuda or cuda:N "
                         "(default: cuda when available, else cpu)")
@@ -104,7 +108,8 @@ def run(args) -> int:
         calib_text = load_calibration_text(args.calib, split=args.calib_split,
                                            column=args.calib_column)
     extra = {k: v for k, v in (("calib_samples", args.calib_samples),
-                                ("calib_seqlen", args.calib_seqlen)) if v is not None}
+                                ("calib_seqlen", args.calib_seqlen),
+                                ("damping", args.damping)) if v is not None}
     src = resolve(args.src, revision=args.revision)  # a Hub id: its local snapshot
     summary = convert(src, args.out, method=args.method, sparsity=args.sparsity,
                       nm=args.nm, calib_text=calib_text, weights=args.weights,

@@ -42,7 +42,8 @@ from ..format.spec import DTYPES, INT_OF_SIZE
 from ..kernels import decompress
 from ..format.codecs import codec_names
 from ..moe import parse_expert_name, to_model_names
-from ..prune import check_settings, needs_calibration, needs_hessian, prune_weight
+from ..prune import (check_damping, check_settings, needs_calibration, needs_hessian,
+                     prune_weight)
 from . import calibrate, outdir
 from .endor_source import open_source
 from .progress import ConversionProgress
@@ -162,6 +163,7 @@ class _Conversion:
         self.values = settings["values"]
         self.lossy = self.values in _QUANTIZED
         self.group_size = (settings.get("quantization") or {}).get("group_size")
+        self.damping = (settings.get("calibration") or {}).get("damping")
         self.scales: dict[str, torch.Tensor] = {}  # SparseGPT's joint scales, until encoded
         self.errors: dict[str, list[float]] = {}  # name -> [squared error, squared weights]
         self.bytes_done, self.t0 = 0, time.perf_counter()
@@ -229,7 +231,7 @@ class _Conversion:
         try:
             pruned = prune_weight(weight, method=method, sparsity=s["sparsity"] or 0.0,
                                   nm=None if s["nm"] is None else tuple(s["nm"]), stats=stats,
-                                  quantize=joint)
+                                  quantize=joint, damping=self.damping)
         except (ValueError, TypeError) as e:
             raise type(e)(f"{name}: {e}") from None
         if joint is None:
@@ -397,11 +399,13 @@ def _expert_order(stored: dict) -> list[str] | None:
 
 
 def _settings(source, layout, method, sparsity, nm, weights, patterns, calib_text, samples,
-              seqlen, values, group_size=None):
+              seqlen, values, group_size=None, damping=None):
     calibration = None
     if needs_calibration(method):
         calibration = {"text_sha256": hashlib.sha256(calib_text.encode()).hexdigest(),
                        "samples": samples, "seqlen": seqlen, "dtype": "float32"}
+        if method == "sparsegpt":
+            calibration["damping"] = damping
     settings = {"method": method, "sparsity": None if method == "none" else float(sparsity),
                 "nm": None if nm is None else list(nm), "weights": weights,
                 "values": values if weights == "endor" else None,
@@ -457,7 +461,7 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
             resume: bool = True, verify: bool = True, progress: bool = True,
             calib_samples: int = calibrate.DEFAULT_SAMPLES,
             calib_seqlen: int = calibrate.DEFAULT_SEQLEN, values: str = DEFAULT_VALUES,
-            device=None, group_size: int | None = None) -> dict:
+            device=None, group_size: int | None = None, damping: float | None = None) -> dict:
     """Prune (method "none" keeps the weights as they are) and compress the model `src` into
     the checkpoint directory `out`. Returns the summary (also stored in `out/endor.json`) plus a
     "run" entry with this run's timing. See docs/FORMAT.md section 2 for the layout.
@@ -474,8 +478,15 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     values="int8" | "int4" quantizes the kept weights (lossy; docs/FORMAT.md section 1.6) in
     groups of `group_size` input columns (default 128): jointly with method "sparsegpt"
     (each column rounded as it is pruned, the error compensated), round-to-nearest otherwise
-    ("none" quantizes the source's weights as they are)."""
+    ("none" quantizes the source's weights as they are).
+
+    `damping` (sparsegpt): the fraction of the mean Hessian diagonal added to it, default
+    prune.DAMPING (10%: robust to a calibration text unlike the served text); the paper's 1% fits
+    better when the calibration text is like the text the model will serve (bench quality)."""
     method, sparsity, nm = check_settings(method, sparsity, nm)
+    if damping is not None and method != "sparsegpt":
+        raise ValueError(f"damping applies to method 'sparsegpt' only, not {method!r}")
+    damping = check_damping(damping) if method == "sparsegpt" else None
     if weights not in WEIGHT_KINDS:
         raise ValueError(f"weights must be one of {WEIGHT_KINDS}, got {weights!r}")
     if values not in codec_names():
@@ -492,7 +503,8 @@ def convert(src, out, *, method: str = "none", sparsity: float = 0.5, nm=None,
     layout = build_layout(load_config(src_dir))
     sparse = _sparse_names(source, layout, patterns)
     settings = _settings(source, layout, method, sparsity, nm, weights, patterns,
-                         calib_text or "", calib_samples, calib_seqlen, values, group_size)
+                         calib_text or "", calib_samples, calib_seqlen, values, group_size,
+                         damping)
 
     groups = [f"layers.{i}" for i in range(layout.num_layers)] + [REST]
     with outdir.replacing(out, replace=not resume) as work:

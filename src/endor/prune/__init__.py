@@ -20,7 +20,7 @@ import torch
 
 from .magnitude import magnitude_prune
 from .nm import check_divisible, check_nm, nm_sparsity, parse_nm
-from .sparsegpt import sparsegpt_prune
+from .sparsegpt import DAMPING, sparsegpt_prune
 from .stats import CalibrationStats
 from .wanda import wanda_prune
 
@@ -28,7 +28,8 @@ METHODS = ("none", "magnitude", "wanda", "sparsegpt")
 _CALIBRATED = ("wanda", "sparsegpt")
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-__all__ = ["METHODS", "CalibrationStats", "check_settings", "check_sparsity", "needs_calibration",
+__all__ = ["DAMPING", "METHODS", "CalibrationStats", "check_damping", "check_settings",
+           "check_sparsity", "needs_calibration",
            "needs_hessian", "nm_sparsity", "parse_nm", "prune_weight"]
 
 
@@ -47,6 +48,17 @@ def needs_hessian(method: str) -> bool:
     """Whether `method` needs CalibrationStats(..., hessian=True)."""
     _check_method(method)
     return method == "sparsegpt"
+
+
+def check_damping(damping) -> float:
+    """SparseGPT's dampening (None: DAMPING), a finite number in (0, 100]."""
+    if damping is None:
+        return DAMPING
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) \
+            or not 0 < damping <= 100:  # NaN fails both comparisons
+        raise ValueError(f"damping must be a number in (0, 100] (a fraction of the mean "
+                         f"Hessian diagonal), got {damping!r}")
+    return float(damping)
 
 
 def check_sparsity(sparsity) -> float:
@@ -119,7 +131,7 @@ def _check_stats(stats, method: str, in_features: int) -> None:
 def prune_weight(weight: torch.Tensor, *, method: str, sparsity: float,
                  nm: tuple[int, int] | None = None,
                  stats: CalibrationStats | None = None,
-                 quantize: tuple[int, int] | None = None):
+                 quantize: tuple[int, int] | None = None, damping: float | None = None):
     """Prune a Linear weight [out_features, in_features] with `method` (one of METHODS).
 
     Returns a new tensor of the same shape and dtype, except for method "none", which returns
@@ -131,7 +143,8 @@ def prune_weight(weight: torch.Tensor, *, method: str, sparsity: float,
     weight's dtype becomes +0.0 too (the result may be marginally sparser than asked).
 
     quantize=(bits, group_size), sparsegpt only: joint pruning and int`bits` quantization
-    (see sparsegpt_prune); returns (weight, scales, relative rounding error)."""
+    (see sparsegpt_prune); returns (weight, scales, relative rounding error). `damping`,
+    sparsegpt only: the fraction of the mean Hessian diagonal added to it (default DAMPING)."""
     method, sparsity, nm = check_settings(method, sparsity, nm)
     if quantize is not None and method != "sparsegpt":
         raise ValueError(f"joint quantization is SparseGPT's (quantize=... with method "
@@ -148,4 +161,5 @@ def prune_weight(weight: torch.Tensor, *, method: str, sparsity: float,
         return magnitude_prune(weight, sparsity=sparsity, nm=nm)
     if method == "wanda":
         return wanda_prune(weight, stats, sparsity=sparsity, nm=nm)
-    return sparsegpt_prune(weight, stats.hessian, sparsity=sparsity, nm=nm, quantize=quantize)
+    return sparsegpt_prune(weight, stats.hessian, sparsity=sparsity, nm=nm, quantize=quantize,
+                           damping=check_damping(damping))
