@@ -162,6 +162,37 @@ def propagate(layer: nn.Module, call: LayerCall, hidden: list, device="cpu") -> 
 
 
 @torch.no_grad()
+def input_groups(layer: nn.Module, call: LayerCall, hidden: torch.Tensor, targets: dict,
+                 device="cpu") -> list[list[str]]:
+    """The Linears of `targets` ({weight name: module}) in the order the layer calls them on
+    one segment, those that receive the very same input tensor (q/k/v, gate/up) in one group."""
+    groups: list[list[str]] = []
+    last_input: list = [None]
+
+    def hook_for(name):
+        def hook(module, args):
+            if any(name in g for g in groups):
+                return
+            if groups and args[0] is last_input[0]:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+            last_input[0] = args[0]
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in targets.items()]
+    try:
+        call(layer, hidden.to(device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = sorted(set(targets) - {n for g in groups for n in g})
+    if missing:
+        raise RuntimeError(f"the layer never called {', '.join(missing)} on calibration data")
+    return groups
+
+
+@torch.no_grad()
 def collect_stats(layer: nn.Module, call: LayerCall, hidden: list, targets: dict,
                   *, hessian: bool, device="cpu") -> dict:
     """CalibrationStats of the inputs of every Linear in `targets` ({weight name: module}).
