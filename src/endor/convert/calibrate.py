@@ -192,6 +192,38 @@ def input_groups(layer: nn.Module, call: LayerCall, hidden: torch.Tensor, target
     return groups
 
 
+class _InputSeen(Exception):
+    """Raised by collect_input_stats' hook: the rest of the layer need not run."""
+
+
+@torch.no_grad()
+def collect_input_stats(layer: nn.Module, call: LayerCall, hidden: list, module: nn.Module,
+                        *, hessian: bool, device="cpu") -> CalibrationStats:
+    """CalibrationStats of the input of `module` (a Linear of `layer`) on every segment; each
+    forward stops as soon as that input is seen."""
+    stats = None
+
+    def hook(mod, args):
+        nonlocal stats
+        x = args[0]
+        if stats is None:
+            stats = CalibrationStats(x.shape[-1], hessian=hessian, device=x.device)
+        stats.update(x)
+        raise _InputSeen
+
+    handle = module.register_forward_pre_hook(hook)
+    try:
+        for h in hidden:
+            try:
+                call(layer, h.to(device, non_blocking=True))
+            except _InputSeen:
+                continue
+            raise RuntimeError("the layer never called a Linear it holds on calibration data")
+    finally:
+        handle.remove()
+    return stats
+
+
 @torch.no_grad()
 def collect_stats(layer: nn.Module, call: LayerCall, hidden: list, targets: dict,
                   *, hessian: bool, device="cpu") -> dict:

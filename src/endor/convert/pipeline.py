@@ -354,9 +354,14 @@ class _Conversion:
             if TRUE_SEQUENTIAL else [list(targets)]
         for k, names in enumerate(groups):
             self.progress.stage(i, "calibrating")
-            stats = calibrate.collect_stats(layer, call, hidden,
-                                            {n: targets[n] for n in names},
-                                            hessian=hessian, device=device)
+            if TRUE_SEQUENTIAL:
+                shared = calibrate.collect_input_stats(layer, call, hidden, targets[names[0]],
+                                                       hessian=hessian, device=device)
+                stats = {n: shared for n in names}
+            else:
+                stats = calibrate.collect_stats(layer, call, hidden,
+                                                {n: targets[n] for n in names},
+                                                hessian=hessian, device=device)
             self.progress.stage(i, "pruning")
             for n in names:
                 final[n] = self._prune(n, originals[n].to(device), stats[n]).cpu()
