@@ -82,37 +82,27 @@ def test_magnitude_checkpoint_decompresses_to_the_pruned_weights(model_dirs, tmp
 
 
 def reference_calibrated_prune(src, method, sparsity, nm=None, damping=None) -> dict:
-    """The obviously correct scheme, on the whole model in memory: for each Linear of each layer
-    in turn, in the order the model calls them, run the full model (every Linear before it
-    already pruned) on the calibration segments, feeding that Linear's statistics, then prune it
-    in place."""
+    """The obviously correct scheme, on the whole model in memory: for each layer in turn, run the
+    full model (earlier layers already pruned) on the calibration segments, with every Linear of
+    that layer feeding its own statistics, then prune that layer's Linears in place."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     tokens = calibrate.segments(calibrate.tokenize(src, CALIB_TEXT), SAMPLES, SEQLEN)
-
-    def run_model():
+    for layer in model.model.layers:
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        stats = {n: CalibrationStats(m.in_features, hessian=needs_hessian(method))
+                 for n, m in linears.items()}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, s=stats[n]: s.update(args[0]))
+                 for n, m in linears.items()]
         with torch.no_grad():
             for seg in tokens:
                 model(input_ids=seg[None], use_cache=False)
-
-    for layer in model.model.layers:
-        linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-        called = []
-        hooks = [m.register_forward_pre_hook(
-            lambda mod, args: called.append(mod) if mod not in called else None)
-            for m in linears]
-        run_model()
         for h in hooks:
             h.remove()
-        assert len(called) == len(linears)
-        for m in called:
-            stats = CalibrationStats(m.in_features, hessian=needs_hessian(method))
-            hook = m.register_forward_pre_hook(lambda mod, args: stats.update(args[0]))
-            run_model()
-            hook.remove()
+        for n, m in linears.items():
             m.weight.data = prune_weight(m.weight.data, method=method, sparsity=sparsity, nm=nm,
-                                         stats=stats, damping=damping)
+                                         stats=stats[n], damping=damping)
     return model.state_dict()
 
 

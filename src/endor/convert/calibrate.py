@@ -162,69 +162,6 @@ def propagate(layer: nn.Module, call: LayerCall, hidden: list, device="cpu") -> 
 
 
 @torch.no_grad()
-def input_groups(layer: nn.Module, call: LayerCall, hidden: torch.Tensor, targets: dict,
-                 device="cpu") -> list[list[str]]:
-    """The Linears of `targets` ({weight name: module}) in the order the layer calls them on
-    one segment, those that receive the very same input tensor (q/k/v, gate/up) in one group."""
-    groups: list[list[str]] = []
-    last_input: list = [None]
-
-    def hook_for(name):
-        def hook(module, args):
-            if any(name in g for g in groups):
-                return
-            if groups and args[0] is last_input[0]:
-                groups[-1].append(name)
-            else:
-                groups.append([name])
-            last_input[0] = args[0]
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in targets.items()]
-    try:
-        call(layer, hidden.to(device))
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = sorted(set(targets) - {n for g in groups for n in g})
-    if missing:
-        raise RuntimeError(f"the layer never called {', '.join(missing)} on calibration data")
-    return groups
-
-
-class _InputSeen(Exception):
-    """Raised by collect_input_stats' hook: the rest of the layer need not run."""
-
-
-@torch.no_grad()
-def collect_input_stats(layer: nn.Module, call: LayerCall, hidden: list, module: nn.Module,
-                        *, hessian: bool, device="cpu") -> CalibrationStats:
-    """CalibrationStats of the input of `module` (a Linear of `layer`) on every segment; each
-    forward stops as soon as that input is seen."""
-    stats = None
-
-    def hook(mod, args):
-        nonlocal stats
-        x = args[0]
-        if stats is None:
-            stats = CalibrationStats(x.shape[-1], hessian=hessian, device=x.device)
-        stats.update(x)
-        raise _InputSeen
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        for h in hidden:
-            try:
-                call(layer, h.to(device, non_blocking=True))
-            except _InputSeen:
-                continue
-            raise RuntimeError("the layer never called a Linear it holds on calibration data")
-    finally:
-        handle.remove()
-    return stats
-
-
-@torch.no_grad()
 def collect_stats(layer: nn.Module, call: LayerCall, hidden: list, targets: dict,
                   *, hessian: bool, device="cpu") -> dict:
     """CalibrationStats of the inputs of every Linear in `targets` ({weight name: module}).

@@ -52,7 +52,6 @@ from .structure import ModelLayout, build_layout, load_config
 from .summary import format_summary, shard_metadata, summarize
 
 DEFAULT_VALUES = "exp"  # value codec of the Endor tensors written (docs/FORMAT.md 1.1)
-TRUE_SEQUENTIAL = True
 _QUANTIZED = ("int8", "int4")  # the lossy codecs (docs/FORMAT.md 1.6)
 
 REST = "rest"
@@ -307,23 +306,23 @@ class _Conversion:
                     targets = {n: model.get_submodule(n.removesuffix(".weight"))
                                for n in self.names[group]
                                if n in self.sparse and not self.layout.is_expert_weight(n)}
-                    final, encoded = self._prune_in_call_order(i, layer, call, hidden, targets,
-                                                               originals, hessian)
+                    self.progress.stage(i, "calibrating")
+                    stats = calibrate.collect_stats(layer, call, hidden, targets,
+                                                    hessian=hessian, device=device)
+                    self.progress.stage(i, "pruning")
                     # Experts have no module to hook (transformers fuses them): magnitude,
                     # recorded in endor.json as "expert_pruning".
-                    final = {n: final[n] if n in targets
+                    final = {n: self._prune(n, t.to(device), stats.get(n)).cpu() if n in targets
                              else self._prune(n, t, method="magnitude") if n in self.sparse
                              else t for n, t in originals.items()}
-                    del originals
+                    del stats, originals
                     if pending is not None:
                         pending.result()  # at most one layer waits to be written
                         pending = None
                     if self.lossy:  # the next layer sees the weights the model will run with
                         self.progress.stage(i, "writing")
-                        encoded = {n: encoded[n] if n in encoded else self._encode(n, t)
-                                   for n, t in final.items()}
-                        final = {n: final[n] if n in targets
-                                 else decompress(e) if n in self.sparse else e
+                        encoded = {n: self._encode(n, t) for n, t in final.items()}
+                        final = {n: decompress(e) if n in self.sparse else e
                                  for n, e in encoded.items()}
                         self._finish_shard(group, encoded)  # empties `encoded`
                     else:
@@ -341,38 +340,6 @@ class _Conversion:
                 del final
             if pending is not None:
                 pending.result()
-
-    def _prune_in_call_order(self, i: int, layer, call, hidden, targets: dict,
-                             originals: dict, hessian: bool) -> tuple[dict, dict]:
-        """Prune the Linears of `targets` in the order the layer calls them, the Linears that
-        share one input together, each group calibrated on the layer with the groups before it
-        already pruned (and quantized) as the model will run them: o_proj sees the pruned
-        attention, the MLP its pruned input (GPTQ's "true sequential"). Returns ({name: pruned
-        weight, quantized ones as decoded}, {name: EndorTensor} when the values are lossy)."""
-        device, final, encoded = self.device, {}, {}
-        groups = calibrate.input_groups(layer, call, hidden[0], targets, device) \
-            if TRUE_SEQUENTIAL else [list(targets)]
-        for k, names in enumerate(groups):
-            self.progress.stage(i, "calibrating")
-            if TRUE_SEQUENTIAL:
-                shared = calibrate.collect_input_stats(layer, call, hidden, targets[names[0]],
-                                                       hessian=hessian, device=device)
-                stats = {n: shared for n in names}
-            else:
-                stats = calibrate.collect_stats(layer, call, hidden,
-                                                {n: targets[n] for n in names},
-                                                hessian=hessian, device=device)
-            self.progress.stage(i, "pruning")
-            for n in names:
-                final[n] = self._prune(n, originals[n].to(device), stats[n]).cpu()
-                if self.lossy:
-                    encoded[n] = self._encode(n, final[n])
-                    final[n] = decompress(encoded[n])
-            del stats
-            if k + 1 < len(groups):
-                _set_params(self.layout.model, {n: final[n].to(device, torch.float32)
-                                                for n in names})
-        return final, encoded
 
     def _write_layer(self, i: int, final: dict) -> None:
         """Compress, write and verify decoder layer i (on the writer thread; torch's thread count

@@ -25,8 +25,7 @@ SUB_BLOCK_SIZE = 16
 # Wanda's and round-to-nearest's; 10% is lower on both texts for most Linears
 # (scripts/prune-layer-errors.py, docs/benchmarks/quality-quant/).
 DAMPING = 0.1
-_DAMPING_RETRIES = 4
-WEIGHTED_SCALES = False  # each retry multiplies the dampening by 10
+_DAMPING_RETRIES = 4  # each retry multiplies the dampening by 10
 
 
 def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -104,19 +103,12 @@ class JointGrid:
 
     @classmethod
     def from_weights(cls, w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype,
-                     columns: torch.Tensor | None = None,
-                     importance: torch.Tensor | None = None):
+                     columns: torch.Tensor | None = None):
         rows, cols = w.shape
         per_row = groups_per_row(cols, group_size)
-        pad = (0, per_row * group_size - cols)
-        padded = torch.nn.functional.pad(w.to(torch.float32), pad)
-        if importance is not None and WEIGHTED_SCALES:
-            importance = torch.nn.functional.pad(importance.to(w.device, torch.float32), pad)
-            importance = importance.view(1, per_row, group_size)
-        else:
-            importance = None
+        padded = torch.nn.functional.pad(w.to(torch.float32), (0, per_row * group_size - cols))
         scales = mse_scales(padded.view(rows, per_row, group_size), (1 << (bits - 1)) - 1,
-                            dtype, importance=importance)
+                            dtype)
         return cls(scales, bits, group_size, columns)
 
     @property
@@ -231,8 +223,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
         # rounding errors, so no in x in permuted copies are needed
         order = None if quantize[0] > 4 else act_order(hessian, nm)
     if order is None:
-        grid = JointGrid.from_weights(unpermuted, *quantize, weight.dtype,
-                                      importance=hessian.diagonal())
+        grid = JointGrid.from_weights(unpermuted, *quantize, weight.dtype)
         del unpermuted
         out = _sparsegpt(weight, hessian, grid=grid, mask=mask, **options)
         return out, grid.scales, grid.relative_error
@@ -244,8 +235,7 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
         unpermuted = _sparsegpt(w, h, grid=None, **options)[:, unpermute]
     else:
         mask = mask[:, order_dev]
-    grid = JointGrid.from_weights(unpermuted, *quantize, weight.dtype, columns=order,
-                                  importance=hessian.diagonal())
+    grid = JointGrid.from_weights(unpermuted, *quantize, weight.dtype, columns=order)
     del unpermuted
     out = _sparsegpt(w, h, grid=grid, mask=mask, **options)[:, unpermute]
     return out, grid.scales, grid.relative_error

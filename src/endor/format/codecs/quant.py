@@ -98,12 +98,11 @@ def symmetric_scales(w: torch.Tensor, qmax: int, dtype: torch.dtype) -> torch.Te
 
 
 def mse_scales(w: torch.Tensor, qmax: int, dtype: torch.dtype, *, steps: int = 25,
-               min_fraction: float = 0.4, importance: torch.Tensor | None = None) -> torch.Tensor:
+               min_fraction: float = 0.4) -> torch.Tensor:
     """Per group, the scale among absmax/qmax x (1, ..., min_fraction) (`steps` + 1 candidates,
     each rounded to `dtype`) whose round-to-nearest grid gives the group the least squared error:
     clipping the largest weights a little buys every other weight a finer grid (GPTQ's `mse`
-    option). w: [..., G] float32 (zeros padded; a zero costs nothing on any grid). `importance`
-    (broadcast to w) weighs each element's squared error."""
+    option). w: [..., G] float32 (zeros padded; a zero costs nothing on any grid)."""
     absmax = symmetric_scales(w, qmax, dtype)
     best, best_error = absmax, None
     for k in range(steps + 1):
@@ -113,10 +112,7 @@ def mse_scales(w: torch.Tensor, qmax: int, dtype: torch.dtype, *, steps: int = 2
         s32 = scales.to(torch.float32).unsqueeze(-1)
         safe = torch.where(s32 == 0, torch.ones_like(s32), s32)
         q = torch.where(s32 == 0, 0.0, torch.round(w / safe)).clamp_(-qmax - 1, qmax)
-        error = (dequantize(q, s32, dtype).to(torch.float32) - w).square_()
-        if importance is not None:
-            error.mul_(importance)
-        error = error.sum(dim=-1)
+        error = (dequantize(q, s32, dtype).to(torch.float32) - w).square_().sum(dim=-1)
         if best_error is None:
             best_error = error
             continue
