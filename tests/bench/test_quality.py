@@ -162,7 +162,7 @@ def test_bars_say_which_bar_is_met():
 
 def test_calibration_texts(tmp_path):
     from endor.data.text import article_split, calibration_text
-    assert quality.calibration("article")[1] == article_split()[1]
+    assert quality.calibration("article")[1] == article_split()[2]
     assert quality.calibration("pydoc")[1] == calibration_text()
     (tmp_path / "mine.txt").write_text("my own calibration text\n")
     assert quality.calibration(str(tmp_path / "mine.txt")) == (str(tmp_path / "mine.txt"),
@@ -174,7 +174,7 @@ def test_calibration_texts(tmp_path):
 def test_merge_needs_the_same_calibration(tmp_path):
     import json
     params = quality._settings(**_with_quick(parse([]), False))
-    assert params["calib"] == "article"
+    assert params["calib"] == "article" and params["scored"] == "evaluation"
     earlier = {"benchmark": "quality", "params": {**params, "calib": "pydoc"}, "results": []}
     (tmp_path / "pydoc.json").write_text(json.dumps(earlier))
     with pytest.raises(ValueError, match="calib=pydoc"):
@@ -186,3 +186,14 @@ def test_merge_needs_the_same_calibration(tmp_path):
     with pytest.raises(ValueError, match="calib"):
         quality.earlier_rows(tmp_path / "legacy.json", params)
     assert quality.earlier_rows(tmp_path / "legacy.json", {**params, "calib": "pydoc"}) == []
+
+
+def test_scored_part(tiny_hf_dir):
+    docs = {part: quality.run(**parse(["--models", str(tiny_hf_dir), *TINY, "--methods",
+                                       "magnitude", "--patterns", "2:4", "--scored", part]),
+                              quick=False, warmup=0, repeat=1)
+            for part in quality.SCORED_PARTS}
+    assert docs["validation"]["params"]["scored"] == "validation"
+    assert "validation part" in docs["validation"]["text"]["evaluation"]
+    dense = {part: doc["results"][0]["perplexity"] for part, doc in docs.items()}
+    assert dense["evaluation"] != dense["validation"]  # other text, other perplexity

@@ -53,7 +53,9 @@ def test_missing_package_names_what_to_install(monkeypatch):
 
 
 def test_article_split_parts_are_disjoint_and_whole():
-    scored, calibration = text.article_split()
-    assert scored + calibration == text.evaluation_text()
-    assert scored.endswith("\n") and len(scored) > text.ARTICLE_SPLIT
+    evaluation, validation, calibration = text.article_split()
+    assert evaluation + validation + calibration == text.evaluation_text()
+    assert evaluation.endswith("\n") and len(evaluation) > text.EVALUATION_END
+    assert validation.endswith("\n") and len(evaluation + validation) > text.CALIBRATION_START
+    assert len(validation) > 20_000
     assert len(calibration) > 100_000  # enough for 128 calibration segments of 256 tokens

