@@ -1,17 +1,19 @@
 """SparseGPT's joint pruning + quantization (prune/sparsegpt.py JointGrid): the result is on the
 int grid the codec stores (so compressing it is exact), it is as sparse as asked, and its
 output error is lower than pruning with SparseGPT and then rounding to nearest. Measured on these
-inputs with the default dampening (10%), output error over SparseGPT's without quantization:
-int4 joint 0.95-1.10 (act-order), round-to-nearest 1.8-3.5 (joint over round-to-nearest
-0.31-0.53); int8 joint 0.86-0.87 with 2:4 (act-order helps the pruning itself here), 1.003-1.004
-unstructured (the column-order mask held fixed); round-to-nearest 1.004-1.008."""
+inputs with the default dampening (10%) and one scale refit, output error over SparseGPT's
+without quantization: int4 joint 1.63-1.84 unstructured (the column-order mask held fixed),
+0.96-1.00 with 2:4 (act-order), round-to-nearest 1.8-3.5 (joint over round-to-nearest
+0.40-0.65); int8 joint 1.003 unstructured, 0.87 with 2:4 (act-order helps the pruning itself
+here); round-to-nearest 1.002-1.008."""
 
 import pytest
 import torch
 
 import endor
 from endor.prune import CalibrationStats, prune_weight
-from endor.prune.sparsegpt import act_order
+from endor.prune import sparsegpt
+from endor.prune.sparsegpt import JointGrid, act_order
 from endor.format.equal import bit_equal
 from tests.helpers import DTYPES
 from tests.prune.inputs import correlated_inputs, random_weight
@@ -92,3 +94,27 @@ def test_joint_keeps_n_of_m_in_the_original_columns():
     joint, _, _ = prune_weight(weight, method="sparsegpt", sparsity=0.5, nm=(2, 4),
                                stats=stats, quantize=(4, 64))
     assert int((joint.view(32, 64, 4) != 0).sum(-1).max()) <= 2
+
+
+def test_grid_records_what_it_rounded_in_weight_column_order():
+    weight = random_weight((8, 64), seed=3).float()
+    columns = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    grid = JointGrid.from_weights(weight, 4, 16, torch.bfloat16, columns=columns)
+    for position in range(64):  # the loop's positions: weight column columns[position]
+        grid.round(position, weight[:, columns[position]])
+    assert torch.equal(grid.seen, weight)
+
+
+def test_refit_scales_fit_the_last_pass(monkeypatch):
+    """The scales returned are those of the last pass, refit to what the pass before rounded:
+    without a refit they differ."""
+    weight = random_weight((32, 256), seed=4)
+    stats = stats_of(correlated_inputs(1024, 256, seed=5))
+    scales = {}
+    for refits in (0, 1):
+        monkeypatch.setattr(sparsegpt, "REFITS", refits)
+        joint, scales[refits], _ = prune_weight(weight, method="sparsegpt", sparsity=0.5,
+                                                stats=stats, quantize=(4, 64))
+        et = endor.compress(joint, values="int4", group_size=64, scales=scales[refits])
+        assert bit_equal(endor.decompress(et), joint)
+    assert not torch.equal(scales[0], scales[1])
