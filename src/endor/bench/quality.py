@@ -6,10 +6,11 @@ baseline, measured in the same run; each method (magnitude, Wanda, SparseGPT) at
 (50% unstructured, 2:4) is converted with `endor convert`, loaded back with `load_in_memory`,
 and scored with `endor.evaluate.perplexity` on the first --max-windows windows of the evaluation
 part of the 1911 Britannica article on Shakespeare (`article_split()`; --scored validation
-scores its validation part instead, to choose settings without looking at the evaluation part). Wanda and SparseGPT
-calibrate on --calib: by default the article's calibration part, which no scored window reaches
-(in-domain, as WikiText-2's train split is for its test split); `pydoc` is `endor convert`'s
-default text, the Python docs (out of domain: SparseGPT fits it, and pays on the article).
+scores its validation part instead, to choose settings without looking at the evaluation
+part). Wanda and SparseGPT calibrate on --calib: by default the article's calibration part,
+which no scored window reaches (in-domain, as WikiText-2's train split is for its test split);
+`pydoc` is `endor convert`'s default text, the Python docs (out of domain: SparseGPT fits it,
+and pays on the article).
 Each row also records the decoder-Linear sparsity measured on the loaded weights (exact zeros),
 the checkpoint's compression ratio and bits per decoder-Linear element.
 
