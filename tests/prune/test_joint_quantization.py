@@ -1,11 +1,10 @@
 """SparseGPT's joint pruning + quantization (prune/sparsegpt.py JointGrid): the result is on the
-int grid the codec stores (so compressing it is exact), it is as sparse as asked, and its
-output error is lower than pruning with SparseGPT and then rounding to nearest. Measured on these
-inputs with the default dampening (10%) and one scale refit, output error over SparseGPT's
-without quantization: int4 joint 1.63-1.84 unstructured (the column-order mask held fixed),
-0.96-1.00 with 2:4 (act-order), round-to-nearest 1.8-3.5 (joint over round-to-nearest
-0.40-0.65); int8 joint 1.003 unstructured, 0.87 with 2:4 (act-order helps the pruning itself
-here); round-to-nearest 1.002-1.008."""
+int grid the codec stores (so compressing it is exact), it is as sparse as asked, keeps the mask
+of raw SparseGPT, and its output error is lower than pruning with SparseGPT and then rounding to
+nearest. Measured on these inputs with the default dampening (10%) and one scale refit, output
+error over SparseGPT's without quantization: int4 joint 1.63-1.84 unstructured, 1.47-1.61 with
+2:4, round-to-nearest 1.8-3.5 (joint over round-to-nearest 0.52-0.81); int8 joint 1.002-1.003,
+round-to-nearest 1.002-1.008."""
 
 import pytest
 import torch
@@ -45,16 +44,14 @@ def test_joint_beats_prune_then_round(bits, nm, group_size):
     rtn = endor.decompress(endor.compress(pruned, values=codec, group_size=group_size))
     errors = {"joint": output_error(weight, joint, x), "rtn": output_error(weight, rtn, x),
               "raw": output_error(weight, pruned, x)}
-    if nm is None:
-        # The mask of column-order SparseGPT, held fixed: every weight it prunes stays pruned.
-        assert not bool(((pruned == 0) & (joint != 0)).any())
-    if bits == 4 and nm is None:
-        # Compensating the rounding still pays, less than with the mask chosen in act-order
-        # on these synthetic layers (measured 0.66-0.71 of RTN's error, 0.44 then); on SmolLM2
-        # the fixed mask gave the better perplexity (prune/sparsegpt.py says by how much).
-        assert errors["joint"] < 0.8 * errors["rtn"], errors
-    elif bits == 4:  # int4 rounding errors are large: compensating them pays
-        assert errors["joint"] < 0.6 * errors["rtn"], errors
+    # The mask of column-order SparseGPT, held fixed: every weight it prunes stays pruned.
+    assert not bool(((pruned == 0) & (joint != 0)).any())
+    if bits == 4:
+        # int4 rounding errors are large: compensating them pays, less than with the mask
+        # chosen in act-order on these synthetic layers (measured 0.52-0.81 of RTN's error,
+        # 0.40-0.53 then); on the embedded models the fixed mask gave the better perplexity
+        # (prune/sparsegpt.py says by how much).
+        assert errors["joint"] < 0.85 * errors["rtn"], errors
     else:  # int8 rounding costs ~1% of the pruning error: joint stays that close to raw
         assert errors["joint"] < 1.02 * errors["raw"], errors
     assert 0 < rel < (0.02 if bits == 8 else 0.15)
@@ -78,14 +75,9 @@ def test_joint_is_sparsegpt_only():
         prune_weight(weight, method="magnitude", sparsity=0.5, quantize=(4, 128))
 
 
-@pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_act_order(nm):
+def test_act_order():
     h = torch.diag(torch.tensor([1.0, 5.0, 3.0, 3.0, 0.0, 9.0, 2.0, 4.0]))
-    order = act_order(h, nm)
-    if nm is None:  # decreasing diagonal, ties in column order
-        assert order.tolist() == [5, 1, 7, 2, 3, 6, 0, 4]
-    else:  # groups of 4 whole, by summed diagonal: 15 vs 12
-        assert order.tolist() == [4, 5, 6, 7, 0, 1, 2, 3]
+    assert act_order(h).tolist() == [5, 1, 7, 2, 3, 6, 0, 4]  # decreasing, ties in column order
 
 
 def test_joint_keeps_n_of_m_in_the_original_columns():

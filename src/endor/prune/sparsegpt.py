@@ -143,18 +143,11 @@ class JointGrid:
         return rounded
 
 
-def act_order(hessian: torch.Tensor, nm=None) -> torch.Tensor:
+def act_order(hessian: torch.Tensor) -> torch.Tensor:
     """GPTQ's act-order: columns by decreasing Hessian diagonal (the inputs with the most
-    energy first, while many columns remain to absorb their rounding error). With nm=(N, M)
-    whole groups of M columns move, by their summed diagonal, so N:M groups stay intact.
-    Returns the permutation (int64 [in], on the Hessian's device); ties keep column order."""
-    diagonal = hessian.diagonal().to(torch.float32)
-    if nm is None:
-        return torch.argsort(diagonal, descending=True, stable=True)
-    group = nm[1]
-    groups = torch.argsort(diagonal.view(-1, group).sum(dim=1), descending=True, stable=True)
-    return (groups.unsqueeze(1) * group
-            + torch.arange(group, device=groups.device)).reshape(-1)
+    energy first, while many columns remain to absorb their rounding error). Returns the
+    permutation (int64 [in], on the Hessian's device); ties keep column order."""
+    return torch.argsort(hessian.diagonal().to(torch.float32), descending=True, stable=True)
 
 
 def prune_block(block: torch.Tensor, u_block: torch.Tensor, prune: torch.Tensor,
@@ -205,9 +198,9 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     that underflows to zero in that cast becomes +0.0 as well (it is a zero to the bitmap
     format), so the result can be marginally sparser than asked.
 
-    quantize=(bits, group_size): joint pruning and quantization (JointGrid), visiting the
-    columns in act-order (act_order; unstructured: the mask of a raw pass in column order, held
-    fixed while int8 rounds in column order and int4 in act-order); returns
+    quantize=(bits, group_size): joint pruning and quantization (JointGrid): the mask of a raw
+    pass in column order, held fixed while int8 rounds in column order and int4 in act-order
+    (act_order); returns
     (weight on the grid, scales [out, ceil(in / group_size)] in weight's dtype, the relative
     error of the rounding steps), ready
     for endor.compress(weight, values=f"int{bits}", group_size=group_size, scales=scales). A
@@ -215,40 +208,31 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     options = {"sparsity": sparsity, "nm": nm, "block_size": block_size, "damping": damping}
     if quantize is None:
         return _sparsegpt(weight, hessian, grid=None, **options)
-    # Unstructured, each block of 128 columns in loop order loses the same fraction of its
-    # weights, so choosing the mask in act-order forces half the weights of the inputs with the
-    # most energy (the first block) out (SmolLM2 50% int8 joint: 85.1 in act-order, 77.5 in
-    # column order, 75.8 raw). Unstructured joint passes therefore take the mask of a raw pass in
-    # column order and hold it fixed, its pruned weights compensated like rounding errors: int8
-    # rounds in column order, int4 in act-order (SmolLM2 50% int4 joint: 97.5,
-    # against 108.9 with the mask chosen in act-order and 120.9 all in column order;
-    # docs/benchmarks/quality-quant/runs/). On the synthetic layers of
-    # tests/prune/test_joint_quantization.py the act-order mask is better: it is the model's
-    # perplexity that decided.
-    if nm is not None:
-        order = act_order(hessian, nm)
-        mask = None
+    # The mask is that of a raw pass in column order, held fixed while the joint passes round,
+    # its pruned weights compensated like rounding errors. Chosen in act-order instead, the
+    # unstructured mask loses half the weights of the inputs with the most energy (each block
+    # of 128 columns in loop order loses the same fraction: SmolLM2 50% int8 joint 85.1 against
+    # 77.5, raw 75.8), and the 2:4 mask changes with the model (quality-quant, article
+    # calibration, 2:4 int8 joint over raw: SmolLM2 0.93, Gemma-3 1.04; int4 joint: 1.00,
+    # 1.35). A fixed mask makes the joint rows the raw model's weights, rounded and
+    # compensated. int8 rounds in column order (its pass is then the raw pass plus rounding
+    # errors, with no in x in permuted copies), int4 in act-order (SmolLM2 50% int4 joint,
+    # Python-docs calibration: 97.5, against 120.9 in column order).
+    raw = _sparsegpt(weight, hessian, grid=None, **options)
+    mask = raw == 0
+    fixed = {**options, "nm": None}  # the mask fixed, nothing is chosen per N:M group
+    if quantize[0] > 4:
+        w, h, order, unpermute = weight, hessian, None, slice(None)
     else:
-        unpermuted = _sparsegpt(weight, hessian, grid=None, **options)
-        mask = unpermuted == 0
-        # int8 rounds in column order: with the column-order mask its pass is the raw pass plus
-        # rounding errors, so no in x in permuted copies are needed
-        order = None if quantize[0] > 4 else act_order(hessian, nm)
-    if order is None:
-        w, h, unpermute = weight, hessian, slice(None)
-    else:
+        order = act_order(hessian)
         order_dev = order.to(weight.device)
         w, h = weight[:, order_dev], hessian[order][:, order]
-        unpermute = torch.argsort(order_dev)
-        if mask is None:
-            unpermuted = _sparsegpt(w, h, grid=None, **options)[:, unpermute]
-        else:
-            mask = mask[:, order_dev]
-    rounded = unpermuted
-    del unpermuted
+        mask, unpermute = mask[:, order_dev], torch.argsort(order_dev)
+    rounded = raw
+    del raw
     for _ in range(1 + REFITS):
         grid = JointGrid.from_weights(rounded, *quantize, weight.dtype, columns=order)
-        out = _sparsegpt(w, h, grid=grid, mask=mask, **options)[:, unpermute]
+        out = _sparsegpt(w, h, grid=grid, mask=mask, **fixed)[:, unpermute]
         rounded = grid.seen
     return out, grid.scales, grid.relative_error
 
