@@ -23,7 +23,8 @@ SUB_BLOCK_SIZE = 16
 # calibration set (32 x 256 tokens of Python documentation) too closely: on the evaluation text
 # the layer output error of pruning, and more so of joint int4 rounding, is then often above
 # Wanda's and round-to-nearest's; 10% is lower on both texts for most Linears
-# (scripts/prune-layer-errors.py, docs/benchmarks/quality-quant/).
+# (scripts/prune-layer-errors.py, docs/benchmarks/quality-quant/). Calibrated on text like the
+# evaluated text, 1% is the better one (quality-quant/validation/): `--damping`.
 DAMPING = 0.1
 _DAMPING_RETRIES = 4  # each retry multiplies the dampening by 10
 # Joint passes after the first, each with its groups' scales refit to the weights the pass
