@@ -161,18 +161,17 @@ def _settings(*, models, methods, patterns, window, max_windows, calib_samples,
     base = QUICK if quick else FULL
     models = models or (QUICK["models"] if quick else MODELS)
     max_windows = max_windows if max_windows is not None else base["max_windows"]
-    calib_text_name = calib
-    calib = calib_samples if calib_samples is not None else base["calib_samples"]
+    samples = calib_samples if calib_samples is not None else base["calib_samples"]
     if window < 2:
         raise ValueError(f"--window must be at least 2, got {window}")
-    if max_windows < 1 or calib < 1:
+    if max_windows < 1 or samples < 1:
         raise ValueError("--max-windows and --calib-samples must be at least 1")
     if not models:
         raise ValueError("--models names no model")
     return {"models": list(models), "methods": list(methods),
             "patterns": list(patterns), "values": list(values), "rounding": list(rounding),
             "group_size": group_size, "window": window, "max_windows": max_windows,
-            "calib_samples": calib, "calib": calib_text_name,
+            "calib_samples": samples, "calib": calib,
             "damping": check_damping(DEFAULT_DAMPING if damping is None else damping),
             "scored": scored}
 
