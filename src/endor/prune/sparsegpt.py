@@ -100,16 +100,15 @@ class JointGrid:
     rounding) and runs the pass again. `columns` (act-order) maps the loop's column positions
     to the weight's columns, whose groups the scales belong to."""
 
-    def __init__(self, scales: torch.Tensor, bits: int, group_size: int,
-                 columns: torch.Tensor | None = None):
+    def __init__(self, scales: torch.Tensor, bits: int, group_size: int, columns: torch.Tensor):
         self.scales, self.group_size, self.dtype = scales, group_size, scales.dtype
         self.qmax = (1 << (bits - 1)) - 1
-        cols = scales.shape[1] * group_size if columns is None else columns.numel()
-        positions = torch.arange(cols) if columns is None else columns.cpu()
+        positions = columns.cpu()
+        self.columns = positions.tolist()  # the weight column of each loop position
         self.groups = (positions // group_size).tolist()  # the scale column of each position
         self.error_sq = self.kept_sq = 0.0  # the rounding steps' squared error and weights
-        self.columns = positions.tolist()
-        self.seen: torch.Tensor | None = None  # [out, in] float32, in the weight's column order
+        # [out, in] float32, in the weight's column order
+        self.seen = torch.zeros(scales.shape[0], len(self.columns), device=scales.device)
 
     @classmethod
     def from_weights(cls, w: torch.Tensor, bits: int, group_size: int, dtype: torch.dtype,
@@ -119,7 +118,7 @@ class JointGrid:
         padded = torch.nn.functional.pad(w.to(torch.float32), (0, per_row * group_size - cols))
         scales = mse_scales(padded.view(rows, per_row, group_size), (1 << (bits - 1)) - 1,
                             dtype)
-        return cls(scales, bits, group_size, columns)
+        return cls(scales, bits, group_size, torch.arange(cols) if columns is None else columns)
 
     @property
     def relative_error(self) -> float:
@@ -130,8 +129,6 @@ class JointGrid:
     def round(self, column: int, kept: torch.Tensor) -> torch.Tensor:
         """The loop's column `column` with its pruned weights zeroed -> on the grid, as the
         float32 values the decoder will return."""
-        if self.seen is None:
-            self.seen = kept.new_zeros(kept.shape[0], len(self.groups))
         self.seen[:, self.columns[column]] = kept
         group = self.groups[column]
         scale = self.scales[:, group].to(torch.float32)
@@ -219,8 +216,8 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
     # compensated. int8 rounds in column order (its pass is then the raw pass plus rounding
     # errors, with no in x in permuted copies), int4 in act-order (SmolLM2 50% int4 joint,
     # Python-docs calibration: 97.5, against 120.9 in column order).
-    raw = _sparsegpt(weight, hessian, grid=None, **options)
-    mask = raw == 0
+    rounded = _sparsegpt(weight, hessian, grid=None, **options)  # what the first pass rounds
+    mask = rounded == 0
     fixed = {**options, "nm": None}  # the mask fixed, nothing is chosen per N:M group
     if quantize[0] > 4:
         w, h, order, unpermute = weight, hessian, None, slice(None)
@@ -229,8 +226,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: fl
         order_dev = order.to(weight.device)
         w, h = weight[:, order_dev], hessian[order][:, order]
         mask, unpermute = mask[:, order_dev], torch.argsort(order_dev)
-    rounded = raw
-    del raw
     for _ in range(1 + REFITS):
         grid = JointGrid.from_weights(rounded, *quantize, weight.dtype, columns=order)
         out = _sparsegpt(w, h, grid=grid, mask=mask, **fixed)[:, unpermute]
