@@ -1,5 +1,9 @@
+"""The same error with one 16-level table per tensor fitted by Lloyd (NOTES.md, session 7).
+usage: python grid-codebook-rtn.py gemma3-270m"""
 import sys, math, torch
-exec(open("/work/main/scripts/quant-design.py").read().split("for alias in")[0])
+from pathlib import Path
+DESIGN = Path(__file__).resolve().parents[4] / "scripts" / "quant-design.py"  # its helpers
+exec(open(DESIGN).read().split("for alias in")[0])
 
 def assign(x, c):
     # x [...], c [16] sorted -> nearest index

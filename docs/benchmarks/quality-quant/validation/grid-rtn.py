@@ -1,6 +1,9 @@
+"""Relative RMS error of round-to-nearest int4 grids on the magnitude-pruned (50%) projections of
+layers 0 and 10 (NOTES.md, session 7). usage: python grid-rtn.py gemma3-270m"""
 import sys, math, torch
-sys.path.insert(0, "/work/main/scripts")
-exec(open("/work/main/scripts/quant-design.py").read().split("for alias in")[0])
+from pathlib import Path
+DESIGN = Path(__file__).resolve().parents[4] / "scripts" / "quant-design.py"  # its helpers
+exec(open(DESIGN).read().split("for alias in")[0])
 torch.manual_seed(0)
 
 def quant_offset(p, s, o):
