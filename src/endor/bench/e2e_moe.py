@@ -42,7 +42,7 @@ from ..runtime.weights import layer_files
 from . import harness
 from .baseline import evict_on_read, load_accelerate
 from .e2e import Options, _convert_all, _generate, _row, _shards, _workdir
-from .e2e_prepare import synthetic_source
+from .e2e_prepare import cache_lock, synthetic_source
 
 NAME = "e2e"
 DONE_WHEN = {"experts_vs_whole_layers_min": 4.0, "experts_vs_accelerate_min": 15.0,
@@ -97,8 +97,9 @@ def _config(opts: Options):
 def _prepare(config, opts: Options, workdir: Path) -> dict:
     root, hf = synthetic_source(config, opts, workdir, "qwen3moe")
     out = {weights: root / weights for weights in ("endor", "dense")}
-    _convert_all(hf, {w: o for w, o in out.items() if not (o / "endor.json").is_file()},
-                 opts.sparsity)
+    with cache_lock(root):
+        _convert_all(hf, {w: o for w, o in out.items() if not (o / "endor.json").is_file()},
+                     opts.sparsity)
     return out
 
 

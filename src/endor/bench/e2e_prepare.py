@@ -8,9 +8,11 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from ..convert import convert
 from ..convert.pipeline import DEFAULT_VALUES
@@ -24,9 +26,20 @@ def synthetic_source(config, opts, workdir: Path, family: str) -> tuple[Path, Pa
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]
     root = workdir / f"{family}-{key}"
     hf = root / "hf"
-    if not (hf / "config.json").is_file():
-        write_synthetic_checkpoint(hf, config, dtype=getattr(torch, opts.dtype))
+    with cache_lock(root):
+        if not (hf / "config.json").is_file():
+            write_synthetic_checkpoint(hf, config, dtype=getattr(torch, opts.dtype))
     return root, hf
+
+
+@contextmanager
+def cache_lock(root: Path):
+    """Held while a cache folder's checkpoints are checked and written: two benchmarks given
+    the same --workdir would otherwise convert into the same folder at once, or one would load
+    a checkpoint the other is still writing. (Not re-entrant: take it once at a time.)"""
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / ".lock"):
+        yield
 
 
 def prepare(config, opts, workdir: Path, values: list[str]) -> dict:
@@ -35,8 +48,9 @@ def prepare(config, opts, workdir: Path, values: list[str]) -> dict:
     root, hf = synthetic_source(config, opts, workdir, "llama")
     out = {"dense": (root / "dense", "dense", "raw")}
     out.update({v: (root / f"endor-{v}", "endor", v) for v in values})
-    convert_all(hf, {k: o for k, o in out.items() if not (o[0] / "endor.json").is_file()},
-                 opts.sparsity)
+    with cache_lock(root):
+        convert_all(hf, {k: o for k, o in out.items() if not (o[0] / "endor.json").is_file()},
+                    opts.sparsity)
     return {k: o[0] for k, o in out.items()}
 
 
