@@ -141,3 +141,24 @@ def test_corrupt_rows_are_refused_at_load(tmp_path):
     with pytest.raises(endor.FormatError, match="embed_tokens.*checksum mismatch"):
         with open_model(path, max_memory=2 * 4096 * 64 * 2 // 4):
             pass
+
+
+def test_a_tied_pair_is_verified_once_and_streams_for_both(tmp_path, monkeypatch):
+    from endor.runtime import rest
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=4096, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    path = write_checkpoint(model, tmp_path / "ckpt", weights="endor")
+    want = greedy(model, PROMPT, NEW_TOKENS)
+    verified = []
+    real = rest.verified_source
+    monkeypatch.setattr(rest, "verified_source",
+                        lambda source, *a, **k: verified.append(source.name) or real(source, *a,
+                                                                                      **k))
+    with open_model(path, max_memory=4096 * 64 * 2 // 4) as m:
+        assert isinstance(m.get_input_embeddings(), OnDemandEmbedding)
+        assert isinstance(m.get_output_embeddings(), StreamedHead)
+        assert greedy(m, PROMPT, NEW_TOKENS) == want
+    assert len(verified) == 1, verified

@@ -276,7 +276,9 @@ def offload_rest(model: nn.Module, f: EndorFile, *, device,
         {n: n for n in (emb_name, head_name) if n}
     # The head reads whole digest blocks: none larger than its chunk.
     block = head_block_bytes(budget)
-    sources = {n: row_source(f, s, block) if s in names else None for n, s in stored.items()}
+    # A tied pair's one stored tensor is verified (read whole) once, for both of its users.
+    by_stored = {s: row_source(f, s, block) for s in set(stored.values()) if s in names}
+    sources = {n: by_stored.get(s) for n, s in stored.items()}
     if emb_name and sources.get(emb_name) is not None:
         model.set_input_embeddings(OnDemandEmbedding(
             sources[emb_name], device=device, padding_idx=embedding.padding_idx))
