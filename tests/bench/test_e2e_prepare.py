@@ -30,7 +30,7 @@ def test_prepare_converts_while_holding_the_lock(tmp_path, monkeypatch):
 
     def fake_source(config, opts, workdir, family):
         root = workdir / "llama-abc"
-        assert _lock_state(root) == "free"  # taken and released for the source checkpoint
+        assert _lock_state(root) == "free"  # nothing holds it before prepare converts
         return root, root / "hf"
 
     def fake_convert_all(hf, outs, sparsity):
