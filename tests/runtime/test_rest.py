@@ -15,12 +15,12 @@ from tests.runtime.checkpoints import greedy, write_checkpoint
 from tests.conftest import NEW_TOKENS, PROMPT
 
 
-def _qwen_shaped(layers: int, hidden: int = 896, vocab: int = 151936):
+def _qwen_shaped(layers: int, hidden: int = 896, vocab: int = 151936, tied: bool = False):
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4864 * hidden
                          // 896, num_hidden_layers=layers, num_attention_heads=14,
                          num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+                         tie_word_embeddings=tied)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -145,11 +145,7 @@ def test_corrupt_rows_are_refused_at_load(tmp_path):
 
 def test_a_tied_pair_is_verified_once_and_streams_for_both(tmp_path, monkeypatch):
     from endor.runtime import rest
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=4096, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=64, tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    model = _qwen_shaped(2, hidden=64, vocab=4096, tied=True)
     path = write_checkpoint(model, tmp_path / "ckpt", weights="endor")
     want = greedy(model, PROMPT, NEW_TOKENS)
     verified = []
